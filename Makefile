@@ -1,0 +1,23 @@
+# Two entry points: `make demo` (set up + run the whole job on the embedded synthetic data)
+# and `make test` (set up + run the test suite). Both create .venv on first use.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+.PHONY: install demo test test-fast
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/protomask demo --out demo
+
+test: $(STAMP)
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q -m "not slow"

@@ -1,0 +1,67 @@
+"""Decode one input image robustly: every failure becomes an ImageError with the reason."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+HIGH_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+class ImageError(ValueError):
+    """An input that cannot be used as an image; the message is the reason written to the manifest."""
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in HIGH_BIT_MODES:  # 16-bit / float: rescale to 8 bits instead of clipping to white
+        a = np.asarray(im, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
+        im = Image.fromarray(a.round().astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # transparent pixels become white
+        im = Image.alpha_composite(canvas, rgba)
+    return im.convert("RGB")
+
+
+def load_image(path: Path, max_side: int, max_image_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Return the RGB image (HxWx3 uint8, EXIF orientation applied, long side <= max_side) and the
+    original (width, height)."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ImageError(f"cannot read file: {exc.strerror}") from exc
+    if size == 0:
+        raise ImageError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
+                rotated = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientation with a 90° turn
+                if width * height > max_image_pixels:
+                    raise ImageError(f"image has {width}x{height} pixels, above max_image_pixels={max_image_pixels}")
+                if im.format == "JPEG" and max(width, height) > 2 * max_side:
+                    im.draft("RGB", (max_side, max_side))  # decode at reduced scale: much faster for huge JPEGs
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                rgb = _to_rgb(im)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"decompression bomb: {exc}") from exc
+    except Image.DecompressionBombWarning as exc:
+        raise ImageError(f"decompression bomb: {exc}") from exc
+    except Image.UnidentifiedImageError:
+        raise ImageError("not an image (format not recognised)") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
+        raise ImageError(f"corrupt image: {exc}") from exc
+    original = (height, width) if rotated else (width, height)
+    if max(rgb.size) > max_side:
+        scale = max_side / max(rgb.size)
+        rgb = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.BILINEAR)
+    return np.asarray(rgb), original

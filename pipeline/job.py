@@ -1,0 +1,220 @@
+"""The segmentation job: plan the shards, spread them over Ray workers, write the manifest.
+
+One ``ShardWorker`` actor per worker holds one segmenter (one GPU each when the cluster has GPUs).
+Shards whose completion marker exists are skipped, so a rerun only redoes unfinished work; a shard
+whose worker died is queued again up to ``max_shard_retries`` times.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections import deque
+from pathlib import Path
+
+import pyarrow as pa
+
+from pipeline.manifest import MANIFEST, build_card
+from pipeline.plan import make_plan, plan_hash, read_plan, shard_name, write_plan
+from pipeline.shards import read_stats
+from pipeline.sources import list_source
+from schemas.config import SegmentConfig, stable_hash, write_config
+from schemas.manifest import DatasetCard, SegmenterInfo, ShardStats
+
+log = logging.getLogger("protomask.segment")
+
+JOB_FILE = "job.json"
+CONFIG_FILE = "segment_config.yaml"
+PLAN_FILE = "plan.parquet"
+OUR_FILES = re.compile(r"^(\d{5}(\.tar|\.parquet|_stats\.json)|manifest\.json|job\.json|plan\.parquet|"
+                       r"segment_config\.yaml|\..*\.tmp)$")
+
+
+class JobError(RuntimeError):
+    """The job cannot start or finish; the message says why and what was kept."""
+
+
+def _prepare_out(config: SegmentConfig, job_hash: str) -> None:
+    """Refuse to mix outputs of different configs; ``overwrite`` removes only this tool's files."""
+    out = config.out
+    job_file = out / JOB_FILE
+    if out.exists() and not out.is_dir():
+        raise JobError(f"{out}: exists and is not a directory")
+    ours = [p for p in out.iterdir() if OUR_FILES.match(p.name)] if out.is_dir() else []
+    if ours and not config.overwrite:
+        previous = json.loads(job_file.read_text()).get("job_hash") if job_file.is_file() else None
+        if previous != job_hash:
+            raise JobError(
+                f"{out} holds shards of a different configuration (job hash {previous} != {job_hash}); "
+                "use another --out or pass --overwrite to replace them"
+            )
+    if config.overwrite:
+        for path in ours:
+            path.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-probe-{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise JobError(f"{out}: output directory is not writable: {exc.strerror}") from exc
+
+
+def _resources(config: SegmentConfig) -> tuple[int, dict]:
+    import ray
+
+    total = ray.cluster_resources()
+    gpus = int(total.get("GPU", 0))
+    if gpus:
+        per_worker = {"num_gpus": 1, "num_cpus": config.cpus_per_worker or 1}
+        default_workers = gpus
+    else:
+        per_worker = {"num_cpus": config.cpus_per_worker or 1}
+        default_workers = max(1, int(total.get("CPU", 1) // per_worker["num_cpus"]))
+    return config.num_workers or default_workers, per_worker
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, log_to_driver=True)  # an existing cluster (ray job submit sets RAY_ADDRESS)
+    else:
+        ray.init(address="local", include_dashboard=False)  # a laptop: start Ray for this process
+
+
+def run_segment(config: SegmentConfig, address: str | None = None, progress: bool = True) -> DatasetCard:
+    """Segment every input of ``config`` into shards under ``config.out``; return the dataset card."""
+    listing = list_source(config)
+    plan = make_plan(listing, config.shard_size)
+    job_hash = stable_hash({"config": config.output_hash(), "plan": plan_hash(plan, listing.classes)})
+    _prepare_out(config, job_hash)
+    out = config.out
+    write_config(config, out / CONFIG_FILE)
+    if not (out / PLAN_FILE).is_file():
+        write_plan(plan, listing.classes, out / PLAN_FILE)
+    (out / JOB_FILE).write_text(json.dumps({"job_hash": job_hash, "config_hash": config.output_hash()}, indent=1))
+
+    shards = sorted(set(plan.column("shard").to_pylist()))
+    done = {s: st for s in shards if (st := read_stats(out, s)) is not None and st.config_hash == job_hash}
+    todo = [s for s in shards if s not in done]
+    log.info("%d shards planned, %d finished earlier, %d to do", len(shards), len(done), len(todo))
+    info: SegmenterInfo | None = None
+    if todo:
+        _init_ray(address)
+        results, info = _dispatch(config, job_hash, plan, todo, listing, progress)
+        done.update(results)
+    failed = [s for s in shards if s not in done]
+    if failed:
+        raise JobError(
+            f"shards {[shard_name(s) for s in failed]} failed after {config.max_shard_retries} retries; "
+            f"{len(done)} finished shards are kept in {out}; rerun the same command to redo only the failed ones"
+        )
+    if info is None:
+        info = _segmenter_info(config, out)
+    return build_card(
+        out, [done[s] for s in shards], listing.classes, config.source, job_hash,
+        config.masks_per_image, config.crop_size, info,
+    )
+
+
+def _segmenter_info(config: SegmentConfig, out: Path) -> SegmenterInfo:
+    """Reuse the recorded info when every shard was finished earlier (no model is loaded)."""
+    if (out / MANIFEST).is_file():
+        recorded = json.loads((out / MANIFEST).read_text()).get("segmenter")
+        if recorded:
+            return SegmenterInfo.model_validate(recorded)
+    from pipeline.segmenters import create_segmenter
+
+    seg = create_segmenter(config.segmenter)
+    return SegmenterInfo(name=seg.name, params=seg.params(), checkpoint_sha256=seg.checkpoint_sha256())
+
+
+def _dispatch(
+    config: SegmentConfig, job_hash: str, plan: pa.Table, todo: list[int], listing, progress: bool
+) -> tuple[dict[int, ShardStats], SegmenterInfo]:
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+    from tqdm import tqdm
+
+    from pipeline.sources.synthetic import part_names
+
+    names = part_names(config.synthetic) if config.source == "synthetic" else None
+    rows_by_shard: dict[int, list[dict]] = {}
+    for row in plan.to_pylist():
+        rows_by_shard.setdefault(row["shard"], []).append(row)
+    num_workers, per_worker = _resources(config)
+    num_workers = min(num_workers, len(todo))
+    counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
+    worker_cls = ray.remote(max_restarts=-1, max_task_retries=0, **per_worker)(ShardWorker)
+    workers = [worker_cls.remote(config.model_dump(mode="json"), job_hash, names) for _ in range(num_workers)]
+    info = SegmenterInfo.model_validate(ray.get(workers[0].info.remote()))
+    log.info("segmenting %d shards on %d workers (%s each)", len(todo), num_workers, per_worker)
+
+    queue, attempts = deque(todo), {s: 0 for s in todo}
+    idle, running, results = list(workers), {}, {}
+    total = sum(len(rows_by_shard[s]) for s in todo)
+    bar = tqdm(total=total, unit="img", disable=not progress, smoothing=0.1, desc="segment")
+    seen = 0
+    while queue or running:
+        while queue and idle:
+            shard, worker = queue.popleft(), idle.pop()
+            running[worker.process.remote(shard, rows_by_shard[shard], counter)] = (shard, worker)
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+        count = ray.get(counter.get.remote())
+        bar.update(count - seen)
+        seen = count
+        for ref in ready:
+            shard, worker = running.pop(ref)
+            idle.append(worker)  # a dead actor restarts itself (max_restarts=-1)
+            try:
+                results[shard] = ShardStats.model_validate(ray.get(ref))
+            except (RayActorError, RayTaskError) as exc:
+                attempts[shard] += 1
+                log.warning("shard %s failed (attempt %d): %s", shard_name(shard), attempts[shard], exc)
+                if attempts[shard] <= config.max_shard_retries:
+                    queue.append(shard)
+    bar.close()
+    for worker in workers:
+        ray.kill(worker)
+    ray.kill(counter)
+    return results, info
+
+
+class ShardWorker:
+    """Ray actor body: one segmenter per worker process."""
+
+    def __init__(self, config: dict, job_hash: str, part_names: list[str] | None) -> None:
+        import torch
+
+        from pipeline.worker import ShardProcessor
+
+        cpus = max(1, int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
+        torch.set_num_threads(cpus)
+        self.processor = ShardProcessor(SegmentConfig.model_validate(config), job_hash, part_names)
+
+    def info(self) -> dict:
+        seg = self.processor.segmenter
+        return {"name": seg.name, "params": seg.params(), "checkpoint_sha256": seg.checkpoint_sha256()}
+
+    def process(self, shard: int, rows: list[dict], counter) -> dict:
+        stats = self.processor.process(shard, rows, on_image=lambda: counter.add.remote(1))
+        return stats.model_dump()
+
+
+class ProgressCounter:
+    """Ray actor body: images processed so far, for the driver's progress bar."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def add(self, n: int) -> None:
+        self.count += n
+
+    def get(self) -> int:
+        return self.count

@@ -1,0 +1,170 @@
+"""The dataset manifest: build it from finished shards, inspect it, verify shards against it."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.shards import ShardError, sha256_file, iter_samples
+from schemas.manifest import DatasetCard, SegmenterInfo, ShardStats
+from schemas.shard import SampleRecord, crop_member
+from schemas.version import CODE_VERSION
+
+MANIFEST = "manifest.json"
+
+
+def read_rows(out: Path, shards: list[ShardStats]) -> pa.Table:
+    """All per-shard parquet rows of a shard directory."""
+    return pa.concat_tables([pq.read_table(out / f"{s.name}.parquet") for s in shards])
+
+
+def build_card(
+    out: Path, shards: list[ShardStats], classes: list[str], source: str, config_hash: str,
+    masks_per_image: int, crop_size: int, segmenter: SegmenterInfo,
+) -> DatasetCard:
+    """Aggregate the finished shards into a DatasetCard and write ``manifest.json`` (atomically)."""
+    rows = read_rows(out, shards).to_pylist()
+    per_split: dict[str, Counter] = defaultdict(Counter)
+    per_class: dict[str, Counter] = {c: Counter() for c in classes}
+    hist: Counter = Counter()
+    for r in rows:
+        per_split[r["split"]][r["status"] if r["status"] == "ok" else "failed"] += 1
+        if r["status"] == "ok":
+            per_class[r["class_name"]][r["split"]] += 1
+            hist[r["n_masks"]] += 1
+    ok = sum(s.ok for s in shards)
+    card = DatasetCard(
+        code_version=CODE_VERSION,
+        config_hash=config_hash,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        source=source,
+        classes=classes,
+        masks_per_image=masks_per_image,
+        crop_size=crop_size,
+        segmenter=segmenter,
+        shards=shards,
+        counts={"inputs": len(rows), "ok": ok, "failed": len(rows) - ok},
+        per_split={k: {"ok": v["ok"], "failed": v["failed"]} for k, v in sorted(per_split.items())},
+        per_class={k: dict(sorted(v.items())) for k, v in per_class.items()},
+        masks_hist=dict(sorted(hist.items())),
+        total_bytes=sum(s.tar_bytes for s in shards),
+    )
+    tmp = out / f".{MANIFEST}.tmp"
+    tmp.write_text(card.model_dump_json(indent=1))
+    tmp.replace(out / MANIFEST)
+    return card
+
+
+def load_card(out: Path) -> DatasetCard:
+    path = out / MANIFEST
+    if not path.is_file():
+        raise ShardError(f"{path}: no manifest (is {out} a finished shard directory?)")
+    try:
+        return DatasetCard.model_validate_json(path.read_bytes())
+    except ValueError as exc:
+        raise ShardError(f"{path}: invalid manifest: {exc}") from exc
+
+
+def inspect(out: Path) -> dict:
+    """A summary of a shard directory (what ``protomask manifest inspect`` prints)."""
+    card = load_card(out)
+    failures = Counter(
+        r["error_message"] for r in read_rows(out, card.shards).to_pylist() if r["status"] != "ok"
+    )
+    return {
+        "directory": str(out),
+        "format_version": card.format_version,
+        "code_version": card.code_version,
+        "config_hash": card.config_hash,
+        "source": card.source,
+        "segmenter": card.segmenter.model_dump(),
+        "masks_per_image": card.masks_per_image,
+        "crop_size": card.crop_size,
+        "shards": len(card.shards),
+        "samples": card.counts,
+        "per_split": card.per_split,
+        "per_class": card.per_class,
+        "masks_hist": card.masks_hist,
+        "bytes": card.total_bytes,
+        "errors": dict(failures.most_common(10)),
+    }
+
+
+def format_inspect(summary: dict) -> str:
+    s = summary
+    lines = [
+        f"{s['directory']}  (format {s['format_version']}, protomask {s['code_version']}, config {s['config_hash']})",
+        f"source      {s['source']}",
+        f"segmenter   {s['segmenter']['name']}  {json.dumps(s['segmenter']['params'], sort_keys=True)}",
+        f"checkpoint  sha256 {s['segmenter']['checkpoint_sha256'] or '-'}",
+        f"shards      {s['shards']}   bytes {s['bytes']:,}   K={s['masks_per_image']}  crop {s['crop_size']}px",
+        f"samples     {s['samples']['ok']} ok, {s['samples']['failed']} failed, {s['samples']['inputs']} inputs",
+        "",
+        f"{'split':<10}{'ok':>8}{'failed':>8}",
+    ]
+    lines += [f"{k:<10}{v['ok']:>8}{v['failed']:>8}" for k, v in s["per_split"].items()]
+    splits = sorted(s["per_split"])
+    width = max([5] + [len(c) for c in s["per_class"]]) + 2
+    lines += ["", f"{'class':<{width}}" + "".join(f"{sp:>8}" for sp in splits)]
+    lines += [f"{c:<{width}}" + "".join(f"{v.get(sp, 0):>8}" for sp in splits) for c, v in s["per_class"].items()]
+    top = max(s["masks_hist"].values(), default=1)
+    lines += ["", "masks per image"]
+    lines += [f"{int(n):>4} {'#' * max(1, round(30 * c / top))} {c}" for n, c in s["masks_hist"].items()]
+    if s["errors"]:
+        lines += ["", "errors (most common)"] + [f"{c:>6}  {m}" for m, c in s["errors"].items()]
+    return "\n".join(lines)
+
+
+def _check_sample(key: str, members: dict[str, bytes]) -> str | None:
+    try:
+        record = SampleRecord.model_validate_json(members["json"])
+    except (KeyError, ValueError) as exc:
+        return f"sample {key}: bad json member ({exc})"
+    expected = {"cls", "jpg", "json", "masks.npy"} | {crop_member(i) for i in range(record.n_masks)}
+    if record.part_names is not None:
+        expected.add("parts.png")
+    if set(members) != expected:
+        return f"sample {key}: members {sorted(members)} differ from {sorted(expected)}"
+    return None
+
+
+def verify(out: Path) -> list[str]:
+    """Check every shard against the manifest; return one problem per line (empty: all good)."""
+    try:
+        card = load_card(out)
+    except ShardError as exc:
+        return [str(exc)]
+    problems = []
+    for stats in card.shards:
+        tar, parquet = out / f"{stats.name}.tar", out / f"{stats.name}.parquet"
+        if not tar.is_file():
+            problems.append(f"shard {stats.name}: {tar} is missing")
+            continue
+        if sha256_file(tar) != stats.tar_sha256:
+            problems.append(f"shard {stats.name}: {tar} checksum differs from the manifest (corrupt or replaced)")
+        try:
+            members = samples = 0
+            for key, sample in iter_samples(tar):
+                samples += 1
+                members += len(sample)
+                if (issue := _check_sample(key, sample)) is not None:
+                    problems.append(f"shard {stats.name}: {issue}")
+            if members != stats.tar_members or samples != stats.ok:
+                problems.append(
+                    f"shard {stats.name}: {samples} samples / {members} members, manifest says "
+                    f"{stats.ok} / {stats.tar_members}"
+                )
+        except ShardError as exc:
+            problems.append(f"shard {stats.name}: {exc}")
+        if not parquet.is_file():
+            problems.append(f"shard {stats.name}: {parquet} is missing")
+        elif sha256_file(parquet) != stats.parquet_sha256:
+            problems.append(f"shard {stats.name}: {parquet} checksum differs from the manifest")
+        elif pq.read_metadata(parquet).num_rows != stats.count:
+            problems.append(f"shard {stats.name}: {parquet} has a different row count than the manifest")
+    return problems

@@ -1,0 +1,64 @@
+"""From proposed masks to the stored masks and crops: drop degenerate, sort by area, keep K."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from pipeline.segmenters.base import Proposal
+
+
+@dataclass
+class MaskSet:
+    masks: np.ndarray  # [n, H, W] bool, n <= K, largest first
+    boxes: np.ndarray  # [n, 4] int: x_min, y_min, x_max, y_max (inclusive)
+    areas: np.ndarray  # [n] int
+    scores: np.ndarray  # [n] float32
+
+
+def mask_boxes(masks: np.ndarray) -> np.ndarray:
+    """Inclusive bounding boxes of [n, H, W] masks (all-zero masks give [0, 0, -1, -1])."""
+    n = masks.shape[0]
+    rows, cols = masks.any(axis=2), masks.any(axis=1)  # [n, H], [n, W]
+    boxes = np.zeros((n, 4), dtype=np.int64)
+    for i in range(n):
+        ys, xs = np.flatnonzero(rows[i]), np.flatnonzero(cols[i])
+        boxes[i] = (xs[0], ys[0], xs[-1], ys[-1]) if len(xs) else (0, 0, -1, -1)
+    return boxes
+
+
+def select_masks(proposal: Proposal, k: int) -> MaskSet:
+    """Keep the K largest masks whose box is wider and taller than 1 px (ties broken by proposal order)."""
+    masks = proposal.masks.astype(bool, copy=False)
+    boxes = mask_boxes(masks)
+    w, h = boxes[:, 2] - boxes[:, 0] + 1, boxes[:, 3] - boxes[:, 1] + 1
+    valid = np.flatnonzero((w > 1) & (h > 1))
+    areas = masks.reshape(masks.shape[0], -1).sum(axis=1)
+    order = valid[np.argsort(-areas[valid], kind="stable")][:k]
+    return MaskSet(
+        masks=masks[order],
+        boxes=boxes[order],
+        areas=areas[order].astype(np.int64),
+        scores=np.asarray(proposal.scores, dtype=np.float32)[order],
+    )
+
+
+def crop_boxes(image: np.ndarray, boxes: np.ndarray, size: int) -> list[np.ndarray]:
+    """Crop each inclusive box from the RGB image and resize it to size x size (aspect not kept)."""
+    crops = []
+    for x0, y0, x1, y1 in boxes.tolist():
+        patch = Image.fromarray(image[y0 : y1 + 1, x0 : x1 + 1])
+        crops.append(np.asarray(patch.resize((size, size), Image.BILINEAR)))
+    return crops
+
+
+def pack_masks(masks: np.ndarray) -> np.ndarray:
+    """[n, H, W] bool → uint8 [n, H, ceil(W / 8)] (np.packbits along the width)."""
+    return np.packbits(masks.astype(bool), axis=-1)
+
+
+def unpack_masks(packed: np.ndarray, width: int) -> np.ndarray:
+    """Inverse of pack_masks."""
+    return np.unpackbits(packed, axis=-1, count=width).astype(bool)

@@ -1,0 +1,171 @@
+"""Write and read shards. Writes are atomic (temp name, then rename) and byte-reproducible
+(fixed mtime/owner/mode, sorted members, deterministic encoders); the stats marker comes last."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipeline.masks import MaskSet, pack_masks
+from pipeline.plan import shard_name
+from schemas.manifest import ROW_SCHEMA, ShardStats
+from schemas.shard import SampleRecord, crop_member
+
+TAR_MTIME = 946684800  # 2000-01-01: a constant so reruns give identical bytes
+
+
+class ShardError(ValueError):
+    """A shard that is missing, unreadable or disagrees with its manifest; the message names it."""
+
+
+@dataclass
+class EncodedSample:
+    key: str
+    members: dict[str, bytes]  # extension -> bytes
+
+
+def _jpeg(array: np.ndarray, quality: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_sample(
+    record: SampleRecord,
+    image: np.ndarray,
+    mask_set: MaskSet,
+    crops: list[np.ndarray],
+    parts: np.ndarray | None,
+    jpeg_quality: int,
+) -> EncodedSample:
+    """All members of one sample (format: schemas/shard.py)."""
+    members = {
+        "cls": str(record.label).encode(),
+        "jpg": _jpeg(image, jpeg_quality),
+        "json": json.dumps(record.model_dump(mode="json"), sort_keys=True).encode(),
+        "masks.npy": _npy(pack_masks(mask_set.masks)),
+    }
+    for i, crop in enumerate(crops):
+        members[crop_member(i)] = _jpeg(crop, jpeg_quality)
+    if parts is not None:
+        members["parts.png"] = _png(parts)
+    return EncodedSample(key=record.key, members=members)
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_tar(f, samples: list[EncodedSample]) -> None:
+    with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in sorted(samples, key=lambda s: s.key):
+            for ext in sorted(sample.members):
+                data = sample.members[ext]
+                info = tarfile.TarInfo(f"{sample.key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
+                info.uid = info.gid = 0
+                info.uname = info.gname = "protomask"
+                tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(
+    out: Path, shard: int, samples: list[EncodedSample], rows: list[dict], config_hash: str, duration_s: float
+) -> ShardStats:
+    """Write ``{shard}.tar`` and ``{shard}.parquet`` atomically, then the ``{shard}_stats.json`` marker."""
+    name = shard_name(shard)
+    tar_path, parquet_path = out / f"{name}.tar", out / f"{name}.parquet"
+    _atomic_write(tar_path, lambda f: _write_tar(f, samples))
+    table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["key"]), schema=ROW_SCHEMA)
+    _atomic_write(parquet_path, lambda f: pq.write_table(table, f, compression="zstd"))
+    ok = sum(r["status"] == "ok" for r in rows)
+    stats = ShardStats(
+        shard=shard,
+        name=name,
+        count=len(rows),
+        ok=ok,
+        failed=len(rows) - ok,
+        tar_members=sum(len(s.members) for s in samples),
+        tar_bytes=tar_path.stat().st_size,
+        tar_sha256=sha256_file(tar_path),
+        parquet_sha256=sha256_file(parquet_path),
+        duration_s=round(duration_s, 3),
+        config_hash=config_hash,
+    )
+    payload = json.dumps(stats.model_dump(), indent=1).encode()
+    _atomic_write(out / f"{name}_stats.json", lambda f: f.write(payload))
+    return stats
+
+
+def read_stats(out: Path, shard: int) -> ShardStats | None:
+    """The completion marker of a shard, or None when the shard is unfinished."""
+    path = out / f"{shard_name(shard)}_stats.json"
+    if not path.is_file():
+        return None
+    try:
+        return ShardStats.model_validate_json(path.read_bytes())
+    except ValueError:
+        return None  # a damaged marker means the shard is redone
+
+
+def iter_samples(tar_path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {extension: bytes}) per sample; refuse member names that are not plain ``key.ext``."""
+    current: str | None = None
+    members: dict[str, bytes] = {}
+    try:
+        with tarfile.open(tar_path, mode="r:") as tar:
+            for info in tar:
+                name = info.name
+                if not info.isfile() or "/" in name or "\\" in name or name.startswith(".") or "." not in name:
+                    raise ShardError(f"{tar_path}: unexpected member {name!r} (only plain 'key.ext' files allowed)")
+                key, ext = name.split(".", 1)
+                if key != current:
+                    if current is not None:
+                        yield current, members
+                    current, members = key, {}
+                f = tar.extractfile(info)
+                assert f is not None
+                members[ext] = f.read()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise ShardError(f"{tar_path}: unreadable tar: {exc}") from exc
+    if current is not None:
+        yield current, members

@@ -1,0 +1,45 @@
+"""A listing file (CSV or Parquet) with columns ``path``, ``label`` and optionally ``split``; paths are
+relative to the root and may not leave it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from pipeline.sources.base import SourceError, SourceItem, SourceListing, inside_root
+
+SPLITS = {"train", "val", "test"}
+
+
+def list_items(root: Path, listing: Path) -> SourceListing:
+    """Labels may be names or integers; classes are their sorted distinct values."""
+    try:
+        if listing.suffix.lower() == ".parquet":
+            table = pq.read_table(listing)
+        else:
+            table = pacsv.read_csv(listing, convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
+    except Exception as exc:  # pyarrow raises several types for unreadable files
+        raise SourceError(f"{listing}: cannot read listing: {exc}") from exc
+    missing = {"path", "label"} - set(table.column_names)
+    if missing:
+        raise SourceError(f"{listing}: missing column(s) {sorted(missing)}; found {table.column_names}")
+    rows = table.to_pylist()
+    labels = {str(r["label"]) for r in rows}
+    names = sorted(labels, key=int if all(v.isdigit() for v in labels) else str)
+    index = {name: i for i, name in enumerate(names)}
+    items = []
+    for number, row in enumerate(rows, start=2 if listing.suffix.lower() != ".parquet" else 1):
+        where = f"{listing} row {number}"
+        path, split = row["path"], str(row.get("split") or "train")
+        if not isinstance(path, str) or not path:
+            raise SourceError(f"{where}: empty path")
+        if split not in SPLITS:
+            raise SourceError(f"{where}: split {split!r} is not one of {sorted(SPLITS)}")
+        inside_root(root, path, where)
+        label = str(row["label"])
+        items.append(SourceItem(path=Path(path).as_posix(), label=index[label], class_name=label, split=split))
+    if not items:
+        raise SourceError(f"{listing}: no rows")
+    return SourceListing(classes=names, items=items)

@@ -1,0 +1,106 @@
+"""One shard end to end on one worker: decode → segment → masks/crops → encode → write.
+
+Decoding runs ahead on I/O threads and encoding runs behind on the same pool, so the segmenter (the
+only expensive step on a GPU) never waits for files.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.image import ImageError, load_image
+from pipeline.masks import crop_boxes, select_masks
+from pipeline.segmenters import Proposal, create_segmenter
+from pipeline.shards import EncodedSample, encode_sample, write_shard
+from schemas.config import SegmentConfig
+from schemas.manifest import ShardStats
+from schemas.shard import SampleRecord
+
+PREFETCH = 4  # decoded images waiting for the segmenter
+
+
+class ShardProcessor:
+    """Holds one segmenter; turns planned rows of a shard into a finished shard on disk."""
+
+    def __init__(self, config: SegmentConfig, config_hash: str, part_names: list[str] | None = None) -> None:
+        self.config = config
+        self.config_hash = config_hash
+        self.part_names = part_names
+        self.segmenter = create_segmenter(config.segmenter)
+
+    def _decode(self, row: dict) -> tuple[np.ndarray, tuple[int, int], np.ndarray | None]:
+        image, original = load_image(self.config.root / row["source_path"], self.config.max_side,
+                                     self.config.max_image_pixels)
+        parts = None
+        if row["parts_path"]:
+            with Image.open(self.config.root / row["parts_path"]) as im:
+                parts = np.asarray(im.convert("L").resize((image.shape[1], image.shape[0]), Image.NEAREST))
+        return image, original, parts
+
+    def _encode(self, row: dict, image: np.ndarray, original: tuple[int, int], parts: np.ndarray | None,
+                proposal: Proposal) -> EncodedSample:
+        cfg = self.config
+        mask_set = select_masks(proposal, cfg.masks_per_image)
+        if len(mask_set.masks) == 0:
+            raise ImageError(f"segmenter returned no mask wider and taller than 1 px ({image.shape[1]}x{image.shape[0]} image)")
+        record = SampleRecord(
+            key=row["key"], label=row["label"], class_name=row["class_name"], split=row["split"],
+            source_path=row["source_path"], width=image.shape[1], height=image.shape[0],
+            original_width=original[0], original_height=original[1], masks_per_image=cfg.masks_per_image,
+            n_masks=len(mask_set.masks), boxes=mask_set.boxes.tolist(), areas=mask_set.areas.tolist(),
+            scores=[round(float(s), 6) for s in mask_set.scores], crop_size=cfg.crop_size,
+            part_names=self.part_names if parts is not None else None, extra=json.loads(row["extra"]),
+        )
+        crops = crop_boxes(image, mask_set.boxes, cfg.crop_size)
+        return encode_sample(record, image, mask_set, crops, parts, cfg.jpeg_quality)
+
+    def process(self, shard: int, rows: list[dict], on_image: Callable[[], None] | None = None) -> ShardStats:
+        """Segment every row and write the shard; a bad input becomes an error row, never an exception."""
+        start = time.perf_counter()
+        samples: list[EncodedSample] = []
+        out_rows: list[dict] = []
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"shard{shard}-io") as pool:
+            decoded: deque[Future] = deque(pool.submit(self._decode, r) for r in rows[:PREFETCH])
+            encoded: list[Future | BaseException] = []
+            for i, row in enumerate(rows):
+                job = decoded.popleft()
+                if i + PREFETCH < len(rows):
+                    decoded.append(pool.submit(self._decode, rows[i + PREFETCH]))
+                try:
+                    image, original, parts = job.result()
+                    proposal = self.segmenter(image)
+                    encoded.append(pool.submit(self._encode, row, image, original, parts, proposal))
+                except Exception as exc:  # noqa: BLE001 - any failure of one input is recorded, not raised
+                    encoded.append(exc)
+                if on_image is not None:
+                    on_image()
+            for row, result in zip(rows, encoded):
+                error: BaseException | None = result if isinstance(result, BaseException) else result.exception()
+                sample = None if error else result.result()
+                if sample is not None:
+                    samples.append(sample)
+                out_rows.append(self._row(row, sample, error))
+        return write_shard(self.config.out, shard, samples, out_rows, self.config_hash, time.perf_counter() - start)
+
+    @staticmethod
+    def _row(row: dict, sample: EncodedSample | None, error: BaseException | None) -> dict:
+        meta = json.loads(sample.members["json"]) if sample else {}
+        message = None
+        if error is not None:
+            message = str(error) if isinstance(error, ImageError) else f"{type(error).__name__}: {error}"
+        return {
+            "key": row["key"], "shard": row["shard"], "source_path": row["source_path"], "label": row["label"],
+            "class_name": row["class_name"], "split": row["split"], "status": "ok" if sample else "error",
+            "error_message": message, "width": meta.get("width"), "height": meta.get("height"),
+            "original_width": meta.get("original_width"), "original_height": meta.get("original_height"),
+            "n_masks": meta.get("n_masks", 0),
+            "sample_bytes": sum(len(v) for v in sample.members.values()) if sample else 0,
+        }

@@ -1,0 +1,5 @@
+import sys
+
+from protomask.cli import main
+
+sys.exit(main())

@@ -1,0 +1,150 @@
+"""Configuration models for every job. Unknown keys are errors (``extra="forbid"``), so a typo in a
+config file fails before anything is written, naming the field."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from schemas.version import FORMAT_VERSION
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(Strict):
+    """The embedded synthetic dataset: each class is one (shape, colour) part among distractor parts."""
+
+    num_classes: int = Field(4, ge=2, le=8)
+    train_per_class: int = Field(40, ge=1)
+    test_per_class: int = Field(15, ge=0)
+    image_size: int = Field(128, ge=32, le=1024)
+    distractors: int = Field(3, ge=0, le=8)
+    seed: int = 0
+
+
+class SamParams(Strict):
+    """segment-anything ``SamAutomaticMaskGenerator`` arguments (SAM v1 settings of the reference, spec §4.2)."""
+
+    points_per_side: int = Field(32, ge=1)
+    points_per_batch: int = Field(64, ge=1)
+    pred_iou_thresh: float = 0.86
+    stability_score_thresh: float = 0.92
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    crop_n_layers: int = Field(1, ge=0)
+    crop_nms_thresh: float = 0.7
+    crop_overlap_ratio: float = 512 / 1500
+    crop_n_points_downscale_factor: int = Field(2, ge=1)
+    min_mask_region_area: int = Field(0, ge=0)
+
+
+class SegmenterConfig(Strict):
+    """Which segmenter proposes masks, and its parameters."""
+
+    name: Literal["superpixel", "sam", "grid"] = "superpixel"
+    # sam
+    model_type: Literal["vit_b", "vit_l", "vit_h"] = "vit_h"
+    checkpoint: Path | None = None
+    builder: str | None = Field(
+        None, description="'module:function' returning a segment_anything Sam; replaces model_type/checkpoint"
+    )
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    sam: SamParams = SamParams()
+    # superpixel
+    n_segments: int = Field(48, ge=2, description="SLIC superpixels before merging")
+    compactness: float = Field(10.0, gt=0)
+    merge_threshold: float = Field(28.0, ge=0, description="RAG mean-colour distance below which regions merge")
+    work_side: int = Field(256, ge=16, description="superpixels are computed at this long side, masks upsampled")
+    # grid
+    grid: int = Field(3, ge=1, description="grid x grid patches")
+
+    @model_validator(mode="after")
+    def _sam_needs_weights(self) -> SegmenterConfig:
+        if self.name == "sam" and self.checkpoint is None and self.builder is None:
+            raise ValueError("segmenter.checkpoint is required for the sam segmenter (path to a SAM .pth file)")
+        return self
+
+
+class SegmentConfig(Strict):
+    """``protomask segment``: source → masks → shards."""
+
+    source: Literal["synthetic", "cub", "imagefolder", "listing"] = "synthetic"
+    root: Path
+    out: Path
+    listing: Path | None = Field(None, description="CSV/Parquet file (path,label[,split]) for source=listing")
+    synthetic: SyntheticConfig = SyntheticConfig()
+    segmenter: SegmenterConfig = SegmenterConfig()
+    masks_per_image: int = Field(8, ge=1, le=64)
+    crop_size: int = Field(224, ge=8, le=1024)
+    shard_size: int = Field(256, ge=1, le=100_000)
+    max_side: int = Field(1024, ge=8, description="images are downscaled so the long side is at most this")
+    max_image_pixels: int = Field(178_956_970, ge=1, description="larger inputs are rejected (decompression bombs)")
+    jpeg_quality: int = Field(90, ge=50, le=100)
+    num_workers: int | None = Field(None, ge=1, description="segmenter workers; default: GPUs, else CPUs")
+    cpus_per_worker: float | None = Field(None, gt=0)
+    max_shard_retries: int = Field(2, ge=0)
+    overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _listing_needs_file(self) -> SegmentConfig:
+        if self.source == "listing" and self.listing is None:
+            raise ValueError("listing: a CSV or Parquet file is required for source=listing")
+        return self
+
+    def output_hash(self) -> str:
+        """Hash of everything that changes the bytes of the shards (not paths, workers or retries)."""
+        keep = self.model_dump(
+            mode="json",
+            exclude={"out", "root", "num_workers", "cpus_per_worker", "max_shard_retries", "overwrite"},
+        )
+        if self.source != "synthetic":
+            keep.pop("synthetic")
+        return stable_hash({"format": FORMAT_VERSION, **keep})
+
+
+def stable_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the field."""
+
+
+def load_config(model: type[Strict], file: Path | None, overrides: dict[str, Any]) -> Strict:
+    """Merge a YAML/JSON config file with flag overrides (flags win, dotted keys nest) and validate."""
+    data: dict[str, Any] = {}
+    if file is not None:
+        try:
+            data = yaml.safe_load(Path(file).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{file}: cannot read config: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{file}: a config file must hold a mapping, got {type(data).__name__}")
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        lines = [
+            f"  {'.'.join(str(p) for p in err['loc']) or '(config)'}: {err['msg']}" for err in exc.errors()
+        ]
+        where = f" in {file}" if file else ""
+        raise ConfigError(f"invalid {model.__name__}{where}:\n" + "\n".join(lines)) from None
+
+
+def write_config(config: Strict, path: Path) -> None:
+    """Write the resolved config as YAML beside an output."""
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

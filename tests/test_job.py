@@ -1,0 +1,129 @@
+"""The segmentation job end to end on local Ray: counts, verify, resume, config guard, bad inputs."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.job import JobError, run_segment
+from pipeline.manifest import inspect, verify
+from schemas.config import SegmentConfig
+
+pytestmark = pytest.mark.ray
+
+
+def _config(tmp_path: Path, **kw) -> SegmentConfig:
+    base = dict(
+        source="synthetic", root=tmp_path / "synth", out=tmp_path / "shards", shard_size=8, crop_size=32,
+        masks_per_image=4, num_workers=2, cpus_per_worker=0.5,
+        synthetic={"num_classes": 2, "train_per_class": 6, "test_per_class": 3, "image_size": 64},
+    )
+    base.update(kw)
+    return SegmentConfig.model_validate(base)
+
+
+def test_synthetic_job_resume_and_guard(ray_local, tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    card = run_segment(config, progress=False)
+    assert card.counts == {"inputs": 18, "ok": 18, "failed": 0}
+    assert len(card.shards) == 3 and [s.count for s in card.shards] == [8, 8, 2]
+    assert card.per_split == {"test": {"ok": 6, "failed": 0}, "train": {"ok": 12, "failed": 0}}
+    assert sum(card.masks_hist.values()) == 18 and max(card.masks_hist) <= 4
+    assert verify(config.out) == []
+    summary = inspect(config.out)
+    assert summary["samples"]["ok"] == 18 and summary["segmenter"]["name"] == "superpixel"
+    (sample,) = [m for m in tarfile.open(config.out / "00000.tar").getnames() if m == "000000.json"]
+    assert (config.out / "segment_config.yaml").is_file() and (config.out / "plan.parquet").is_file()
+
+    before = {p.name: p.stat().st_mtime_ns for p in config.out.glob("0000*")}
+    card2 = run_segment(config, progress=False)  # everything finished: no shard is rewritten
+    assert card2.counts == card.counts
+    assert {p.name: p.stat().st_mtime_ns for p in config.out.glob("0000*")} == before
+
+    other = _config(tmp_path, masks_per_image=3)
+    with pytest.raises(JobError, match="different configuration"):
+        run_segment(other, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in config.out.glob("0000*")} == before
+
+
+def test_rerun_redoes_only_unfinished_shards_with_identical_bytes(ray_local, tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    run_segment(config, progress=False)
+    reference = {p.name: p.read_bytes() for p in config.out.glob("*.tar")}
+    # simulate a crash: shard 1 never got its marker and left a temp file; shard 2 is gone
+    (config.out / "00001_stats.json").unlink()
+    (config.out / ".00001.tar.dead.tmp").write_bytes(b"partial")
+    for name in ("00002.tar", "00002.parquet", "00002_stats.json", "manifest.json"):
+        (config.out / name).unlink()
+    kept = (config.out / "00000_stats.json").stat().st_mtime_ns
+    run_segment(config, progress=False)
+    assert (config.out / "00000_stats.json").stat().st_mtime_ns == kept
+    assert {p.name: p.read_bytes() for p in config.out.glob("*.tar")} == reference
+    assert verify(config.out) == []
+
+
+def test_grid_segmenter_and_overwrite(ray_local, tmp_path: Path) -> None:
+    run_segment(_config(tmp_path), progress=False)
+    card = run_segment(_config(tmp_path, segmenter={"name": "grid", "grid": 2}, overwrite=True), progress=False)
+    assert card.segmenter.name == "grid" and card.masks_hist == {4: 18}
+    assert verify(tmp_path / "shards") == []
+
+
+def _bad_inputs(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    d = root / "cls"
+    d.mkdir(parents=True)
+    photo = Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    photo.save(d / "good.jpg")
+    photo.convert("L").save(d / "gray.png")
+    photo.convert("CMYK").save(d / "cmyk.jpg")
+    photo.convert("RGBA").save(d / "rgba.png")
+    Image.fromarray((rng.random((40, 60)) * 65535).astype(np.uint16)).save(d / "deep16.png")
+    Image.new("RGB", (1, 1)).save(d / "tiny.png")
+    Image.new("RGB", (3000, 2000), (20, 40, 60)).save(d / "huge.png")
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "notimage.png").write_text("just text")
+    buf = io.BytesIO()
+    photo.save(buf, "JPEG")
+    (d / "truncated.jpg").write_bytes(buf.getvalue()[:200])
+
+
+def test_bad_inputs_become_rows_not_crashes(ray_local, tmp_path: Path) -> None:
+    _bad_inputs(tmp_path / "imgs")
+    config = _config(tmp_path, source="imagefolder", root=tmp_path / "imgs", max_side=256, shard_size=4)
+    card = run_segment(config, progress=False)
+    assert card.counts["inputs"] == 10
+    rows = {r["source_path"].split("/")[-1]: r for r in pq.read_table(config.out / "00000.parquet").to_pylist()
+            + pq.read_table(config.out / "00001.parquet").to_pylist()
+            + pq.read_table(config.out / "00002.parquet").to_pylist()}
+    ok = {n for n, r in rows.items() if r["status"] == "ok"}
+    assert ok == {"good.jpg", "gray.png", "cmyk.jpg", "rgba.png", "deep16.png", "huge.png"}
+    assert rows["empty.jpg"]["error_message"] == "empty file (0 bytes)"
+    assert "not an image" in rows["notimage.png"]["error_message"]
+    assert "corrupt" in rows["truncated.jpg"]["error_message"]
+    assert "no mask" in rows["tiny.png"]["error_message"]
+    assert rows["huge.png"]["width"] == 256 and rows["huge.png"]["original_width"] == 3000
+    assert verify(config.out) == []
+
+
+def test_cub_mini_two_workers(ray_local, cub_mini: Path, tmp_path: Path) -> None:
+    config = SegmentConfig(source="cub", root=cub_mini, out=tmp_path / "cub", shard_size=16, crop_size=64,
+                           masks_per_image=6, num_workers=2, cpus_per_worker=0.5)
+    card = run_segment(config, progress=False)
+    assert card.counts == {"inputs": 60, "ok": 60, "failed": 0}
+    assert card.per_split == {"test": {"ok": 24, "failed": 0}, "train": {"ok": 36, "failed": 0}}
+    assert all(v == {"test": 4, "train": 6} for v in card.per_class.values())
+    assert verify(config.out) == []
+    import webdataset as wds
+
+    ds = wds.WebDataset(str(config.out / "{00000..00003}.tar"), shardshuffle=False).decode("rgb8")
+    samples = list(ds)
+    assert len(samples) == 60 and all(s["crop_00.jpg"].shape == (64, 64, 3) for s in samples)
+    assert json.loads(json.dumps(samples[0]["json"]))["source_path"].startswith("CUB_200_2011/images/001.Blue_Jay")

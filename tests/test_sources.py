@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipeline.sources import SourceError
+from pipeline.sources import cub, imagefolder, listing
+
+
+def _img(path: Path, color=(200, 30, 30)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (16, 12), color).save(path)
+
+
+def test_cub_mini_layout(cub_mini: Path) -> None:
+    got = cub.list_items(cub_mini)
+    assert len(got.classes) == 6 and got.classes[0] == "001.Blue_Jay"
+    assert len(got.items) == 60
+    assert sum(i.split == "train" for i in got.items) == 36
+    assert sum(i.split == "test" for i in got.items) == 24
+    assert all((cub_mini / i.path).is_file() for i in got.items)
+    assert got.items[0].extra == {"image_id": 1}
+    assert [i.path for i in got.items] == [i.path for i in cub.list_items(cub_mini).items]  # deterministic
+
+
+def test_cub_optional_boxes_and_parts(tmp_path: Path) -> None:
+    root = tmp_path / "CUB_200_2011"
+    _img(root / "images" / "001.A" / "a.jpg")
+    (root / "images.txt").write_text("1 001.A/a.jpg\n")
+    (root / "image_class_labels.txt").write_text("1 1\n")
+    (root / "train_test_split.txt").write_text("1 0\n")
+    (root / "classes.txt").write_text("1 001.A\n")
+    (root / "bounding_boxes.txt").write_text("1 1.0 2.0 10.0 8.0\n")
+    (root / "parts").mkdir()
+    (root / "parts" / "parts.txt").write_text("1 back\n2 left eye\n")
+    (root / "parts" / "part_locs.txt").write_text("1 1 3.0 4.0 1\n1 2 0.0 0.0 0\n")
+    item = cub.list_items(tmp_path).items[0]
+    assert item.path == "CUB_200_2011/images/001.A/a.jpg" and item.split == "test"
+    assert item.extra["bbox_xywh"] == [1.0, 2.0, 10.0, 8.0]
+    assert item.extra["parts"] == [[1.0, 3.0, 4.0]]
+    assert item.extra["part_names"] == ["back", "left eye"]
+
+
+def test_cub_missing_file_named(tmp_path: Path) -> None:
+    (tmp_path / "images.txt").write_text("1 a/b.jpg\n")
+    with pytest.raises(SourceError, match="image_class_labels.txt"):
+        cub.list_items(tmp_path)
+
+
+def test_cub_malformed_line_named(tmp_path: Path) -> None:
+    for name in ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt"):
+        (tmp_path / name).write_text("1 x\n")
+    (tmp_path / "train_test_split.txt").write_text("1 1\nbad\n")
+    with pytest.raises(SourceError, match=r"train_test_split.txt:2"):
+        cub.list_items(tmp_path)
+
+
+def test_imagefolder_with_and_without_splits(tmp_path: Path) -> None:
+    flat = tmp_path / "flat"
+    _img(flat / "cat" / "1.png")
+    _img(flat / "dog" / "2.jpg")
+    (flat / "dog" / "notes.txt").write_text("not an image")
+    got = imagefolder.list_items(flat)
+    assert got.classes == ["cat", "dog"]
+    assert [(i.path, i.label, i.split) for i in got.items] == [("cat/1.png", 0, "train"), ("dog/2.jpg", 1, "train")]
+    split = tmp_path / "split"
+    _img(split / "train" / "cat" / "1.png")
+    _img(split / "test" / "dog" / "2.png")
+    _img(split / "val" / "cat" / "3.png")
+    got = imagefolder.list_items(split)
+    assert got.classes == ["cat", "dog"]
+    assert {(i.path, i.split) for i in got.items} == {
+        ("train/cat/1.png", "train"), ("test/dog/2.png", "test"), ("val/cat/3.png", "val")
+    }
+
+
+def test_imagefolder_symlink_out_of_root_rejected(tmp_path: Path) -> None:
+    outside = tmp_path / "secret.png"
+    _img(outside)
+    root = tmp_path / "root"
+    _img(root / "cat" / "ok.png")
+    os.symlink(outside, root / "cat" / "link.png")
+    with pytest.raises(SourceError, match="outside the root"):
+        imagefolder.list_items(root)
+
+
+def test_listing_csv_and_parquet(tmp_path: Path) -> None:
+    _img(tmp_path / "a.png")
+    _img(tmp_path / "sub" / "b.png")
+    csv = tmp_path / "list.csv"
+    csv.write_text("path,label,split\na.png,bird,train\nsub/b.png,cat,test\n")
+    got = listing.list_items(tmp_path, csv)
+    assert got.classes == ["bird", "cat"]
+    assert [(i.path, i.label, i.split) for i in got.items] == [("a.png", 0, "train"), ("sub/b.png", 1, "test")]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"path": ["a.png", "sub/b.png"], "label": [10, 2]}), tmp_path / "l.parquet")
+    got = listing.list_items(tmp_path, tmp_path / "l.parquet")
+    assert got.classes == ["2", "10"] and [i.label for i in got.items] == [1, 0]
+    assert {i.split for i in got.items} == {"train"}
+
+
+@pytest.mark.parametrize("bad", ["../escape.png", "/etc/passwd", "sub/../../x.png"])
+def test_listing_path_traversal_rejected(tmp_path: Path, bad: str) -> None:
+    csv = tmp_path / "list.csv"
+    csv.write_text(f"path,label\nok.png,a\n{bad},b\n")
+    with pytest.raises(SourceError, match=r"list.csv row 3: path .* outside the root"):
+        listing.list_items(tmp_path, csv)
+
+
+def test_listing_bad_columns_and_split(tmp_path: Path) -> None:
+    csv = tmp_path / "list.csv"
+    csv.write_text("file,label\na.png,x\n")
+    with pytest.raises(SourceError, match=r"missing column\(s\) \['path'\]"):
+        listing.list_items(tmp_path, csv)
+    csv.write_text("path,label,split\na.png,x,holdout\n")
+    with pytest.raises(SourceError, match="row 2: split 'holdout'"):
+        listing.list_items(tmp_path, csv)
