@@ -68,16 +68,16 @@ def _resources(config: SegmentConfig) -> tuple[int, dict]:
 
     total = ray.cluster_resources()
     gpus = int(total.get("GPU", 0))
-    if gpus:
+    if gpus or config.segmenter.device == "cuda":  # asking for GPUs lets an autoscaler add GPU nodes
         per_worker = {"num_gpus": 1, "num_cpus": config.cpus_per_worker or 1}
-        default_workers = gpus
+        default_workers = max(gpus, 1)
     else:
         per_worker = {"num_cpus": config.cpus_per_worker or 1}
         default_workers = max(1, int(total.get("CPU", 1) // per_worker["num_cpus"]))
     return config.num_workers or default_workers, per_worker
 
 
-def _init_ray(address: str | None) -> None:
+def init_ray(address: str | None) -> None:
     import ray
 
     if ray.is_initialized():
@@ -106,7 +106,7 @@ def run_segment(config: SegmentConfig, address: str | None = None, progress: boo
     log.info("%d shards planned, %d finished earlier, %d to do", len(shards), len(done), len(todo))
     info: SegmenterInfo | None = None
     if todo:
-        _init_ray(address)
+        init_ray(address)
         results, info = _dispatch(config, job_hash, plan, todo, listing, progress)
         done.update(results)
     failed = [s for s in shards if s not in done]

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from schemas.config import ConfigError, SegmentConfig, load_config
+from schemas.config import ConfigError, SegmentConfig, TrainConfig, load_config
 
 # flag dest -> dotted config key
 SEGMENT_FLAGS = {
@@ -69,25 +69,100 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+TRAIN_FLAGS = {
+    "shards": "shards", "run_dir": "run_dir", "epochs_warmup": "schedule.warmup_epochs",
+    "epochs_joint": "schedule.joint_epochs", "epochs_last_layer": "schedule.last_layer_epochs",
+    "backbone": "model.backbone", "weights": "model.weights", "batch_size": "data.batch_size",
+    "num_workers": "num_workers", "cpus_per_worker": "cpus_per_worker", "use_gpu": "use_gpu", "seed": "seed",
+}
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train ProtoMask on cached shards with Ray Train (rerun = resume)")
+    p.add_argument("--config", type=Path, help="YAML/JSON TrainConfig; flags override it")
+    p.add_argument("--shards", type=Path, help="shard directory written by `protomask segment`")
+    p.add_argument("--run-dir", type=Path, help="checkpoints, metrics, exported model")
+    p.add_argument("--epochs-warmup", type=int)
+    p.add_argument("--epochs-joint", type=int)
+    p.add_argument("--epochs-last-layer", type=int)
+    p.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50", "vgg16", "densenet121", "convnet"])
+    p.add_argument("--weights", type=Path, help="torchvision backbone state dict (nothing is downloaded)")
+    p.add_argument("--batch-size", type=int, help="images per worker step")
+    p.add_argument("--num-workers", type=int, help="Ray Train workers")
+    p.add_argument("--cpus-per-worker", type=float)
+    p.add_argument("--use-gpu", action="store_true", default=None)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    e = sub.add_parser("evaluate", help="metrics of a trained model on one split of a shard directory")
+    e.add_argument("--run-dir", type=Path, required=True)
+    e.add_argument("--shards", type=Path, required=True)
+    e.add_argument("--split", default="test", choices=["train", "val", "test"])
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.train import run_train
+
+    config = load_config(TrainConfig, args.config, {key: getattr(args, dest) for dest, key in TRAIN_FLAGS.items()})
+    result = run_train(config, address=args.address)
+    print(format_metrics(result["test"], "test"))
+    return 0
+
+
+def format_metrics(metrics: dict, title: str) -> str:
+    rows = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return "\n".join([f"{title:<20}{'value':>10}"] + [f"{k:<20}{v:>10.4g}" for k, v in rows])
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.train import run_evaluate
+
+    print(format_metrics(run_evaluate(args.run_dir, args.shards, args.split), args.split))
+    return 0
+
+
+DEMO_TRAIN = {
+    "model": {"backbone": "convnet", "width": 16, "prototypes_per_class": 3, "prototype_dim": 64, "input_size": 48},
+    "schedule": {"warmup_epochs": 1, "joint_epochs": 20, "last_layer_epochs": 5, "lr_backbone": 2e-3,
+                 "lr_addon": 3e-3, "lr_prototypes": 3e-3, "lr_last_layer": 5e-3, "step_size": 12},
+    "data": {"batch_size": 16, "loader_threads": 1},
+    "seed": 0,
+}
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The embedded default end to end: synthetic images → superpixel masks → shards (+ verify)."""
+    """The embedded default end to end: synthetic images → superpixel masks → shards → train → evaluate."""
     from pipeline.job import run_segment
     from pipeline.manifest import format_inspect, inspect, verify
+    from training.train import run_evaluate, run_train
 
-    config = SegmentConfig(
+    workers = args.num_workers
+    segment = SegmentConfig(
         source="synthetic", root=args.out / "synthetic", out=args.out / "shards", masks_per_image=6,
-        crop_size=64, shard_size=32, cpus_per_worker=0.5 if args.num_workers else None,
-        num_workers=args.num_workers,
+        crop_size=64, shard_size=32, num_workers=workers, cpus_per_worker=2 / workers,
     )
     t0 = time.perf_counter()
-    card = run_segment(config, progress=not args.no_progress)
-    seconds = time.perf_counter() - t0
-    print(format_inspect(inspect(config.out)))
-    problems = verify(config.out)
-    print(f"segmented {card.counts['inputs']} images in {seconds:.1f} s "
-          f"({card.counts['inputs'] / seconds:.1f} images/s, job start-up included); "
-          f"verify: {'OK' if not problems else problems}")
-    return 1 if problems else 0
+    card = run_segment(segment, progress=not args.no_progress)
+    t_segment = time.perf_counter() - t0
+    print(format_inspect(inspect(segment.out)))
+    problems = verify(segment.out)
+    print(f"\nsegmented {card.counts['inputs']} images in {t_segment:.1f} s "
+          f"({card.counts['inputs'] / t_segment:.1f} images/s, Ray start-up included); verify: "
+          f"{'OK' if not problems else problems}\n")
+    if problems:
+        return 1
+    train = TrainConfig.model_validate({
+        **DEMO_TRAIN, "shards": segment.out, "run_dir": args.out / "run",
+        "num_workers": workers, "cpus_per_worker": 1 / workers,
+    })
+    t1 = time.perf_counter()
+    run_train(train)
+    t_train = time.perf_counter() - t1
+    test = run_evaluate(train.run_dir, segment.out, "test")
+    print("\n" + format_metrics(test, "test (evaluate)"))
+    chance = 1 / len(card.classes)
+    print(f"\ntrained {workers} workers in {t_train:.1f} s; test accuracy {test['accuracy']:.1%} "
+          f"(chance {chance:.0%}); outputs in {args.out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_segment(sub)
+    _add_train(sub)
     m = sub.add_parser("manifest", help="inspect or verify a shard directory")
     m.add_argument("action", choices=["inspect", "verify"])
     m.add_argument("dir", type=Path)
@@ -105,14 +181,16 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"segment": cmd_segment, "manifest": cmd_manifest, "demo": cmd_demo}
+    handlers = {"segment": cmd_segment, "manifest": cmd_manifest, "demo": cmd_demo, "train": cmd_train,
+                "evaluate": cmd_evaluate}
     from pipeline.job import JobError
     from pipeline.shards import ShardError
     from pipeline.sources import SourceError
+    from training import TrainError
 
     try:
         return handlers[args.command](args)
-    except (ConfigError, JobError, ShardError, SourceError) as exc:
+    except (ConfigError, JobError, ShardError, SourceError, TrainError) as exc:
         print(f"protomask {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

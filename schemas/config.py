@@ -148,3 +148,77 @@ def load_config(model: type[Strict], file: Path | None, overrides: dict[str, Any
 def write_config(config: Strict, path: Path) -> None:
     """Write the resolved config as YAML beside an output."""
     path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
+class ModelConfig(Strict):
+    """ProtoMask network (spec §1); defaults are the reference's except where noted."""
+
+    backbone: Literal["resnet18", "resnet34", "resnet50", "vgg16", "densenet121", "convnet"] = "resnet50"
+    weights: Path | None = Field(None, description="torchvision state dict for the backbone; none = random init")
+    width: int = Field(32, ge=4, description="channels of the first stage (convnet only)")
+    prototypes_per_class: int = Field(10, ge=1)
+    prototype_dim: int = Field(1280, ge=1)
+    input_size: int = Field(224, ge=8, description="crops are resized to this before the backbone")
+    off_class_weight: float = Field(0.0, description="initial last-layer weight to other classes' prototypes")
+
+
+class LossConfig(Strict):
+    """Loss coefficients (spec §2.1/§2.4)."""
+
+    cross_entropy: float = 1.0
+    cluster: float = 0.8
+    separation: float = 0.2
+    diversity: float = 0.2
+    l1: float = 1e-3
+    class_balanced: bool = True
+
+
+class ScheduleConfig(Strict):
+    """Phases: warm-up → joint → push → last-layer fine-tuning (spec §2.2–§2.4)."""
+
+    warmup_epochs: int = Field(0, ge=0)
+    joint_epochs: int = Field(100, ge=0)
+    last_layer_epochs: int = Field(10, ge=0)
+    lr_warmup: float = 1e-3
+    lr_backbone: float = 6e-5
+    lr_addon: float = 3e-3
+    lr_prototypes: float = 3e-3
+    lr_last_layer: float = 3e-4
+    step_size: int = Field(35, ge=1, description="StepLR step (joint epochs)")
+    gamma: float = 0.5
+    prune: bool = False
+    prune_k: int = Field(6, ge=1)
+    prune_threshold: int = Field(3, ge=1)
+
+
+class ParityConfig(Strict):
+    """Switches that reproduce the reference code's behaviour (spec §10); all off = fixed mode."""
+
+    push_last_batch: bool = Field(False, description="push keeps only the last batch's nearest crop")
+    detached_diversity: bool = Field(False, description="diversity term without gradient")
+    frozen_addon: bool = Field(False, description="add-on layers never optimised")
+
+
+class DataConfig(Strict):
+    batch_size: int = Field(16, ge=1, description="images per worker step")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="stratified share of train held out")
+    shuffle_buffer: int = Field(256, ge=1)
+    augment: bool = True
+    loader_threads: int = Field(2, ge=0, description="decoding threads per worker")
+
+
+class TrainConfig(Strict):
+    """``protomask train``: cached shards → a trained ProtoMask model in run_dir."""
+
+    shards: Path
+    run_dir: Path
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    parity: ParityConfig = ParityConfig()
+    data: DataConfig = DataConfig()
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(2, ge=-1, description="worker failures survived by resuming from the checkpoint")
+    seed: int = 4861

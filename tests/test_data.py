@@ -1,0 +1,219 @@
+"""Training input: dataset checks, splits, sample decoding, augmentation, per-rank streams."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import training.data as data
+from pipeline.manifest import build_card
+from pipeline.plan import make_plan
+from pipeline.shards import ShardError, iter_samples
+from pipeline.sources import list_source
+from pipeline.sources.synthetic import part_names
+from pipeline.worker import ShardProcessor
+from schemas.config import DataConfig, SegmentConfig
+from schemas.manifest import SegmenterInfo
+from training.data import ShardDataset, ShardStream, decode_sample, make_augment, split_keys
+
+K, CROP = 4, 32
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """36 synthetic images (3 classes x 9 train + 3 test) in 8 shards of 5, segmented without Ray."""
+    tmp = tmp_path_factory.mktemp("data")
+    config = SegmentConfig.model_validate(dict(
+        source="synthetic", root=tmp / "synth", out=tmp / "shards", shard_size=5, crop_size=CROP,
+        masks_per_image=K, segmenter={"name": "grid", "grid": 2},
+        synthetic={"num_classes": 3, "train_per_class": 9, "test_per_class": 3, "image_size": 48},
+    ))
+    config.out.mkdir()
+    listing = list_source(config)
+    rows_by_shard: dict[int, list[dict]] = {}
+    for row in make_plan(listing, config.shard_size).to_pylist():
+        rows_by_shard.setdefault(row["shard"], []).append(row)
+    processor = ShardProcessor(config, "test", part_names(config.synthetic))
+    stats = [processor.process(s, rows) for s, rows in sorted(rows_by_shard.items())]
+    build_card(config.out, stats, listing.classes, "synthetic", "test", K, CROP,
+               SegmenterInfo(name="grid", params={"grid": 2}))
+    return config.out
+
+
+@pytest.fixture
+def copy(shards: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "shards"
+    shutil.copytree(shards, out)
+    return out
+
+
+def _shard_of(dataset: ShardDataset) -> dict[str, int]:
+    return {r["key"]: r["shard"] for r in dataset.rows}
+
+
+def _keys(stream: ShardStream) -> list[str]:
+    return [k for batch in stream for k in batch["key"]]
+
+
+def test_open_counts(shards: Path) -> None:
+    ds = ShardDataset.open(shards)
+    assert ds.root == shards and ds.num_classes == 3 and len(ds.classes) == 3 and ds.masks_per_image == K
+    assert len(ds.rows) == 36 and set(ds.rows[0]) == {"key", "shard", "label", "split", "n_masks"}
+    assert Counter(r["split"] for r in ds.rows) == {"train": 27, "test": 9}
+    assert all(r["n_masks"] == 4 for r in ds.rows)  # grid 2x2
+
+
+def test_split_keys_stratified_deterministic(shards: Path) -> None:
+    ds = ShardDataset.open(shards)
+    label = {r["key"]: r["label"] for r in ds.rows}
+    test = {r["key"] for r in ds.rows if r["split"] == "test"}
+    s = split_keys(ds, 0.25, seed=3)
+    assert s == split_keys(ds, 0.25, seed=3) and s != split_keys(ds, 0.25, seed=4)
+    assert Counter(label[k] for k in s["val"]) == {0: 2, 1: 2, 2: 2}  # round(9 * 0.25) per class
+    assert len(s["train"]) == 21 and set(s["test"]) == test and all(v == sorted(v) for v in s.values())
+    assert not set(s["train"]) & set(s["val"]) and not (set(s["train"]) | set(s["val"])) & test
+    assert Counter(label[k] for k in split_keys(ds, 0.01, 0)["val"]) == {0: 1, 1: 1, 2: 1}  # at least 1
+    assert split_keys(ds, 0.0, 0)["val"] == []
+
+
+def test_decode_sample_pads_and_resizes(shards: Path) -> None:
+    key, members = next(iter_samples(shards / "00000.tar"))
+    crops, valid, label, out_key = decode_sample(members, K + 2, 24, None)
+    assert out_key == key and label == int(members["cls"])
+    assert crops.shape == (K + 2, 3, 24, 24) and crops.dtype == torch.float32
+    assert valid.tolist() == [True] * K + [False, False] and not crops[K:].any()
+    assert -2.2 < float(crops[:K].min()) and float(crops[:K].max()) < 2.7  # ImageNet-normalised
+    del members["crop_01.jpg"]
+    with pytest.raises(ShardError, match="crop_01"):
+        decode_sample(members, K, 24, None)
+
+
+def test_augmentation_changes_crops_not_shapes(shards: Path) -> None:
+    _, members = next(iter_samples(shards / "00000.tar"))
+    plain, valid, _, _ = decode_sample(members, K + 1, CROP, None)
+    a1, valid1, _, _ = decode_sample(members, K + 1, CROP, make_augment(7))
+    a2, _, _, _ = decode_sample(members, K + 1, CROP, make_augment(7))
+    assert a1.shape == plain.shape and torch.equal(valid1, valid) and not a1[K].any()
+    assert torch.equal(a1, a2)  # seeded
+    assert all(not torch.equal(a1[i], plain[i]) for i in range(K))
+    crop = Image.fromarray(np.random.default_rng(0).integers(0, 256, (CROP, 2 * CROP, 3), dtype=np.uint8))
+    aug = make_augment(0)
+    first, second = aug(crop), aug(crop)  # every call draws new parameters
+    assert first.mode == "RGB" and first.size == crop.size and first.tobytes() != second.tobytes()
+
+
+def test_train_stream_two_ranks(shards: Path) -> None:
+    ds = ShardDataset.open(shards)
+    train = split_keys(ds, 0.25, 0)["train"]  # 21 keys in shards 1..6
+    shard_of = _shard_of(ds)
+    config = DataConfig(batch_size=8, shuffle_buffer=8, loader_threads=2)
+    streams = [ShardStream(ds, train, config, 24, True, r, 2, seed=0) for r in range(2)]
+    steps = streams[0].steps_per_epoch()
+    assert steps == streams[1].steps_per_epoch() == 2  # ceil(21 / 2 / 8)
+    orders = []
+    for epoch in range(2):
+        per_rank = []
+        for stream in streams:
+            stream.set_epoch(epoch)
+            batches = list(stream)
+            assert len(batches) == steps
+            for b in batches:
+                assert b["crops"].shape == (8, K, 3, 24, 24) and b["valid"].shape == (8, K)
+                assert b["label"].dtype == torch.int64 and len(b["key"]) == 8
+            per_rank.append([k for b in batches for k in b["key"]])
+        shards_read = [{shard_of[k] for k in keys} for keys in per_rank]
+        assert not shards_read[0] & shards_read[1]
+        assert set(per_rank[0]) | set(per_rank[1]) == set(train)
+        orders.append(per_rank)
+    assert orders[0] != orders[1]
+    streams[0].set_epoch(0)
+    assert _keys(streams[0]) == orders[0][0]  # (seed, epoch) fixes the order, threads or not
+
+
+def test_train_stream_splits_a_shard_over_ranks(shards: Path) -> None:
+    ds = ShardDataset.open(shards)
+    keys = [r["key"] for r in ds.rows if r["shard"] == 2]  # 5 keys, 1 shard, 2 ranks
+    config = DataConfig(batch_size=2, shuffle_buffer=4, loader_threads=0)
+    got = [_keys(ShardStream(ds, keys, config, 16, True, r, 2, seed=1)) for r in range(2)]
+    assert [len(g) for g in got] == [4, 4]  # 2 batches of 2 on each rank
+    assert set(got[0]) | set(got[1]) == set(keys) and len(set(got[0]) & set(got[1])) == 0
+
+
+def test_eval_stream_covers_every_key_once(shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = ShardDataset.open(shards)
+    test = split_keys(ds, 0.25, 0)["test"]
+    read: list[str] = []
+    monkeypatch.setattr(data, "iter_samples", lambda tar: (read.append(tar.name), iter_samples(tar))[1])
+    config = DataConfig(batch_size=4, loader_threads=1)
+    streams = [ShardStream(ds, test, config, CROP, False, r, 2, seed=0) for r in range(2)]
+    got = [_keys(s) for s in streams]
+    assert sorted(got[0] + got[1]) == sorted(test)
+    assert sum(s.steps_per_epoch() for s in streams) == sum(-(-len(g) // 4) for g in got)
+    assert sorted(read) == ["00000.tar", "00001.tar"]  # only the shards holding test keys
+    batch = next(iter(streams[0]))
+    key = batch["key"][0]
+    members = dict(iter_samples(ds.tar_path(_shard_of(ds)[key])))[key]
+    assert torch.equal(batch["crops"][0], decode_sample(members, K, CROP, None)[0])  # no augmentation
+
+
+def test_truncated_tar_refused_at_open(copy: Path) -> None:
+    tar = copy / "00003.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    with pytest.raises(ShardError, match="00003.tar"):
+        ShardDataset.open(copy)
+    tar.unlink()
+    with pytest.raises(ShardError, match="00003.tar.*missing"):
+        ShardDataset.open(copy)
+
+
+def test_corrupt_tar_fails_on_iteration(copy: Path) -> None:
+    tar = copy / "00005.tar"
+    raw = bytearray(tar.read_bytes())
+    with tarfile.open(tar) as src:
+        offset = src.getmembers()[7].offset  # a header in the middle; the size stays right
+    raw[offset:offset + 512] = b"\xff" * 512
+    tar.write_bytes(bytes(raw))
+    ds = ShardDataset.open(copy)
+    keys = [r["key"] for r in ds.rows if r["shard"] == 5]
+    with pytest.raises(ShardError, match="00005.tar"):
+        list(ShardStream(ds, keys, DataConfig(batch_size=2, loader_threads=2), CROP, False, 0, 1, 0))
+
+
+def test_tar_missing_a_key_fails_on_iteration(copy: Path) -> None:
+    tar = copy / "00004.tar"
+    with tarfile.open(tar) as src:
+        members = [(m, src.extractfile(m).read()) for m in src.getmembers()]
+    dropped = members[0][0].name.split(".")[0]
+    with tarfile.open(tar, "w", format=tarfile.USTAR_FORMAT) as dst:
+        for info, payload in members:
+            if not info.name.startswith(dropped + "."):
+                dst.addfile(info, io.BytesIO(payload))
+    card = json.loads((copy / "manifest.json").read_text())
+    for s in card["shards"]:
+        if s["name"] == "00004":
+            s["tar_bytes"] = tar.stat().st_size
+    (copy / "manifest.json").write_text(json.dumps(card))
+    ds = ShardDataset.open(copy)
+    keys = [r["key"] for r in ds.rows if r["shard"] == 4]
+    stream = ShardStream(ds, keys, DataConfig(batch_size=2, loader_threads=0), CROP, False, 0, 1, 0)
+    with pytest.raises(ShardError, match=f"00004.tar.*{dropped}"):
+        list(stream)
+    with pytest.raises(ValueError, match="not ok samples"):
+        ShardStream(ds, ["999999"], DataConfig(), CROP, False, 0, 1, 0)
+
+
+def test_rank_checks(shards: Path) -> None:
+    ds = ShardDataset.open(shards)
+    with pytest.raises(ValueError, match="rank 2"):
+        ShardStream(ds, [], DataConfig(), CROP, True, 2, 2, 0)
+    empty = ShardStream(ds, [], DataConfig(), CROP, True, 0, 2, 0)
+    assert empty.steps_per_epoch() == 0 and list(empty) == []

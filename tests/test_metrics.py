@@ -1,0 +1,115 @@
+"""Classification metrics, compactness and prediction gathering against hand-computed tiny cases."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from schemas.config import ModelConfig
+from training.metrics import classification_metrics, compactness, gather_predictions
+from training.model import ProtoMask
+
+
+def one_hot_logits(pred: list[int], num_classes: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(pred), num_classes).float()
+
+
+def test_classification_metrics_with_a_class_never_predicted() -> None:
+    labels = torch.tensor([0, 0, 0, 1, 2])
+    m = classification_metrics(one_hot_logits([0, 0, 1, 1, 1], 3), labels)  # class 2 never predicted
+    assert m["n"] == 5
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    # F1: class 0 p=1 r=2/3 → 0.8; class 1 p=1/3 r=1 → 0.5; class 2 → 0
+    assert m["macro_f1"] == pytest.approx((0.8 + 0.5 + 0.0) / 3)
+    assert all(isinstance(m[k], float) for k in ("accuracy", "balanced_accuracy", "top3", "macro_f1"))
+
+
+def test_macro_f1_counts_predicted_classes_absent_from_labels() -> None:
+    m = classification_metrics(one_hot_logits([0, 1], 3), torch.tensor([0, 0]))
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.0) / 2)  # class 1 predicted, never true; class 2 ignored
+    assert m["balanced_accuracy"] == pytest.approx(0.5)  # recall over the present class 0 only
+    assert m["accuracy"] == pytest.approx(0.5)
+
+
+def test_top3_and_its_c2_fallback() -> None:
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0], [4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0], [0.0, 0.5, 5.0, 1.0]])
+    labels = torch.tensor([3, 2, 0, 1])  # ranks 4th, 3rd, 4th, 3rd
+    m = classification_metrics(logits, labels)
+    assert m["top3"] == pytest.approx(0.5) and m["accuracy"] == 0.0
+    two = classification_metrics(torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]), torch.tensor([0, 1, 0]))
+    assert two["top3"] == 1.0  # C = 2: top-2 accuracy
+    assert two["accuracy"] == pytest.approx(1 / 3) and two["balanced_accuracy"] == pytest.approx(0.25)
+
+
+def test_perfect_and_empty() -> None:
+    m = classification_metrics(one_hot_logits([0, 1, 2], 3), torch.tensor([0, 1, 2]))
+    assert (m["accuracy"], m["balanced_accuracy"], m["top3"], m["macro_f1"]) == (1.0, 1.0, 1.0, 1.0)
+    empty = classification_metrics(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+    assert empty == {"accuracy": 0.0, "balanced_accuracy": 0.0, "top3": 0.0, "macro_f1": 0.0, "n": 0}
+
+
+def test_compactness_hand_computed() -> None:
+    head = SimpleNamespace(last_layer=torch.nn.Linear(3, 2, bias=False))  # C=2 classes, P=3 prototypes
+    with torch.no_grad():
+        head.last_layer.weight.copy_(torch.tensor([[1.0, 0.0, 0.0005], [-0.5, 0.0, 0.002]]))
+    c = compactness(head)
+    assert c["global_size"] == 2  # columns 0 and 2 hold a weight > 1e-3
+    assert c["sparsity"] == pytest.approx(100 * 3 / 6)  # 0, 0, 0.0005
+    assert c["npr"] == pytest.approx(1 / 2)  # one negative, two positive
+    with torch.no_grad():
+        head.last_layer.weight.zero_()
+    assert compactness(head) == {"global_size": 0, "sparsity": 100.0, "npr": 0.0}
+    tiny = ModelConfig(backbone="convnet", width=4, prototype_dim=8, input_size=16, prototypes_per_class=1)
+    model = ProtoMask(tiny, 2)
+    with torch.no_grad():
+        model.reset_last_layer()  # identity: one positive per column
+    assert compactness(model) == {"global_size": 2, "sparsity": 50.0, "npr": 0.0}
+    assert compactness(SimpleNamespace(module=model)) == compactness(model)  # DDP-style wrapper
+
+
+def test_gather_without_distributed_is_identity_plus_dedup() -> None:
+    logits, labels = torch.arange(6.0).view(3, 2), torch.tensor([0, 1, 0])
+    out_logits, out_labels, keys = gather_predictions(logits, labels, ["a", "b", "a"])
+    assert keys == ["a", "b"] and out_labels.tolist() == [0, 1] and out_logits.tolist() == [[0.0, 1.0], [2.0, 3.0]]
+    e_logits, e_labels, e_keys = gather_predictions(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), [])
+    assert e_logits.shape == (0, 4) and e_labels.shape == (0,) and e_keys == []
+
+
+def _gather_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    timeout = timedelta(seconds=60)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timeout)
+    try:
+        results = []
+        # 1: rank 0 holds 3 rows, rank 1 none; 2: unequal lengths with one key on both ranks; 3: all empty
+        if rank == 0:
+            cases = [(torch.arange(6.0).view(3, 2), torch.tensor([0, 1, 1]), ["a", "b", "c"]),
+                     (torch.ones(2, 2), torch.tensor([0, 0]), ["x", "y"]),
+                     (torch.zeros(0, 2), torch.zeros(0, dtype=torch.long), [])]
+        else:
+            cases = [(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long), []),
+                     (torch.full((3, 2), 2.0), torch.tensor([1, 1, 1]), ["z", "y", "w"]),
+                     (torch.zeros(0, 2), torch.zeros(0, dtype=torch.long), [])]
+        for logits, labels, keys in cases:
+            results.append(gather_predictions(logits, labels, keys))
+        torch.save(results, f"{out_dir}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_predictions_two_gloo_ranks_unequal_and_empty(tmp_path) -> None:
+    mp.spawn(_gather_worker, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(2)]
+    for results in ranks:
+        (l1, y1, k1), (l2, y2, k2), (l3, y3, k3) = results
+        assert k1 == ["a", "b", "c"] and y1.tolist() == [0, 1, 1] and l1.tolist() == [[0, 1], [2, 3], [4, 5]]
+        assert k2 == ["x", "y", "z", "w"] and y2.tolist() == [0, 0, 1, 1]  # rank 1's duplicate "y" dropped
+        assert l2.tolist() == [[1, 1], [1, 1], [2, 2], [2, 2]]
+        assert l3.shape == (0, 2) and y3.shape == (0,) and k3 == []
+        assert classification_metrics(l1, y1)["n"] == 3 and classification_metrics(l3, y3)["n"] == 0

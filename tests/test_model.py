@@ -1,0 +1,97 @@
+"""Model shapes, padding, and loss terms against hand-computed tiny cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from schemas.config import LossConfig, ModelConfig
+from training.losses import class_weights, cluster_loss, diversity_loss, l1_off_class, separation_loss, total_loss
+from training.model import EPSILON, ProtoMask
+
+TINY = ModelConfig(backbone="convnet", width=4, prototype_dim=8, input_size=16, prototypes_per_class=2)
+
+
+def test_forward_shapes_and_last_layer_init() -> None:
+    model = ProtoMask(TINY, num_classes=3)
+    out = model(torch.rand(2, 5, 3, 20, 20), torch.ones(2, 5, dtype=torch.bool))
+    assert out.logits.shape == (2, 3) and out.min_distances.shape == (2, 6) and out.nearest_mask.shape == (2, 6)
+    assert model.prototype_class.tolist() == [0, 0, 1, 1, 2, 2]
+    assert model.last_layer.weight.tolist()[1] == [0, 0, 1, 1, 0, 0]
+    assert "prototype_class" in model.state_dict()
+    one = model(torch.rand(1, 1, 3, 16, 16), torch.ones(1, 1, dtype=torch.bool))  # B·K == 1: no squeeze bug
+    assert one.logits.shape == (1, 3)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "vgg16", "densenet121"])
+def test_torchvision_backbones(backbone: str) -> None:
+    model = ProtoMask(ModelConfig(backbone=backbone, prototype_dim=8, input_size=32, prototypes_per_class=1), 2)
+    assert model(torch.rand(1, 2, 3, 32, 32), torch.ones(1, 2, dtype=torch.bool)).logits.shape == (1, 2)
+
+
+def test_missing_weights_file_named(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        ProtoMask(ModelConfig(backbone="resnet18", weights=tmp_path / "nope.pth"), 2)
+
+
+def test_distance_is_squared_l2_and_similarity_is_log() -> None:
+    model = ProtoMask(TINY, num_classes=1)
+    z = torch.rand(1, 3, 8)
+    expected = ((z[0, :, None, :] - model.prototypes[None]) ** 2).sum(-1)
+    assert torch.allclose(model.distances(z)[0], expected, atol=1e-5)
+    d = torch.tensor(2.0)
+    assert math.isclose(float(torch.log((d + 1) / (d + EPSILON))), math.log(3 / (2 + EPSILON)), rel_tol=1e-6)
+
+
+def test_padding_never_wins_the_min() -> None:
+    model = ProtoMask(TINY, num_classes=2)
+    crops = torch.rand(1, 3, 3, 16, 16)
+    z = model.embed(crops)
+    with torch.no_grad():
+        model.prototypes[:] = z[0, 2]  # every prototype sits exactly on crop 2
+    valid = torch.tensor([[True, True, False]])
+    out = model(crops, valid)
+    assert (out.nearest_mask != 2).all() and (out.min_distances > 0).all()
+    out_all = model(crops, torch.ones(1, 3, dtype=torch.bool))
+    assert (out_all.nearest_mask == 2).all()
+
+
+def test_cluster_and_separation_by_hand() -> None:
+    d = torch.tensor([[1.0, 4.0, 9.0, 0.5], [2.0, 3.0, 7.0, 8.0]])
+    cls = torch.tensor([0, 0, 1, 1])
+    labels = torch.tensor([0, 1])
+    assert cluster_loss(d, labels, cls).item() == pytest.approx((1.0 + 7.0) / 2)
+    assert separation_loss(d, labels, cls).item() == pytest.approx((0.5 + 2.0) / 2)
+
+
+def test_diversity_by_hand_and_has_gradient() -> None:
+    p = torch.tensor([[0.0, 0.0], [3.0, 4.0], [1.0, 1.0], [1.0, 1.0]], requires_grad=True)
+    cls = torch.tensor([0, 0, 1, 1])
+    div = diversity_loss(p, torch.tensor([0, 1]), cls)
+    # class 0: pairs (0,1),(1,0) at distance 5 → exp(-1e-3*10); class 1: identical → exp(0)
+    assert div.item() == pytest.approx((math.exp(-0.01) + 1.0) / 2, rel=1e-5)
+    div.backward()
+    assert p.grad is not None and p.grad[:2].abs().sum() > 0
+
+
+def test_l1_and_class_weights() -> None:
+    model = ProtoMask(TINY, num_classes=2)
+    with torch.no_grad():
+        model.last_layer.weight[:] = torch.tensor([[1.0, 1.0, -0.5, 0.25], [2.0, 0.0, 1.0, 1.0]])
+    assert l1_off_class(model).item() == pytest.approx(0.5 + 0.25 + 2.0)
+    assert class_weights([30, 10, 0]).tolist() == pytest.approx([40 / 90, 40 / 30, 0.0])
+
+
+def test_total_loss_per_phase() -> None:
+    model = ProtoMask(TINY, num_classes=2)
+    out = model(torch.rand(2, 2, 3, 16, 16), torch.ones(2, 2, dtype=torch.bool))
+    labels = torch.tensor([0, 1])
+    cfg = LossConfig()
+    loss, terms = total_loss(out, labels, model, cfg, "joint", None)
+    expected = terms["cross_entropy"] + 0.8 * terms["cluster"] - 0.2 * terms["separation"] + 0.2 * terms["diversity"]
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss, terms = total_loss(out, labels, model, cfg, "last_layer", None)
+    assert set(terms) == {"cross_entropy", "l1"}
+    assert loss.item() == pytest.approx(terms["cross_entropy"] + 1e-3 * terms["l1"], rel=1e-5)

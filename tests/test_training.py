@@ -1,0 +1,180 @@
+"""Training end to end on local Ray Train (2 CPU workers): phases, checkpoints, resume, export, evaluate."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.job import run_segment
+from schemas.config import ModelConfig, SegmentConfig, TrainConfig
+from training.loop import CHECKPOINT, checkpoint_state, make_optimizers, phase_of, set_trainable
+from training.model import ProtoMask
+from training.train import TrainError, load_model, run_evaluate, run_train
+
+pytestmark = pytest.mark.ray
+
+TINY = {"backbone": "convnet", "width": 8, "prototypes_per_class": 2, "prototype_dim": 16, "input_size": 32}
+
+
+@pytest.fixture(scope="module")
+def shards(ray_local, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("train")
+    config = SegmentConfig(
+        source="synthetic", root=tmp / "syn", out=tmp / "shards", masks_per_image=4, crop_size=32, shard_size=16,
+        num_workers=2, cpus_per_worker=0.5,
+        synthetic={"num_classes": 3, "train_per_class": 12, "test_per_class": 4, "image_size": 64},
+    )
+    run_segment(config, progress=False)
+    return config.out
+
+
+def _config(shards: Path, run_dir: Path, **schedule) -> TrainConfig:
+    return TrainConfig.model_validate({
+        "shards": shards, "run_dir": run_dir, "model": TINY, "num_workers": 2, "cpus_per_worker": 0.5,
+        "schedule": {"warmup_epochs": 1, "joint_epochs": 2, "last_layer_epochs": 1, "lr_backbone": 1e-3, **schedule},
+        "data": {"batch_size": 8, "loader_threads": 0}, "seed": 0,
+    })
+
+
+def test_phase_schedule_and_freezing() -> None:
+    config = _config(Path("s"), Path("r"))
+    assert [phase_of(e, config) for e in range(4)] == ["warmup", "joint", "joint", "last_layer"]
+    model = ProtoMask(ModelConfig(**TINY), 3)
+    expect = {"warmup": {"add_on", "prototypes"}, "joint": {"backbone", "add_on", "prototypes"},
+              "last_layer": {"last_layer"}}
+    for phase, groups in expect.items():
+        set_trainable(model, phase, config)
+        trainable = {n for n, ps in model.parameter_groups().items() if all(p.requires_grad for p in ps)}
+        frozen = {n for n, ps in model.parameter_groups().items() if not any(p.requires_grad for p in ps)}
+        assert trainable == groups and frozen == set(model.parameter_groups()) - groups
+    parity = config.model_copy(update={"parity": config.parity.model_copy(update={"frozen_addon": True})})
+    set_trainable(model, "joint", parity)
+    assert not any(p.requires_grad for p in model.add_on.parameters())
+    assert len(make_optimizers(model, parity)["joint"].param_groups) == 2  # no add-on group in parity mode
+
+
+def test_checkpoint_is_plain_and_roundtrips(tmp_path: Path) -> None:
+    config = _config(Path("s"), tmp_path)
+    model = ProtoMask(ModelConfig(**TINY), 3)
+    opts = make_optimizers(model, config)
+    sched = torch.optim.lr_scheduler.StepLR(opts["joint"], 2)
+    model(torch.rand(2, 2, 3, 32, 32), torch.ones(2, 2, dtype=torch.bool)).logits.sum().backward()
+    opts["joint"].step()
+    sched.step()
+    torch.save(checkpoint_state(model, opts, sched, 3, True, config), tmp_path / CHECKPOINT)
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    assert state["epoch"] == 3 and state["pushed"] and TrainConfig.model_validate_json(state["config"]) == config
+    fresh = ProtoMask(ModelConfig(**TINY), 3)
+    fresh.load_state_dict(state["model"])
+    fresh_opts = make_optimizers(fresh, config)
+    fresh_opts["joint"].load_state_dict(state["optimizers"]["joint"])
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    assert fresh_opts["joint"].state_dict()["state"].keys() == opts["joint"].state_dict()["state"].keys()
+
+
+def test_train_two_workers_export_evaluate_and_rerun_resumes(shards: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_train(_config(shards, run_dir))
+    assert result["test"]["n"] == 12 and 0.0 <= result["test"]["accuracy"] <= 1.0
+    rows = (run_dir / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,phase") and len(rows) == 1 + 4
+    assert {"val_accuracy", "train_cluster", "images_per_s", "val_macro_f1"} <= set(rows[0].split(","))
+    push_log = json.loads((run_dir / "push_log.json").read_text())["push"]
+    assert len(push_log) == 6 and all(e["key"] is not None for e in push_log)
+    assert (run_dir / "train_config.yaml").is_file() and list((run_dir / "tensorboard").iterdir())
+
+    state = torch.load(run_dir / "model.pt", weights_only=True)
+    assert state["prototypes"].shape == (6, 16)
+    model, classes = load_model(run_dir)
+    assert classes == ["red_circle", "green_square", "blue_triangle"]
+    # pushed prototypes sit on real crop embeddings (of their own class), so their push distance is ~0 now
+    evaluated = run_evaluate(run_dir, shards, "test")
+    assert evaluated["n"] == 12 and evaluated["accuracy"] == pytest.approx(result["test"]["accuracy"])
+    assert json.loads((run_dir / "eval_test.json").read_text())["global_size"] >= 1
+
+    again = run_train(_config(shards, run_dir))  # same run dir: resumes after the last epoch, trains nothing
+    assert again["test"] == result["test"]
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "resume" and events[-1]["epoch"] == 4
+    assert len((run_dir / "metrics.csv").read_text().splitlines()) == 1 + 4
+
+
+def test_corrupt_shard_refused_before_training(shards: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    data = (copy / "00001.tar").read_bytes()
+    (copy / "00001.tar").write_bytes(data[:1000])
+    with pytest.raises(Exception, match="00001.tar"):
+        run_train(_config(copy, tmp_path / "run"))
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def test_load_model_rejects_pickle_and_nan(tmp_path: Path, shards: Path) -> None:
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    model = ProtoMask(ModelConfig(**TINY), 3)
+    (run_dir / "model_config.json").write_text(json.dumps(
+        {"model": TINY, "classes": ["a", "b", "c"], "num_prototypes": 6, "format_version": "1"}))
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, run_dir / "model.pt")
+    with pytest.raises(TrainError, match="cannot load as a plain state dict"):
+        load_model(run_dir)
+    state = model.state_dict()
+    state["prototypes"][0, 0] = float("nan")
+    torch.save(state, run_dir / "model.pt")
+    with pytest.raises(TrainError, match="non-finite values in \\['prototypes'\\]"):
+        load_model(run_dir)
+
+
+def registered_epoch(run_dir: Path) -> int:
+    """Highest epoch among the checkpoints Ray Train has registered (-1 when none yet)."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return -1
+    return max((c["metrics"]["epoch"] for c in snapshot.get("checkpoint_results", [])), default=-1)
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_checkpoint(shards: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+
+    import psutil
+
+    run_dir = tmp_path / "run"
+    config = _config(shards, run_dir, joint_epochs=8)
+    killed: list[int] = []
+
+    def kill_a_worker_after_epoch_1() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            if registered_epoch(run_dir) >= 1:  # Ray Train's controller has taken the epoch-1 checkpoint
+                for proc in psutil.process_iter(["cmdline"]):
+                    if any("RayTrainWorker" in part for part in (proc.info["cmdline"] or [])):
+                        os.kill(proc.pid, signal.SIGKILL)
+                        killed.append(proc.pid)
+                        return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_a_worker_after_epoch_1, daemon=True)
+    killer.start()
+    result = run_train(config)
+    killer.join()
+    assert killed, "no Ray Train worker process was found to kill"
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "resume" and e["epoch"] >= 2 for e in events)
+    epochs = [int(line.split(",")[0]) for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
+    assert epochs == list(range(10))
+    assert result["test"]["n"] == 12

@@ -1,0 +1,74 @@
+"""Loss terms (spec §2.1), each a function of the model output so it can be tested by hand."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from schemas.config import LossConfig
+from training.model import ProtoMask, ProtoOutput
+
+
+def cluster_loss(min_distances: torch.Tensor, labels: torch.Tensor, prototype_class: torch.Tensor) -> torch.Tensor:
+    """Mean over images of the distance to the nearest prototype of the image's own class."""
+    own = prototype_class[None, :] == labels[:, None]  # [B, P]
+    return min_distances.masked_fill(~own, float("inf")).min(dim=1).values.mean()
+
+
+def separation_loss(min_distances: torch.Tensor, labels: torch.Tensor, prototype_class: torch.Tensor) -> torch.Tensor:
+    """Mean over images of the distance to the nearest prototype of any other class."""
+    own = prototype_class[None, :] == labels[:, None]
+    return min_distances.masked_fill(own, float("inf")).min(dim=1).values.mean()
+
+
+def diversity_loss(prototypes: torch.Tensor, labels: torch.Tensor, prototype_class: torch.Tensor) -> torch.Tensor:
+    """Mean over images of exp(−1e‑3 · Σ pairwise L2 distances between the prototypes of its class).
+
+    Differentiable, unlike the reference (which called ``.item()``); pairs i≠j only, since the
+    diagonal is zero anyway and its sqrt has no gradient at 0.
+    """
+    per_class = []
+    for c in range(int(prototype_class.max()) + 1):
+        p = prototypes[prototype_class == c]
+        if len(p) < 2:
+            per_class.append(prototypes.new_ones(()))
+            continue
+        diff = p[:, None, :] - p[None, :, :]
+        off = ~torch.eye(len(p), dtype=torch.bool, device=p.device)
+        per_class.append(torch.exp(-1e-3 * diff[off].pow(2).sum(-1).add(1e-12).sqrt().sum()))
+    return torch.stack(per_class)[labels].mean()
+
+
+def l1_off_class(model: ProtoMask) -> torch.Tensor:
+    """L1 norm of the last-layer weights that connect prototypes to other classes."""
+    return (model.last_layer.weight * (1 - model.class_identity.T)).abs().sum()
+
+
+def class_weights(counts: list[int]) -> torch.Tensor:
+    """Balanced cross-entropy weights w_c = N / (C · n_c) (classes without samples get 0)."""
+    n = torch.tensor(counts, dtype=torch.float32)
+    return torch.where(n > 0, n.sum() / (len(counts) * n.clamp_min(1)), torch.zeros_like(n))
+
+
+def total_loss(
+    out: ProtoOutput, labels: torch.Tensor, model: ProtoMask, config: LossConfig, phase: str,
+    weights: torch.Tensor | None, detached_diversity: bool = False,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The phase's training loss and its terms (as floats, for logging)."""
+    ce = F.cross_entropy(out.logits, labels, weight=weights)
+    terms = {"cross_entropy": ce}
+    loss = config.cross_entropy * ce
+    if phase == "last_layer":
+        l1 = l1_off_class(model)
+        terms["l1"] = l1
+        loss = loss + config.l1 * l1
+    else:
+        clst = cluster_loss(out.min_distances, labels, model.prototype_class)
+        sep = separation_loss(out.min_distances, labels, model.prototype_class)
+        terms.update(cluster=clst, separation=sep)
+        loss = loss + config.cluster * clst - config.separation * sep
+        if config.diversity:
+            div = diversity_loss(model.prototypes, labels, model.prototype_class)
+            terms["diversity"] = div
+            loss = loss + config.diversity * (div.detach() if detached_diversity else div)
+    return loss, {k: float(v.detach()) for k, v in terms.items()}

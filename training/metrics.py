@@ -1,0 +1,96 @@
+"""Classification metrics (spec §7.1), prediction gathering over DDP ranks, and compactness (§7.2).
+
+Pure torch, no sklearn. Classification values are fractions in [0, 1]; ``compactness`` keeps the
+reference's units (sparsity in %, global size a count, NPR a ratio).
+
+Differences from the reference (§7.1): the reference's "accuracy" uses balanced sample weights, i.e.
+it is the mean per-class recall — reported here as ``balanced_accuracy`` beside plain ``accuracy``;
+``macro_f1`` and ``top3`` are unweighted.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """``accuracy``, ``balanced_accuracy`` (mean recall over classes present in ``labels``), ``top3``
+    (top-min(3, C)), ``macro_f1`` (over classes present in labels or predictions; F1 = 0 where
+    undefined) and ``n``. An empty input gives zeros and ``n = 0``."""
+    logits = logits.detach().float().cpu()
+    labels = labels.detach().long().cpu().reshape(-1)
+    n = int(labels.numel())
+    if n == 0:
+        return {"accuracy": 0.0, "balanced_accuracy": 0.0, "top3": 0.0, "macro_f1": 0.0, "n": 0}
+    if logits.dim() != 2 or logits.shape[0] != n:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
+    num_c = logits.shape[1]
+    pred = logits.argmax(dim=1)
+    correct = pred == labels
+    accuracy = float(correct.float().mean())
+
+    present = torch.unique(labels)
+    recalls = [float(correct[labels == c].float().mean()) for c in present.tolist()]
+    balanced = sum(recalls) / len(recalls)
+
+    k = min(3, num_c)
+    topk = logits.topk(k, dim=1).indices
+    top3 = float((topk == labels[:, None]).any(dim=1).float().mean())
+
+    f1s = []
+    for c in torch.unique(torch.cat([labels, pred])).tolist():
+        tp = int(((pred == c) & (labels == c)).sum())
+        fp = int(((pred == c) & (labels != c)).sum())
+        fn = int(((pred != c) & (labels == c)).sum())
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        f1s.append(2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+    macro_f1 = sum(f1s) / len(f1s)
+    return {"accuracy": accuracy, "balanced_accuracy": balanced, "top3": top3, "macro_f1": macro_f1, "n": n}
+
+
+def gather_predictions(
+    logits: torch.Tensor, labels: torch.Tensor, keys: list[str]
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """All ranks' rows in rank order (``all_gather_object``; ranks may hold different counts, even 0),
+    then de-duplicated by key, first occurrence kept. Without an initialised process group only the
+    de-duplication happens. Every rank must call it when distributed. Results are on the CPU."""
+    logits, labels, keys = logits.detach().cpu(), labels.detach().cpu(), [str(k) for k in keys]
+    if len(keys) != labels.shape[0] or logits.shape[0] != labels.shape[0]:
+        raise ValueError(f"{logits.shape[0]} logits, {labels.shape[0]} labels and {len(keys)} keys differ")
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (logits, labels, keys))
+        nonempty = [p for p in parts if p[1].numel() > 0]
+        if nonempty:
+            logits = torch.cat([p[0].reshape(p[1].numel(), -1) for p in nonempty])
+            labels = torch.cat([p[1].reshape(-1) for p in nonempty])
+            keys = [k for p in nonempty for k in p[2]]
+        else:  # keep this rank's (empty) tensors, but a 2-D shape if any rank reported one
+            shaped = [p[0] for p in parts if p[0].dim() == 2]
+            logits = shaped[0] if shaped else logits
+    seen: set[str] = set()
+    first = []
+    for i, k in enumerate(keys):
+        if k not in seen:
+            seen.add(k)
+            first.append(i)
+    if len(first) < len(keys):
+        idx = torch.tensor(first, dtype=torch.long)
+        logits, labels, keys = logits[idx], labels[idx], [keys[i] for i in first]
+    return logits, labels, keys
+
+
+def compactness(model, eps: float = 1e-3) -> dict:
+    """Spec §7.2 on the last layer ``W`` [C, P]: ``global_size`` = #prototypes with any weight > eps,
+    ``sparsity`` = 100·#(|w| ≤ eps)/(C·P) (%), ``npr`` = #(w < −eps)/#(w > eps) (0 with no positive)."""
+    net = getattr(model, "module", model)
+    w = net.last_layer.weight.detach().float().cpu()
+    positive = int((w > eps).sum())
+    negative = int((w < -eps).sum())
+    return {
+        "global_size": int((w > eps).any(dim=0).sum()),
+        "sparsity": 100.0 * float((w.abs() <= eps).sum()) / w.numel() if w.numel() else 0.0,
+        "npr": negative / positive if positive else 0.0,
+    }

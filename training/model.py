@@ -1,0 +1,128 @@
+"""The ProtoMask network (spec §1): every crop → shared backbone → 1×1 add-on → global average pool →
+sigmoid embedding; squared L2 to class-specific prototypes; min over the image's *valid* crops; log
+similarity; bias-free last layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from schemas.config import ModelConfig
+
+EPSILON = 1e-4  # log activation: log((d + 1) / (d + eps)), ProtoPNet's similarity
+
+
+def _convnet(width: int) -> tuple[nn.Module, int]:
+    """A small VGG-style CNN for CPU runs: 4 stages, each conv-BN-ReLU twice then max-pool."""
+    layers: list[nn.Module] = []
+    channels, c = 3, width
+    for _ in range(4):
+        for _ in range(2):
+            layers += [nn.Conv2d(channels, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+            channels = c
+        layers.append(nn.MaxPool2d(2))
+        c *= 2
+    return nn.Sequential(*layers), channels
+
+
+def create_backbone(name: str, weights: Path | None = None, width: int = 32) -> tuple[nn.Module, int]:
+    """A convolutional trunk (no pooling/classifier) and its output channels; never downloads."""
+    if name == "convnet":
+        if weights is not None:
+            raise ValueError("model.weights: the convnet backbone has no pretrained weights")
+        return _convnet(width)
+    import torchvision.models as tvm
+
+    net = getattr(tvm, name)(weights=None)
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"model.weights: {weights} does not exist (a torchvision state dict .pth)")
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        missing, _ = net.load_state_dict(state, strict=False)
+        if missing:
+            raise ValueError(f"model.weights: {weights} does not fit {name}: missing {missing[:5]}...")
+    if name.startswith("resnet"):
+        trunk = nn.Sequential(*list(net.children())[:-2])
+        channels = net.fc.in_features
+    elif name == "vgg16":
+        trunk, channels = net.features, 512
+    else:  # densenet121
+        trunk = nn.Sequential(net.features, nn.ReLU(inplace=True))
+        channels = net.classifier.in_features
+    return trunk, channels
+
+
+@dataclass
+class ProtoOutput:
+    logits: torch.Tensor  # [B, C]
+    min_distances: torch.Tensor  # [B, P]
+    nearest_mask: torch.Tensor  # [B, P] index of the crop each prototype matched
+    similarities: torch.Tensor  # [B, P]
+
+
+class ProtoMask(nn.Module):
+    """Input crops ``[B, K, 3, S, S]`` and validity ``[B, K]``; padded crops can never win the min."""
+
+    def __init__(self, config: ModelConfig, num_classes: int) -> None:
+        super().__init__()
+        self.config = config
+        self.num_classes = num_classes
+        self.backbone, channels = create_backbone(config.backbone, config.weights, config.width)
+        self.add_on = nn.Sequential(nn.Conv2d(channels, config.prototype_dim, 1), nn.AdaptiveAvgPool2d(1), nn.Sigmoid())
+        num_prototypes = num_classes * config.prototypes_per_class
+        self.prototypes = nn.Parameter(torch.rand(num_prototypes, config.prototype_dim))
+        # class identity is a buffer so it survives pruning and reloading (reference bug, spec §3.2)
+        self.register_buffer("prototype_class", torch.arange(num_prototypes) // config.prototypes_per_class)
+        self.last_layer = nn.Linear(num_prototypes, num_classes, bias=False)
+        self.reset_last_layer()
+
+    @property
+    def class_identity(self) -> torch.Tensor:
+        """[P, C] one-hot: prototype p belongs to class c."""
+        return F.one_hot(self.prototype_class, self.num_classes).to(self.prototypes.dtype)
+
+    def reset_last_layer(self) -> None:
+        """+1 to own-class prototypes, ``off_class_weight`` to the others."""
+        identity = self.class_identity.T
+        self.last_layer.weight.data.copy_(identity + self.config.off_class_weight * (1 - identity))
+
+    def embed(self, crops: torch.Tensor) -> torch.Tensor:
+        """[B, K, 3, S, S] → [B, K, D] sigmoid embeddings (all crops share the backbone)."""
+        b, k = crops.shape[:2]
+        x = crops.flatten(0, 1)
+        if x.shape[-1] != self.config.input_size:
+            x = F.interpolate(x, size=self.config.input_size, mode="bilinear", align_corners=False)
+        z = self.add_on(self.backbone(x))
+        return z.flatten(1).view(b, k, -1)
+
+    def distances(self, z: torch.Tensor) -> torch.Tensor:
+        """[B, K, D] → [B, K, P] squared L2 distances, clamped at 0."""
+        d = (z * z).sum(-1, keepdim=True) - 2 * z @ self.prototypes.T + (self.prototypes**2).sum(-1)
+        return d.clamp_min(0)
+
+    def forward(self, crops: torch.Tensor, valid: torch.Tensor) -> ProtoOutput:
+        d = self.distances(self.embed(crops))
+        d = d.masked_fill(~valid.bool()[..., None], float("inf"))
+        min_d, nearest = d.min(dim=1)
+        sim = torch.log((min_d + 1) / (min_d + EPSILON))
+        return ProtoOutput(self.last_layer(sim), min_d, nearest, sim)
+
+    def prune(self, keep: torch.Tensor) -> None:
+        """Keep only the prototypes where ``keep`` [P] is True (rows, last-layer columns, class identity)."""
+        self.prototypes = nn.Parameter(self.prototypes.data[keep].clone())
+        self.prototype_class = self.prototype_class[keep].clone()
+        weight = self.last_layer.weight.data[:, keep].clone()
+        self.last_layer = nn.Linear(int(keep.sum()), self.num_classes, bias=False).to(weight.device)
+        self.last_layer.weight.data.copy_(weight)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {
+            "backbone": list(self.backbone.parameters()),
+            "add_on": list(self.add_on.parameters()),
+            "prototypes": [self.prototypes],
+            "last_layer": list(self.last_layer.parameters()),
+        }

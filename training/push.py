@@ -1,0 +1,230 @@
+"""Push (prototype projection) and pruning, spec §3, across all DDP ranks.
+
+Push (fixed mode): every prototype j of class c is replaced by the embedding of the **globally**
+nearest valid crop among the training images of class c: a running minimum over this rank's batches,
+then a minimum over all ranks (ties: smallest key, then smallest mask index), so every rank copies the
+same vector. Parity mode (``last_batch_parity=True``) reproduces the reference bug (spec §3.1): the
+best is re-initialised per batch, so each prototype ends on the nearest crop of the last batch that
+holds its class. With several ranks, "the last batch" has no global meaning; parity mode then uses
+rank 0's local result, and for a prototype whose class rank 0 never saw, the lowest rank that saw it.
+
+Pruning (spec §3.2, class identity kept as a buffer): per prototype the k nearest training *images*
+(min over the image's valid crops) over all ranks; prune j when fewer than ``threshold`` of them
+belong to j's class.
+
+Both functions run a forward pass only (``torch.no_grad``, ``eval`` mode, restored afterwards), take a
+plain or DDP-wrapped model, and must be called by every rank (they hold collective calls).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+from training.model import ProtoMask
+
+INF = float("inf")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _comm_device(device: torch.device) -> torch.device:
+    """Where tensors for ``all_gather`` must live: CUDA for NCCL, CPU otherwise (gloo)."""
+    if "nccl" in str(dist.get_backend()).lower():
+        return device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_gather(tensor: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+    """Same-shape tensors of every rank, in rank order, on the CPU."""
+    t = tensor.contiguous().to(_comm_device(device))
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [o.cpu() for o in out]
+
+
+def _all_gather_object(obj) -> list:
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _batch_tensors(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    crops = batch["crops"].to(device)
+    valid = batch["valid"].to(device).bool()
+    labels = batch["label"].to(device).long()
+    keys = [str(k) for k in batch["key"]]
+    return crops, valid, labels, keys
+
+
+class _EvalMode:
+    """``no_grad`` + ``eval()`` on the unwrapped module, the previous mode restored on exit."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        self.net, self.was_training = net, net.training
+        self.no_grad = torch.no_grad()
+
+    def __enter__(self) -> None:
+        self.no_grad.__enter__()
+        self.net.eval()
+
+    def __exit__(self, *exc) -> None:
+        self.net.train(self.was_training)
+        self.no_grad.__exit__(*exc)
+
+
+def push_prototypes(
+    model: ProtoMask, batches: Iterable[dict], device: torch.device, last_batch_parity: bool = False
+) -> list[dict]:
+    """Project every prototype onto its nearest class-c training crop (see the module docstring).
+
+    Returns the push log, one dict per prototype: ``{"prototype", "class", "key", "mask_index",
+    "distance"}``; ``distance`` is the squared L2 distance before projection. A prototype whose class has
+    no training image (with a valid crop) keeps its value and is logged with ``key=None``,
+    ``mask_index=None`` and ``distance=inf``.
+    """
+    net: ProtoMask = getattr(model, "module", model)
+    num_p, dim = net.prototypes.shape
+    proto_class = net.prototype_class.to(device)
+    best_d = torch.full((num_p,), INF, dtype=torch.float32)  # CPU bookkeeping
+    best_z = torch.zeros(num_p, dim, dtype=torch.float32)
+    best_key: list[str | None] = [None] * num_p
+    best_mask: list[int | None] = [None] * num_p
+
+    with _EvalMode(net):
+        for batch in batches:
+            crops, valid, labels, keys = _batch_tensors(batch, device)
+            if crops.shape[0] == 0 or crops.shape[1] == 0:
+                continue
+            z = net.embed(crops)  # [B, K, D]
+            d = net.distances(z).float()  # [B, K, P]
+            allowed = valid[:, :, None] & (labels[:, None, None] == proto_class[None, None, :])
+            d = d.masked_fill(~allowed, INF)
+            k = d.shape[1]
+            flat = d.flatten(0, 1)  # [B*K, P]
+            batch_min, arg = flat.min(dim=0)  # first index on ties → fixed below by (key, mask)
+            ties = ((flat == batch_min[None]) & torch.isfinite(flat)).sum(0).cpu() > 1
+            batch_min, arg = batch_min.cpu(), arg.cpu()
+            for j in torch.nonzero(ties).flatten().tolist():  # rare: exact ties inside one batch
+                rows = torch.nonzero(flat[:, j] == flat[:, j].min()).flatten().tolist()
+                arg[j] = min(rows, key=lambda r: (keys[r // k], r % k))
+            z_flat = z.flatten(0, 1).float().cpu()
+            if last_batch_parity:
+                update = torch.isfinite(batch_min)  # the reference resets the best every batch
+            else:
+                update = batch_min < best_d
+                same = (batch_min == best_d) & torch.isfinite(batch_min)
+                for j in torch.nonzero(same).flatten().tolist():
+                    r = int(arg[j])
+                    if (keys[r // k], r % k) < (best_key[j], best_mask[j]):
+                        update[j] = True
+            idx = torch.nonzero(update).flatten()
+            best_d[idx] = batch_min[idx]
+            best_z[idx] = z_flat[arg[idx]]
+            for j, r in zip(idx.tolist(), arg[idx].tolist()):
+                best_key[j], best_mask[j] = keys[r // k], r % k
+
+    if _distributed() and dist.get_world_size() > 1:
+        all_d = torch.stack(_all_gather(best_d, device))  # [W, P]
+        all_z = torch.stack(_all_gather(best_z, device))  # [W, P, D]
+        all_id = _all_gather_object(list(zip(best_key, best_mask)))  # W × P × (key, mask)
+        for j in range(num_p):
+            found = [w for w in range(all_d.shape[0]) if all_id[w][j][0] is not None]
+            if not found:
+                continue
+            if last_batch_parity:
+                w = found[0]  # rank 0's local result; the lowest rank that saw the class otherwise
+            else:
+                w = min(found, key=lambda w: (float(all_d[w, j]), all_id[w][j][0], all_id[w][j][1]))
+            best_d[j], best_z[j] = all_d[w, j], all_z[w, j]
+            best_key[j], best_mask[j] = all_id[w][j]
+
+    chosen = [j for j in range(num_p) if best_key[j] is not None]
+    if chosen:
+        idx = torch.tensor(chosen, dtype=torch.long)
+        with torch.no_grad():
+            net.prototypes.data[idx.to(net.prototypes.device)] = best_z[idx].to(
+                net.prototypes.device, net.prototypes.dtype
+            )
+    classes = net.prototype_class.tolist()
+    return [
+        {
+            "prototype": j,
+            "class": int(classes[j]),
+            "key": best_key[j],
+            "mask_index": None if best_mask[j] is None else int(best_mask[j]),
+            "distance": float(best_d[j]),
+        }
+        for j in range(num_p)
+    ]
+
+
+def prune_prototypes(model: ProtoMask, batches: Iterable[dict], device: torch.device, k: int, threshold: int) -> dict:
+    """Prune the prototypes whose k nearest training images hold fewer than ``threshold`` of their class.
+
+    Image distance = min over the image's valid crops (images without a valid crop never count). With
+    fewer than k training images in all, all of them are used. Every rank computes the same ``keep`` from
+    gathered candidates and calls ``model.prune(keep)``; a DDP wrapper must be rebuilt afterwards (the
+    prototype and last-layer parameters are new objects). Returns ``{"pruned": [indices], "kept": n}``.
+    """
+    net: ProtoMask = getattr(model, "module", model)
+    num_p = net.prototypes.shape[0]
+    pool_d = torch.empty(0, num_p)  # [n ≤ k, P], sorted ascending per column
+    pool_label = torch.empty(0, num_p, dtype=torch.long)
+    pool_key = torch.empty(0, num_p, dtype=torch.long)  # index into keys_seen
+    keys_seen: list[str] = []
+
+    with _EvalMode(net):
+        for batch in batches:
+            crops, valid, labels, keys = _batch_tensors(batch, device)
+            b = crops.shape[0]
+            if b == 0 or crops.shape[1] == 0:
+                continue
+            d = net.distances(net.embed(crops)).float()  # [B, K, P]
+            image_d = d.masked_fill(~valid[:, :, None], INF).min(dim=1).values.cpu()  # [B, P]
+            key_idx = torch.arange(len(keys_seen), len(keys_seen) + b)
+            keys_seen += keys
+            cand_d = torch.cat([pool_d, image_d])
+            cand_label = torch.cat([pool_label, labels.cpu()[:, None].expand(b, num_p)])
+            cand_key = torch.cat([pool_key, key_idx[:, None].expand(b, num_p)])
+            order = torch.sort(cand_d, dim=0, stable=True).indices[:k]
+            pool_d = cand_d.gather(0, order)
+            pool_label = cand_label.gather(0, order)
+            pool_key = cand_key.gather(0, order)
+
+    # pad to exactly k rows (inf, label -1) so every rank gathers the same shape
+    pad = k - pool_d.shape[0]
+    if pad > 0:
+        pool_d = torch.cat([pool_d, torch.full((pad, num_p), INF)])
+        pool_label = torch.cat([pool_label, torch.full((pad, num_p), -1, dtype=torch.long)])
+        pool_key = torch.cat([pool_key, torch.full((pad, num_p), -1, dtype=torch.long)])
+    finite = torch.isfinite(pool_d)
+    pool_label = pool_label.masked_fill(~finite, -1)
+
+    if _distributed() and dist.get_world_size() > 1:
+        names = [[keys_seen[i] if i >= 0 else "" for i in col] for col in pool_key.T.tolist()]  # [P][k]
+        all_d = [t.T.tolist() for t in _all_gather(pool_d, device)]  # W × [P][k]
+        all_label = [t.T.tolist() for t in _all_gather(pool_label, device)]
+        all_names = _all_gather_object(names)
+        labels_top = torch.full((k, num_p), -1, dtype=torch.long)
+        for j in range(num_p):
+            cands = [
+                (all_d[w][j][i], all_names[w][j][i], all_label[w][j][i])
+                for w in range(len(all_d))
+                for i in range(k)
+                if all_d[w][j][i] != INF
+            ]
+            cands.sort(key=lambda c: (c[0], c[1]))
+            for i, c in enumerate(cands[:k]):
+                labels_top[i, j] = c[2]
+    else:
+        labels_top = pool_label
+
+    own = (labels_top == net.prototype_class.cpu()[None, :]).sum(dim=0)  # [P]
+    keep = own >= threshold
+    net.prune(keep.to(net.prototypes.device))
+    return {"pruned": torch.nonzero(~keep).flatten().tolist(), "kept": int(keep.sum())}
