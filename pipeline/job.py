@@ -107,8 +107,12 @@ def run_segment(config: SegmentConfig, address: str | None = None, progress: boo
     info: SegmenterInfo | None = None
     if todo:
         init_ray(address)
+        start = time.perf_counter()
         results, info = _dispatch(config, job_hash, plan, todo, listing, progress)
         done.update(results)
+        images, seconds = sum(s.count for s in results.values()), time.perf_counter() - start
+        log.info("segmented %d images in %.1f s: %.2f images/s (workers started, models loaded and shards "
+                 "written included)", images, seconds, images / max(seconds, 1e-9))
     failed = [s for s in shards if s not in done]
     if failed:
         raise JobError(

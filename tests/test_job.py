@@ -121,6 +121,15 @@ def test_cub_mini_two_workers(ray_local, cub_mini: Path, tmp_path: Path) -> None
     assert card.per_split == {"test": {"ok": 24, "failed": 0}, "train": {"ok": 36, "failed": 0}}
     assert all(v == {"test": 4, "train": 6} for v in card.per_class.values())
     assert verify(config.out) == []
+    import subprocess
+
+    listed = subprocess.run(["tar", "-tf", str(config.out / "00000.tar")], capture_output=True, text=True, check=True)
+    names = listed.stdout.split()
+    assert len({n.split(".")[0] for n in names}) == 16 and sum(n.endswith(".json") for n in names) == 16
+    assert card.shards[0].tar_members == len(names)
+    before = {p.name: p.stat().st_mtime_ns for p in config.out.glob("0000*")}
+    assert run_segment(config, progress=False).counts == card.counts  # second run: no segmentation work
+    assert {p.name: p.stat().st_mtime_ns for p in config.out.glob("0000*")} == before
     import webdataset as wds
 
     ds = wds.WebDataset(str(config.out / "{00000..00003}.tar"), shardshuffle=False).decode("rgb8")

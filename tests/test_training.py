@@ -146,6 +146,18 @@ def registered_epoch(run_dir: Path) -> int:
     return max((c["metrics"]["epoch"] for c in snapshot.get("checkpoint_results", [])), default=-1)
 
 
+def test_train_and_evaluate_on_cub_mini_shards(ray_local, cub_mini: Path, tmp_path: Path) -> None:
+    shards = tmp_path / "cub"
+    run_segment(SegmentConfig(source="cub", root=cub_mini, out=shards, masks_per_image=4, crop_size=32,
+                              shard_size=32, num_workers=2, cpus_per_worker=0.5), progress=False)
+    config = _config(shards, tmp_path / "run", warmup_epochs=0, joint_epochs=1, last_layer_epochs=1)
+    config = config.model_copy(update={"num_workers": 1})
+    run_train(config)
+    result = run_evaluate(tmp_path / "run", shards, "test")
+    assert result["n"] == 24 and 0.0 <= result["balanced_accuracy"] <= 1.0 and result["global_size"] >= 1
+    assert (tmp_path / "run" / "eval_test.json").is_file()
+
+
 @pytest.mark.slow
 def test_killed_worker_resumes_from_checkpoint(shards: Path, tmp_path: Path) -> None:
     import os

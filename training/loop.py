@@ -77,6 +77,7 @@ def checkpoint_state(model: ProtoMask, optimizers: dict, scheduler, epoch: int, 
         "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
         "scheduler": scheduler.state_dict(),
         "epoch": epoch,  # epochs completed
+        "phase": phase_of(epoch - 1, config) if epoch else "start",  # phase of the last completed epoch
         "pushed": pushed,
         "num_prototypes": int(model.prototypes.shape[0]),
         "config": config.model_dump_json(),
