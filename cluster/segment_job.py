@@ -12,14 +12,11 @@ arguments are those of ``protomask segment``; ``--address auto`` attaches to the
 
 import sys
 
-from protomask.cli import main
+from protomask.cli import cluster_entry
 
 
 def run(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else list(argv)
-    if args[:1] == ["--"]:  # tolerate a forwarded "--" separator
-        args = args[1:]
-    return main(["segment", "--address", "auto", *args])
+    return cluster_entry("segment", sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,19 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.version import FORMAT_VERSION
 
+# the fields every input has from the plan on
+INPUT_FIELDS = [
+    ("key", pa.string()),
+    ("shard", pa.int32()),
+    ("source_path", pa.string()),
+    ("label", pa.int32()),
+    ("class_name", pa.string()),
+    ("split", pa.string()),
+]
+
 ROW_SCHEMA = pa.schema(
     [
-        ("key", pa.string()),
-        ("shard", pa.int32()),
-        ("source_path", pa.string()),
-        ("label", pa.int32()),
-        ("class_name", pa.string()),
-        ("split", pa.string()),
+        *INPUT_FIELDS,
         ("status", pa.string()),  # "ok" | "error"
         ("error_message", pa.string()),  # null when ok
         ("width", pa.int32()),
@@ -39,12 +44,7 @@ ROW_SCHEMA = pa.schema(
 
 PLAN_SCHEMA = pa.schema(
     [
-        ("key", pa.string()),
-        ("shard", pa.int32()),
-        ("source_path", pa.string()),
-        ("label", pa.int32()),
-        ("class_name", pa.string()),
-        ("split", pa.string()),
+        *INPUT_FIELDS,
         ("parts_path", pa.string()),  # optional ground-truth part label map (relative to root)
         ("extra", pa.string()),  # JSON of source metadata
     ],
