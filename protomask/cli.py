@@ -97,6 +97,25 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--run-dir", type=Path, required=True)
     e.add_argument("--shards", type=Path, required=True)
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    x = sub.add_parser("explain", help="prototype gallery and per-image explanations (PNGs + JSON)")
+    x.add_argument("--run-dir", type=Path, required=True)
+    x.add_argument("--shards", type=Path, required=True)
+    x.add_argument("--out", type=Path, required=True)
+    x.add_argument("--keys", nargs="+", help="sample keys to explain (default: the first test samples)")
+    x.add_argument("--top-k", type=int, default=3, help="prototypes shown per image")
+    x.add_argument("--limit", type=int, default=8, help="test samples explained when no --keys")
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from training.explain import run_explain
+
+    summary = run_explain(args.run_dir, args.shards, args.out, args.keys, args.top_k, args.limit)
+    for record in summary["explanations"]:
+        best = record["evidence"][0]
+        print(f"{record['key']}: true {record['label']}, predicted {record['predicted']}; top prototype "
+              f"p{best['prototype']} on mask {best['mask_index']} (+{best['contribution']:.2f})  {record['png']}")
+    print(f"gallery: {', '.join(summary['gallery'])}  in {args.out}")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -191,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     handlers = {"segment": cmd_segment, "manifest": cmd_manifest, "demo": cmd_demo, "train": cmd_train,
-                "evaluate": cmd_evaluate}
+                "evaluate": cmd_evaluate, "explain": cmd_explain}
     from pipeline.job import JobError
     from pipeline.shards import ShardError
     from pipeline.sources import SourceError

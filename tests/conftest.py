@@ -32,3 +32,27 @@ def cub_mini() -> Path:
     if not (CUB_MINI / "CUB_200_2011" / "images.txt").is_file():
         pytest.skip(f"{CUB_MINI} not present")
     return CUB_MINI
+
+
+def segment_without_ray(config) -> Path:
+    """Run the segmentation job's per-shard work in this process (no Ray) and write the manifest."""
+    from pipeline.manifest import build_card
+    from pipeline.plan import make_plan
+    from pipeline.segmenters import create_segmenter
+    from pipeline.sources import list_source
+    from pipeline.sources.synthetic import part_names
+    from pipeline.worker import ShardProcessor
+    from schemas.manifest import SegmenterInfo
+
+    config.out.mkdir(parents=True)
+    listing = list_source(config)
+    rows_by_shard: dict[int, list[dict]] = {}
+    for row in make_plan(listing, config.shard_size).to_pylist():
+        rows_by_shard.setdefault(row["shard"], []).append(row)
+    names = part_names(config.synthetic) if config.source == "synthetic" else None
+    processor = ShardProcessor(config, "test", names)
+    stats = [processor.process(s, rows) for s, rows in sorted(rows_by_shard.items())]
+    segmenter = create_segmenter(config.segmenter)
+    build_card(config.out, stats, listing.classes, config.source, "test", config.masks_per_image,
+               config.crop_size, SegmenterInfo(name=segmenter.name, params=segmenter.params()))
+    return config.out

@@ -15,14 +15,9 @@ import torch
 from PIL import Image
 
 import training.data as data
-from pipeline.manifest import build_card
-from pipeline.plan import make_plan
 from pipeline.shards import ShardError, iter_samples
-from pipeline.sources import list_source
-from pipeline.sources.synthetic import part_names
-from pipeline.worker import ShardProcessor
 from schemas.config import DataConfig, SegmentConfig
-from schemas.manifest import SegmenterInfo
+from conftest import segment_without_ray
 from training.data import ShardDataset, ShardStream, decode_sample, make_augment, split_keys
 
 K, CROP = 4, 32
@@ -37,16 +32,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
         masks_per_image=K, segmenter={"name": "grid", "grid": 2},
         synthetic={"num_classes": 3, "train_per_class": 9, "test_per_class": 3, "image_size": 48},
     ))
-    config.out.mkdir()
-    listing = list_source(config)
-    rows_by_shard: dict[int, list[dict]] = {}
-    for row in make_plan(listing, config.shard_size).to_pylist():
-        rows_by_shard.setdefault(row["shard"], []).append(row)
-    processor = ShardProcessor(config, "test", part_names(config.synthetic))
-    stats = [processor.process(s, rows) for s, rows in sorted(rows_by_shard.items())]
-    build_card(config.out, stats, listing.classes, "synthetic", "test", K, CROP,
-               SegmenterInfo(name="grid", params={"grid": 2}))
-    return config.out
+    return segment_without_ray(config)
 
 
 @pytest.fixture

@@ -1,0 +1,108 @@
+"""Explanations: mask-restricted saliency, part hit rate, gallery and explain CLI outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import segment_without_ray
+
+from protomask.cli import main
+from schemas.config import ModelConfig, SegmentConfig, TrainConfig
+from schemas.shard import SampleRecord
+from training.data import ShardDataset, split_keys
+from training.explain import explain_sample, overlaps, part_hit_rate, read_samples
+from training.loop import export
+from training.model import ProtoMask
+
+TINY = ModelConfig(backbone="convnet", width=4, prototype_dim=8, input_size=32, prototypes_per_class=2)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("explain")
+    return segment_without_ray(SegmentConfig.model_validate(dict(
+        source="synthetic", root=tmp / "synth", out=tmp / "shards", shard_size=8, crop_size=32,
+        masks_per_image=4, synthetic={"num_classes": 2, "train_per_class": 4, "test_per_class": 3, "image_size": 64},
+    )))
+
+
+def test_saliency_is_the_matched_mask_only(shards: Path) -> None:
+    dataset = ShardDataset.open(shards)
+    torch.manual_seed(0)
+    model = ProtoMask(TINY, dataset.num_classes).eval()
+    (key, members), = read_samples(dataset, [dataset.rows[0]["key"]])
+    record = SampleRecord.model_validate_json(members["json"])
+    e = explain_sample(model, members, k=3)
+    assert e.key == key and len(e.evidence) == 3 and e.saliency.shape == (3, record.height, record.width)
+    contributions = [ev.contribution for ev in e.evidence]
+    assert contributions == sorted(contributions, reverse=True)
+    from training.explain import _mask_stack
+
+    masks = _mask_stack(members, record)
+    for ev, sal in zip(e.evidence, e.saliency):
+        assert 0 <= ev.mask_index < record.n_masks
+        assert np.array_equal(sal > 0, masks[ev.mask_index])  # zero exactly outside the mask's pixels
+        assert sal[~masks[ev.mask_index]].max(initial=0) == 0
+
+
+def test_overlap_rule() -> None:
+    part = np.zeros((10, 10), bool)
+    part[0:4, 0:4] = True  # 16 px
+    mask = np.zeros((10, 10), bool)
+    mask[0:2, 0:4] = True  # 8 px, all on the part: covers all of the smaller one
+    assert overlaps(mask, part)
+    mask[:] = False
+    mask[3:10, 3:10] = True  # 49 px, 1 px on the part
+    assert not overlaps(mask, part)
+    assert not overlaps(np.zeros_like(part), part)
+
+
+def _fake_run(shards: Path, run_dir: Path) -> ProtoMask:
+    """An exported untrained model with a push log pointing at real training crops."""
+    dataset = ShardDataset.open(shards)
+    torch.manual_seed(0)
+    model = ProtoMask(TINY, dataset.num_classes)
+    run_dir.mkdir()
+    config = TrainConfig(shards=shards, run_dir=run_dir, model=TINY)
+    export(model, config, dataset.classes, run_dir)
+    (run_dir / "train_config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    train = [r for r in dataset.rows if r["split"] == "train"]
+    push = [{"prototype": p, "class": int(c), "key": next(r["key"] for r in train if r["label"] == c),
+             "mask_index": 0, "distance": 0.0} for p, c in enumerate(model.prototype_class.tolist())]
+    (run_dir / "push_log.json").write_text(json.dumps({"push": push}))
+    return model
+
+
+def test_explain_cli_writes_gallery_and_explanations(shards: Path, tmp_path: Path, capsys) -> None:
+    _fake_run(shards, tmp_path / "run")
+    out = tmp_path / "explain"
+    assert main(["explain", "--run-dir", str(tmp_path / "run"), "--shards", str(shards), "--out", str(out),
+                 "--limit", "4", "--top-k", "2"]) == 0
+    summary = json.loads((out / "explanations.json").read_text())
+    assert summary["gallery"] == ["gallery_000_red_circle.png", "gallery_001_green_square.png"]
+    assert len(summary["explanations"]) == 4
+    assert {r["label"] for r in summary["explanations"]} == {"red_circle", "green_square"}  # classes alternate
+    from PIL import Image
+
+    for record in summary["explanations"]:
+        assert len(record["evidence"]) == 2
+        with Image.open(out / record["png"]) as im:
+            assert im.size[0] >= 320 and im.size[1] > 3 * 160
+    with Image.open(out / "gallery_000_red_circle.png") as im:
+        assert im.size == (256, 2 * 128)
+    assert "gallery:" in capsys.readouterr().out
+
+
+def test_part_hit_rate_counts_correct_images_only(shards: Path, tmp_path: Path) -> None:
+    model = _fake_run(shards, tmp_path / "run").eval()
+    dataset = ShardDataset.open(shards)
+    test = split_keys(dataset, 0.0, 0)["test"]
+    result = part_hit_rate(model, dataset, test)
+    correct = sum(explain_sample(model, m, 1).predicted == explain_sample(model, m, 1).label
+                  for _, m in read_samples(dataset, test))
+    assert result["part_hit_n"] == correct and 0.0 <= result["part_hit_rate"] <= 1.0
