@@ -159,6 +159,10 @@ class ModelConfig(Strict):
     prototypes_per_class: int = Field(10, ge=1)
     prototype_dim: int = Field(1280, ge=1)
     input_size: int = Field(224, ge=8, description="crops are resized to this before the backbone")
+    regions: Literal["masks", "patches"] = Field(
+        "masks", description="masks: one embedding per mask crop (ProtoMask); patches: a patch_grid² map of "
+        "the whole image (the ProtoPNet-style baseline)")
+    patch_grid: int = Field(7, ge=1, description="patches per side in regions=patches")
     off_class_weight: float = Field(0.0, description="initial last-layer weight to other classes' prototypes")
 
 

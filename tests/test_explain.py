@@ -41,9 +41,9 @@ def test_saliency_is_the_matched_mask_only(shards: Path) -> None:
     assert e.key == key and len(e.evidence) == 3 and e.saliency.shape == (3, record.height, record.width)
     contributions = [ev.contribution for ev in e.evidence]
     assert contributions == sorted(contributions, reverse=True)
-    from training.explain import _mask_stack
+    from training.explain import region_masks
 
-    masks = _mask_stack(members, record)
+    masks = region_masks(model, members, record)
     for ev, sal in zip(e.evidence, e.saliency):
         assert 0 <= ev.mask_index < record.n_masks
         assert np.array_equal(sal > 0, masks[ev.mask_index])  # zero exactly outside the mask's pixels
@@ -106,3 +106,14 @@ def test_part_hit_rate_counts_correct_images_only(shards: Path, tmp_path: Path) 
     correct = sum(explain_sample(model, m, 1).predicted == explain_sample(model, m, 1).label
                   for _, m in read_samples(dataset, test))
     assert result["part_hit_n"] == correct and 0.0 <= result["part_hit_rate"] <= 1.0
+
+
+def test_patch_baseline_explanations_use_grid_cells(shards: Path) -> None:
+    dataset = ShardDataset.open(shards)
+    model = ProtoMask(TINY.model_copy(update={"regions": "patches", "patch_grid": 4}), dataset.num_classes).eval()
+    (_, members), = read_samples(dataset, [dataset.rows[0]["key"]])
+    e = explain_sample(model, members, k=2)
+    assert e.saliency.shape == (2, 64, 64)
+    for ev, sal in zip(e.evidence, e.saliency):
+        i, j = divmod(ev.mask_index, 4)
+        assert sal.sum() == 16 * 16 and sal[i * 16:(i + 1) * 16, j * 16:(j + 1) * 16].all()

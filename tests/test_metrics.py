@@ -113,3 +113,21 @@ def test_gather_predictions_two_gloo_ranks_unequal_and_empty(tmp_path) -> None:
         assert l2.tolist() == [[1, 1], [1, 1], [2, 2], [2, 2]]
         assert l3.shape == (0, 2) and y3.shape == (0,) and k3 == []
         assert classification_metrics(l1, y1)["n"] == 3 and classification_metrics(l3, y3)["n"] == 0
+
+
+def test_contrastivity_by_hand() -> None:
+    from training.metrics import contrastivity
+
+    protos = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    top = torch.tensor([[0, 1], [0, 2], [1, 0]])
+    labels = torch.tensor([0, 0, 1])
+    got = contrastivity(protos, top, labels)
+    c45 = 1 - 2 ** -0.5
+    assert got["intra_pd"] == pytest.approx((1.0 + c45 + 1.0) / 3)
+    # image 0 vs image 2 (other class): rank 0: p0 vs p1 → 1, rank 1: p1 vs p0 → 1 → 1.0
+    # image 1 vs image 2: rank 0: p0 vs p1 → 1, rank 1: p2 vs p0 → c45
+    # image 2 vs images 0, 1: (1.0 + (1 + c45) / 2) / 2
+    class0 = (1.0 + (1 + c45) / 2) / 2
+    class1 = (1.0 + (1 + c45) / 2) / 2
+    assert got["inter_pd"] == pytest.approx((class0 + class1) / 2)
+    assert contrastivity(protos, top[:2], labels[:2])["inter_pd"] == 0.0

@@ -95,3 +95,14 @@ def test_total_loss_per_phase() -> None:
     loss, terms = total_loss(out, labels, model, cfg, "last_layer", None)
     assert set(terms) == {"cross_entropy", "l1"}
     assert loss.item() == pytest.approx(terms["cross_entropy"] + 1e-3 * terms["l1"], rel=1e-5)
+
+
+def test_patch_baseline_regions() -> None:
+    cfg = TINY.model_copy(update={"regions": "patches", "patch_grid": 3})
+    model = ProtoMask(cfg, num_classes=2)
+    image = torch.rand(2, 1, 3, 16, 16)
+    z = model.embed(image)
+    assert z.shape == (2, 9, 8)  # 3x3 patches of the whole image
+    assert model.region_valid(torch.tensor([[True], [False]])).tolist() == [[True] * 9, [False] * 9]
+    out = model(image, torch.ones(2, 1, dtype=torch.bool))
+    assert out.logits.shape == (2, 2) and int(out.nearest_mask.max()) < 9

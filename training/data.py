@@ -127,22 +127,27 @@ def _read_crop(data: bytes, size: int) -> Image.Image:
 
 
 def decode_sample(
-    members: dict[str, bytes], k: int, size: int, augment: Callable[[Image.Image], Image.Image] | None
+    members: dict[str, bytes], k: int, size: int, augment: Callable[[Image.Image], Image.Image] | None,
+    whole_image: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, int, str]:
     """Crops ``[k, 3, size, size]`` float32 (ImageNet-normalised, zero padding), valid ``[k]`` bool,
     label and key of one sample; ``augment`` is called once per crop, on the resized RGB image.
+    ``whole_image``: the image member instead of the crops, as ``[1, 3, size, size]`` (patch baseline).
 
     Pure PIL and numpy: no torch kernel runs here, so decoding threads never start OpenMP teams that
     compete with the training thread's.
     """
     record = json.loads(members["json"])
     key, label, n = record["key"], int(record["label"]), int(record["n_masks"])
+    if whole_image:
+        k = n = 1
     if not 0 < n <= k:
         raise ShardError(f"sample {key}: {n} masks, expected 1..{k}")
     crops = np.zeros((k, 3, size, size), np.float32)
     for i in range(n):
-        if (data := members.get(crop_member(i))) is None:
-            raise ShardError(f"sample {key}: member {key}.{crop_member(i)} is missing")
+        member = "jpg" if whole_image else crop_member(i)
+        if (data := members.get(member)) is None:
+            raise ShardError(f"sample {key}: member {key}.{member} is missing")
         image = _read_crop(data, size)
         crops[i] = np.asarray(augment(image) if augment is not None else image).transpose(2, 0, 1)
     crops[:n] -= _MEAN_255
@@ -272,7 +277,7 @@ class ShardStream:
     """
 
     def __init__(self, dataset: ShardDataset, keys: Iterable[str], config: DataConfig, input_size: int,
-                 train: bool, rank: int, world_size: int, seed: int) -> None:
+                 train: bool, rank: int, world_size: int, seed: int, whole_image: bool = False) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         row_of = {r["key"]: r for r in dataset.rows}
@@ -288,6 +293,8 @@ class ShardStream:
         self._labels = {k: row_of[k]["label"] for k in wanted}
         self._units: list[Unit] = sorted(by_shard.items())
         self._augment = train and config.augment
+        self._whole_image = whole_image
+        self._image_member = "jpg" if whole_image else None
 
     def set_epoch(self, epoch: int) -> None:
         """Training streams reshuffle and reassign shards per epoch."""
@@ -310,7 +317,7 @@ class ShardStream:
         for key, members in iter_samples(tar):
             if key in wanted:
                 wanted.discard(key)
-                yield tar, key, {e: v for e, v in members.items() if e == "json" or e.startswith("crop_")}, salt
+                yield tar, key, {e: v for e, v in members.items() if e == "json" or e == self._image_member or e.startswith("crop_")}, salt
         if wanted:
             raise ShardError(f"{tar}: {len(wanted)} samples of the manifest are missing from the tar "
                              f"(e.g. {min(wanted)})")
@@ -336,7 +343,8 @@ class ShardStream:
             if self._augment:
                 augment = make_augment([self.seed, epoch, self.rank, salt, zlib.crc32(key.encode())])
             try:
-                sample = decode_sample(members, self.dataset.masks_per_image, self.input_size, augment)
+                sample = decode_sample(members, self.dataset.masks_per_image, self.input_size, augment,
+                                       self._whole_image)
             except (KeyError, OSError, ValueError) as exc:  # ShardError is a ValueError
                 raise ShardError(f"{tar}: sample {key}: {exc}") from exc
             if sample[2:] != (self._labels[key], key):

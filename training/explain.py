@@ -65,20 +65,31 @@ class Explanation:
     saliency: np.ndarray  # [k, H, W] float32 at the image's size: zero outside each matched mask
 
 
-def _mask_stack(members: dict[str, bytes], record: SampleRecord) -> np.ndarray:
-    return unpack_masks(np.load(io.BytesIO(members["masks.npy"]), allow_pickle=False), record.width)
+def region_masks(model: ProtoMask, members: dict[str, bytes], record: SampleRecord) -> np.ndarray:
+    """[N, H, W] bool pixels of the regions the model embeds: the stored masks, or the patch grid cells."""
+    if model.config.regions == "masks":
+        return unpack_masks(np.load(io.BytesIO(members["masks.npy"]), allow_pickle=False), record.width)
+    g = model.grid
+    rows = np.linspace(0, record.height, g + 1).round().astype(int)
+    cols = np.linspace(0, record.width, g + 1).round().astype(int)
+    cells = np.zeros((g * g, record.height, record.width), bool)
+    for i in range(g):
+        for j in range(g):
+            cells[i * g + j, rows[i] : rows[i + 1], cols[j] : cols[j + 1]] = True
+    return cells
 
 
 @torch.no_grad()
 def explain_sample(model: ProtoMask, members: dict[str, bytes], k: int = 3) -> Explanation:
     """Top-k prototypes of one sample and their mask-restricted saliency (binary: the matched mask)."""
     record = SampleRecord.model_validate_json(members["json"])
-    crops, valid, label, key = decode_sample(members, record.masks_per_image, model.config.input_size, None)
+    crops, valid, label, key = decode_sample(members, record.masks_per_image, model.config.input_size, None,
+                                             whole_image=model.config.regions == "patches")
     out = model(crops[None], valid[None])
     predicted = int(out.logits.argmax(1))
     contribution = out.similarities[0] * model.last_layer.weight[predicted]
     top = contribution.topk(min(k, contribution.numel())).indices.tolist()
-    masks = _mask_stack(members, record)
+    masks = region_masks(model, members, record)
     evidence = [
         Evidence(p, int(model.prototype_class[p]), int(out.nearest_mask[0, p]), float(out.similarities[0, p]),
                  float(contribution[p]))
@@ -147,8 +158,14 @@ def render_explanation(explanation: Explanation, members: dict[str, bytes], sour
     canvas.save(path)
 
 
-def prototype_sources(dataset: ShardDataset, push_log: list[dict]) -> dict[int, tuple[Image.Image, Image.Image]]:
-    """Per pushed prototype: (training image with the pushed-onto mask outlined, that mask's crop)."""
+def _box_crop(image: Image.Image, mask: np.ndarray) -> Image.Image:
+    ys, xs = np.nonzero(mask)
+    return image.crop((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
+
+
+def prototype_sources(model: ProtoMask, dataset: ShardDataset,
+                      push_log: list[dict]) -> dict[int, tuple[Image.Image, Image.Image]]:
+    """Per pushed prototype: (training image with the pushed-onto region outlined, the region's box crop)."""
     by_key = defaultdict(list)
     for entry in push_log:
         if entry["key"] is not None:
@@ -156,12 +173,11 @@ def prototype_sources(dataset: ShardDataset, push_log: list[dict]) -> dict[int, 
     sources = {}
     for key, members in read_samples(dataset, by_key):
         record = SampleRecord.model_validate_json(members["json"])
-        masks = _mask_stack(members, record)
+        masks = region_masks(model, members, record)
         image = Image.open(io.BytesIO(members["jpg"])).convert("RGB")
         for entry in by_key[key]:
-            m = entry["mask_index"]
-            crop = Image.open(io.BytesIO(members[f"crop_{m:02d}.jpg"])).convert("RGB")
-            sources[entry["prototype"]] = (_outlined(image, masks[m]), crop)
+            mask = masks[entry["mask_index"]]
+            sources[entry["prototype"]] = (_outlined(image, mask), _box_crop(image, mask))
     return sources
 
 
@@ -195,7 +211,7 @@ def run_explain(run_dir: Path, shards: Path, out: Path, keys: list[str] | None =
     dataset = ShardDataset.open(shards)
     out.mkdir(parents=True, exist_ok=True)
     push = json.loads((run_dir / "push_log.json").read_text())["push"]
-    sources = prototype_sources(dataset, push)
+    sources = prototype_sources(model, dataset, push)
     gallery = render_gallery(sources, model.prototype_class.tolist(), classes, out)
     if keys is None:  # the first test samples of each class in turn
         config = load_config(TrainConfig, run_dir / "train_config.yaml", {})

@@ -128,19 +128,29 @@ def train_one_epoch(model, net, stream, optimizer, config, phase, weights, devic
 
 
 @torch.no_grad()
-def evaluate_stream(model: ProtoMask, stream, device: torch.device) -> dict[str, float]:
-    """Classification metrics of one split, gathered over all workers."""
+def predict(model: ProtoMask, stream, device: torch.device) -> dict:
+    """Logits [N, C], similarities [N, P], labels [N] and keys of this worker's part of a split."""
     model.eval()
-    logits, labels, keys = [], [], []
+    logits, sims, labels, keys = [], [], [], []
     for batch in stream:
         out = model(batch["crops"].to(device), batch["valid"].to(device))
         logits.append(out.logits.float().cpu())
+        sims.append(out.similarities.float().cpu())
         labels.append(batch["label"])
         keys += batch["key"]
-    c = model.num_classes
-    logits_t = torch.cat(logits) if logits else torch.zeros(0, c)
-    labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
-    return classification_metrics(*gather_predictions(logits_t, labels_t, keys)[:2])
+    c, p = model.num_classes, model.prototypes.shape[0]
+    return {
+        "logits": torch.cat(logits) if logits else torch.zeros(0, c),
+        "similarities": torch.cat(sims) if sims else torch.zeros(0, p),
+        "labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
+        "keys": keys,
+    }
+
+
+def evaluate_stream(model: ProtoMask, stream, device: torch.device) -> dict[str, float]:
+    """Classification metrics of one split, gathered over all workers."""
+    p = predict(model, stream, device)
+    return classification_metrics(*gather_predictions(p["logits"], p["labels"], p["keys"])[:2])
 
 
 class MetricsLog:
@@ -185,7 +195,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     weights = class_weights(counts).to(device) if config.loss.class_balanced else None
 
     def stream(split: str, train: bool) -> ShardStream:
-        return ShardStream(dataset, splits[split], config.data, config.model.input_size, train, rank, world, config.seed)
+        return ShardStream(dataset, splits[split], config.data, config.model.input_size, train, rank, world,
+                           config.seed, whole_image=config.model.regions == "patches")
 
     model = ProtoMask(config.model, dataset.num_classes)
     start_epoch, pushed = 0, False

@@ -94,3 +94,25 @@ def compactness(model, eps: float = 1e-3) -> dict:
         "sparsity": 100.0 * float((w.abs() <= eps).sum()) / w.numel() if w.numel() else 0.0,
         "npr": negative / positive if positive else 0.0,
     }
+
+
+def contrastivity(prototypes: torch.Tensor, top: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Spec §7.3 prototype distances over the top-k prototypes ``top`` [N, k] of each image (cosine distance
+    1 − cos): ``intra_pd`` = per image the mean over pairs i ≠ j of its own top-k, averaged over images;
+    ``inter_pd`` = per image the mean distance of its rank-r prototype to the rank-r prototypes of every
+    image of another class, averaged per class and then over the classes present (the reference divided
+    by all C classes, counting absent ones as 0, spec §9.8)."""
+    v = torch.nn.functional.normalize(prototypes.detach().float().cpu()[top.cpu()], dim=-1)  # [N, k, D]
+    labels = labels.cpu()
+    n, k = top.shape
+    intra = 0.0
+    if k > 1 and n:
+        d = 1 - v @ v.transpose(1, 2)  # [N, k, k]
+        intra = float((d.sum((1, 2)) / (k * (k - 1))).mean())
+    other = labels[:, None] != labels[None, :]  # [N, N]
+    if not other.any():
+        return {"intra_pd": intra, "inter_pd": 0.0}
+    per_image = torch.stack([(1 - v[:, r] @ v[:, r].T) for r in range(k)]).mean(0)  # [N, N], rank-wise
+    per_image = (per_image * other).sum(1) / other.sum(1).clamp_min(1)
+    per_class = [float(per_image[labels == c].mean()) for c in torch.unique(labels).tolist()]
+    return {"intra_pd": intra, "inter_pd": sum(per_class) / len(per_class)}

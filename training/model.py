@@ -60,7 +60,7 @@ def create_backbone(name: str, weights: Path | None = None, width: int = 32) -> 
 class ProtoOutput:
     logits: torch.Tensor  # [B, C]
     min_distances: torch.Tensor  # [B, P]
-    nearest_mask: torch.Tensor  # [B, P] index of the crop each prototype matched
+    nearest_mask: torch.Tensor  # [B, P] index of the region (mask, or patch) each prototype matched
     similarities: torch.Tensor  # [B, P]
 
 
@@ -72,7 +72,10 @@ class ProtoMask(nn.Module):
         self.config = config
         self.num_classes = num_classes
         self.backbone, channels = create_backbone(config.backbone, config.weights, config.width)
-        self.add_on = nn.Sequential(nn.Conv2d(channels, config.prototype_dim, 1), nn.AdaptiveAvgPool2d(1), nn.Sigmoid())
+        self.grid = 1 if config.regions == "masks" else config.patch_grid
+        self.add_on = nn.Sequential(
+            nn.Conv2d(channels, config.prototype_dim, 1), nn.AdaptiveAvgPool2d(self.grid), nn.Sigmoid()
+        )
         num_prototypes = num_classes * config.prototypes_per_class
         self.prototypes = nn.Parameter(torch.rand(num_prototypes, config.prototype_dim))
         # class identity is a buffer so it survives pruning and reloading (reference bug, spec §3.2)
@@ -91,13 +94,19 @@ class ProtoMask(nn.Module):
         self.last_layer.weight.data.copy_(identity + self.config.off_class_weight * (1 - identity))
 
     def embed(self, crops: torch.Tensor) -> torch.Tensor:
-        """[B, K, 3, S, S] → [B, K, D] sigmoid embeddings (all crops share the backbone)."""
-        b, k = crops.shape[:2]
+        """[B, K, 3, S, S] → [B, N, D] sigmoid region embeddings, all crops through the shared backbone.
+
+        N = K (one per mask crop) or K·grid² (patches: K is 1, the whole image)."""
+        b = crops.shape[0]
         x = crops.flatten(0, 1)
         if x.shape[-1] != self.config.input_size:
             x = F.interpolate(x, size=self.config.input_size, mode="bilinear", align_corners=False)
-        z = self.add_on(self.backbone(x))
-        return z.flatten(1).view(b, k, -1)
+        z = self.add_on(self.backbone(x))  # [B·K, D, grid, grid]
+        return z.flatten(2).transpose(1, 2).reshape(b, -1, z.shape[1])
+
+    def region_valid(self, valid: torch.Tensor) -> torch.Tensor:
+        """Validity [B, K] of the inputs → validity [B, N] of the regions ``embed`` returns."""
+        return valid.bool().repeat_interleave(self.grid * self.grid, dim=1)
 
     def distances(self, z: torch.Tensor) -> torch.Tensor:
         """[B, K, D] → [B, K, P] squared L2 distances, clamped at 0."""
@@ -106,7 +115,7 @@ class ProtoMask(nn.Module):
 
     def forward(self, crops: torch.Tensor, valid: torch.Tensor) -> ProtoOutput:
         d = self.distances(self.embed(crops))
-        d = d.masked_fill(~valid.bool()[..., None], float("inf"))
+        d = d.masked_fill(~self.region_valid(valid)[..., None], float("inf"))
         min_d, nearest = d.min(dim=1)
         sim = torch.log((min_d + 1) / (min_d + EPSILON))
         return ProtoOutput(self.last_layer(sim), min_d, nearest, sim)

@@ -100,8 +100,9 @@ def push_prototypes(
             crops, valid, labels, keys = _batch_tensors(batch, device)
             if crops.shape[0] == 0 or crops.shape[1] == 0:
                 continue
-            z = net.embed(crops)  # [B, K, D]
-            d = net.distances(z).float()  # [B, K, P]
+            z = net.embed(crops)  # [B, N, D]: one embedding per region (mask crop or patch)
+            valid = net.region_valid(valid)
+            d = net.distances(z).float()  # [B, N, P]
             allowed = valid[:, :, None] & (labels[:, None, None] == proto_class[None, None, :])
             d = d.masked_fill(~allowed, INF)
             k = d.shape[1]
@@ -184,7 +185,8 @@ def prune_prototypes(model: ProtoMask, batches: Iterable[dict], device: torch.de
             b = crops.shape[0]
             if b == 0 or crops.shape[1] == 0:
                 continue
-            d = net.distances(net.embed(crops)).float()  # [B, K, P]
+            d = net.distances(net.embed(crops)).float()  # [B, N, P]
+            valid = net.region_valid(valid)
             image_d = d.masked_fill(~valid[:, :, None], INF).min(dim=1).values.cpu()  # [B, P]
             key_idx = torch.arange(len(keys_seen), len(keys_seen) + b)
             keys_seen += keys

@@ -12,9 +12,13 @@ from pipeline.job import init_ray
 from schemas.config import DataConfig, ModelConfig, TrainConfig, write_config
 from training import TrainError
 from training.data import ShardDataset, ShardStream, split_keys
-from training.loop import evaluate_stream, train_loop_per_worker
-from training.metrics import compactness
+from training.explain import part_hit_rate
+from training.loop import predict, train_loop_per_worker
+from training.metrics import classification_metrics, compactness, contrastivity
 from training.model import ProtoMask
+
+
+TOP_K = 5  # prototypes per image for the contrastivity metrics (spec §7)
 
 
 def run_train(config: TrainConfig, address: str | None = None) -> dict:
@@ -78,8 +82,17 @@ def run_evaluate(run_dir: Path, shards: Path, split: str = "test", batch_size: i
     train_config = TrainConfig.model_validate(_yaml(run_dir / "train_config.yaml"))
     keys = split_keys(dataset, train_config.data.val_fraction, train_config.seed)[split]
     data = DataConfig(batch_size=batch_size, loader_threads=min(2, os.cpu_count() or 1))
-    stream = ShardStream(dataset, keys, data, model.config.input_size, False, 0, 1, 0)
-    result = {"split": split, **evaluate_stream(model, stream, torch.device("cpu")), **compactness(model)}
+    stream = ShardStream(dataset, keys, data, model.config.input_size, False, 0, 1, 0,
+                         whole_image=model.config.regions == "patches")
+    p = predict(model, stream, torch.device("cpu"))
+    top = p["similarities"].topk(min(TOP_K, model.prototypes.shape[0]), dim=1).indices
+    result = {
+        "split": split, "regions": model.config.regions,
+        **classification_metrics(p["logits"], p["labels"]), **compactness(model),
+        **contrastivity(model.prototypes, top, p["labels"]),
+    }
+    if dataset.card.source == "synthetic":  # ground-truth parts are in the shards
+        result.update(part_hit_rate(model, dataset, keys))
     (run_dir / f"eval_{split}.json").write_text(json.dumps(result, indent=1))
     return result
 
