@@ -123,19 +123,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(TrainConfig, args.config, {key: getattr(args, dest) for dest, key in TRAIN_FLAGS.items()})
     result = run_train(config, address=args.address)
-    print(format_metrics(result["test"], "test"))
+    print(format_side_by_side({"model": result["test"]}, "test"))
     return 0
-
-
-def format_metrics(metrics: dict, title: str) -> str:
-    rows = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return "\n".join([f"{title:<20}{'value':>10}"] + [f"{k:<20}{v:>10.4g}" for k, v in rows])
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.train import run_evaluate
 
-    print(format_metrics(run_evaluate(args.run_dir, args.shards, args.split), args.split))
+    print(format_side_by_side({"model": run_evaluate(args.run_dir, args.shards, args.split)}, args.split))
     return 0
 
 
@@ -152,6 +147,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The embedded default end to end: synthetic images → superpixel masks → shards → train → evaluate."""
     from pipeline.job import run_segment
     from pipeline.manifest import format_inspect, inspect, verify
+    from training.explain import run_explain
     from training.train import run_evaluate, run_train
 
     workers = args.num_workers
@@ -169,28 +165,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{'OK' if not problems else problems}\n")
     if problems:
         return 1
-    train = TrainConfig.model_validate({
-        **DEMO_TRAIN, "shards": segment.out, "run_dir": args.out / "run",
-        "num_workers": workers, "cpus_per_worker": 1 / workers,
-    })
-    t1 = time.perf_counter()
-    run_train(train)
-    t_train = time.perf_counter() - t1
-    test = run_evaluate(train.run_dir, segment.out, "test")
-    print("\n" + format_metrics(test, "test (evaluate)"))
-    chance = 1 / len(card.classes)
-    print(f"\ntrained {workers} workers in {t_train:.1f} s; test accuracy {test['accuracy']:.1%} "
-          f"(chance {chance:.0%}); outputs in {args.out}")
+    results = {}
+    # the baseline sees the whole 128 px image: a larger input than one mask crop needs
+    for name, model in (("protomask", {"regions": "masks"}), ("patch baseline", {"regions": "patches", "input_size": 112})):
+        train = TrainConfig.model_validate({
+            **DEMO_TRAIN, "model": {**DEMO_TRAIN["model"], **model}, "shards": segment.out,
+            "run_dir": args.out / f"run_{model['regions']}", "num_workers": workers, "cpus_per_worker": 1 / workers,
+        })
+        t1 = time.perf_counter()
+        run_train(train)
+        print(f"\n{name}: trained with {workers} workers in {time.perf_counter() - t1:.1f} s\n")
+        results[name] = run_evaluate(train.run_dir, segment.out, "test")
+    print(format_side_by_side(results, "test"))
+    run_explain(args.out / "run_masks", segment.out, args.out / "explain")
+    best = results["protomask"]
+    print(f"\nProtoMask test accuracy {best['accuracy']:.1%} (chance {1 / len(card.classes):.0%}), part hit rate "
+          f"{best['part_hit_rate']:.1%}; gallery and explanations in {args.out / 'explain'}")
     return 0
 
 
-def cluster_entry(command: str, argv: list[str]) -> int:
-    """``ray submit`` entry scripts: run ``command`` attached to the running cluster (``--address auto``;
-    a later ``--address`` in ``argv`` wins)."""
-    args = list(argv)
-    if args[:1] == ["--"]:  # tolerate a forwarded "--" separator
-        args = args[1:]
-    return main([command, "--address", "auto", *args])
+def format_side_by_side(results: dict[str, dict], split: str) -> str:
+    names = list(results)
+    keys = [k for k, v in results[names[0]].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    lines = [f"{split:<20}" + "".join(f"{n:>16}" for n in names)]
+    lines += [f"{k:<20}" + "".join(f"{results[n].get(k, float('nan')):>16.4g}" for n in names) for k in keys]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
