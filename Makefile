@@ -10,13 +10,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	touch $(STAMP)
 
-.PHONY: install demo test test-fast
+.PHONY: install demo test test-fast browser
 install: $(STAMP)
+
+# the report test renders the HTML report in headless Chromium (Debian's package)
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium could not be installed: the report rendering test will be skipped"
 
 demo: $(STAMP)
 	$(BIN)/protomask demo --out demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)

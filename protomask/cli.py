@@ -97,6 +97,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--run-dir", type=Path, required=True)
     e.add_argument("--shards", type=Path, required=True)
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    r = sub.add_parser("report", help="self-contained HTML report of one run, or several side by side")
+    r.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    r.add_argument("--out", type=Path, help="default: RUN_DIR/report of the first run")
+    r.add_argument("--names", nargs="+", help="a column name per run (default: the directory names)")
     x = sub.add_parser("explain", help="prototype gallery and per-image explanations (PNGs + JSON)")
     x.add_argument("--run-dir", type=Path, required=True)
     x.add_argument("--shards", type=Path, required=True)
@@ -115,6 +119,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(f"{record['key']}: true {record['label']}, predicted {record['predicted']}; top prototype "
               f"p{best['prototype']} on mask {best['mask_index']} (+{best['contribution']:.2f})  {record['png']}")
     print(f"gallery: {', '.join(summary['gallery'])}  in {args.out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from training.report import write_report
+
+    names = args.names or [d.name for d in args.run_dirs]
+    if len(names) != len(args.run_dirs):
+        raise ConfigError(f"--names: {len(names)} names for {len(args.run_dirs)} run directories")
+    path = write_report(dict(zip(names, args.run_dirs)), args.out or args.run_dirs[0] / "report")
+    print(f"report: {path}")
     return 0
 
 
@@ -147,7 +162,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The embedded default end to end: synthetic images → superpixel masks → shards → train → evaluate."""
     from pipeline.job import run_segment
     from pipeline.manifest import format_inspect, inspect, verify
-    from training.explain import run_explain
+    from training.report import write_report
     from training.train import run_evaluate, run_train
 
     workers = args.num_workers
@@ -177,10 +192,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"\n{name}: trained with {workers} workers in {time.perf_counter() - t1:.1f} s\n")
         results[name] = run_evaluate(train.run_dir, segment.out, "test")
     print(format_side_by_side(results, "test"))
-    run_explain(args.out / "run_masks", segment.out, args.out / "explain")
+    report = write_report({"protomask": args.out / "run_masks", "patch baseline": args.out / "run_patches"},
+                          args.out / "report")
     best = results["protomask"]
     print(f"\nProtoMask test accuracy {best['accuracy']:.1%} (chance {1 / len(card.classes):.0%}), part hit rate "
-          f"{best['part_hit_rate']:.1%}; gallery and explanations in {args.out / 'explain'}")
+          f"{best['part_hit_rate']:.1%}; report: {report}")
     return 0
 
 
@@ -209,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     handlers = {"segment": cmd_segment, "manifest": cmd_manifest, "demo": cmd_demo, "train": cmd_train,
-                "evaluate": cmd_evaluate, "explain": cmd_explain}
+                "evaluate": cmd_evaluate, "explain": cmd_explain, "report": cmd_report}
     from pipeline.job import JobError
     from pipeline.shards import ShardError
     from pipeline.sources import SourceError

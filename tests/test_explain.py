@@ -117,3 +117,55 @@ def test_patch_baseline_explanations_use_grid_cells(shards: Path) -> None:
     for ev, sal in zip(e.evidence, e.saliency):
         i, j = divmod(ev.mask_index, 4)
         assert sal.sum() == 16 * 16 and sal[i * 16:(i + 1) * 16, j * 16:(j + 1) * 16].all()
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_report_renders_in_headless_chromium(shards: Path, tmp_path: Path) -> None:
+    """Both runs side by side; every image loads and every link resolves in a real browser."""
+    import re
+    import subprocess
+
+    from training.report import write_report
+
+    _fake_run(shards, tmp_path / "masks")
+    patches = tmp_path / "patches"
+    model = _fake_run(shards, patches)
+    meta = json.loads((patches / "model_config.json").read_text())
+    meta["model"]["regions"] = "patches"
+    (patches / "model_config.json").write_text(json.dumps(meta))
+    (patches / "metrics.csv").write_text("epoch,phase,train_loss,val_accuracy\n0,joint,2.0,0.5\n1,joint,1.0,0.75\n")
+    page = write_report({"protomask": tmp_path / "masks", "patch baseline": patches}, tmp_path / "report")
+    text = page.read_text()
+    assert "<th>protomask</th><th>patch baseline</th>" in text and "part_hit_rate" in text
+    targets = re.findall(r'(?:src|href)="([^"#][^"]*)"', text)
+    assert targets and all((page.parent / t).is_file() for t in targets)  # no broken relative link
+    assert "<polyline" in text
+
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed (make test installs Debian's chromium package)")
+    # a copy of the page that records, after load, how many images failed to decode
+    probe = page.with_name("probe.html")
+    probe.write_text(text.replace("</body>", "<script>window.addEventListener('load',()=>{const i=[...document"
+                                  ".images];document.body.dataset.images=i.length;document.body.dataset.broken=i"
+                                  ".filter(x=>!x.complete||x.naturalWidth===0).length;});</script></body>"))
+    dom = subprocess.run(
+        [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+         "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    ).stdout
+    images = int(re.search(r'data-images="(\d+)"', dom).group(1))
+    assert images == len(re.findall(r"<img ", text)) and images >= 8
+    assert 'data-broken="0"' in dom
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1200,1600",
+                    f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        assert im.size == (1200, 1600) and len(set(im.convert("L").getdata())) > 16  # not a blank page
