@@ -15,7 +15,7 @@ from protomask.cli import main
 from schemas.config import ModelConfig, SegmentConfig, TrainConfig
 from schemas.shard import SampleRecord
 from training.data import ShardDataset, split_keys
-from training.explain import explain_sample, overlaps, part_hit_rate, read_samples
+from training.explain import explain_sample, overlaps, part_metrics, perturb, read_samples
 from training.loop import export
 from training.model import ProtoMask
 
@@ -98,14 +98,21 @@ def test_explain_cli_writes_gallery_and_explanations(shards: Path, tmp_path: Pat
     assert "gallery:" in capsys.readouterr().out
 
 
-def test_part_hit_rate_counts_correct_images_only(shards: Path, tmp_path: Path) -> None:
+def test_part_metrics(shards: Path, tmp_path: Path) -> None:
     model = _fake_run(shards, tmp_path / "run").eval()
     dataset = ShardDataset.open(shards)
     test = split_keys(dataset, 0.0, 0)["test"]
-    result = part_hit_rate(model, dataset, test)
+    result = part_metrics(model, dataset, test, k=2)
     correct = sum(explain_sample(model, m, 1).predicted == explain_sample(model, m, 1).label
                   for _, m in read_samples(dataset, test))
     assert result["part_hit_n"] == correct and 0.0 <= result["part_hit_rate"] <= 1.0
+    assert 0.0 < result["part_consistency"] <= 100.0 and 0.0 < result["part_stability"] <= 100.0
+
+
+def test_perturbed_view_is_fixed_and_different() -> None:
+    crops = torch.rand(3, 3, 16, 16)
+    a, b = perturb(crops, 7), perturb(crops, 7)
+    assert torch.equal(a, b) and not torch.allclose(a, crops) and a.shape == crops.shape
 
 
 def test_patch_baseline_explanations_use_grid_cells(shards: Path) -> None:

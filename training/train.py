@@ -12,7 +12,7 @@ from pipeline.job import init_ray
 from schemas.config import DataConfig, ModelConfig, TrainConfig, write_config
 from training import TrainError
 from training.data import ShardDataset, ShardStream, split_keys
-from training.explain import part_hit_rate
+from training.explain import part_metrics
 from training.loop import predict, train_loop_per_worker
 from training.metrics import classification_metrics, compactness, contrastivity
 from training.model import ProtoMask
@@ -91,8 +91,7 @@ def run_evaluate(run_dir: Path, shards: Path, split: str = "test", batch_size: i
         **classification_metrics(p["logits"], p["labels"]), **compactness(model),
         **contrastivity(model.prototypes, top, p["labels"]),
     }
-    if dataset.card.source == "synthetic":  # ground-truth parts are in the shards
-        result.update(part_hit_rate(model, dataset, keys))
+    result.update(part_metrics(model, dataset, keys, TOP_K))  # zeros when the shards carry no parts
     (run_dir / f"eval_{split}.json").write_text(json.dumps(result, indent=1))
     return result
 
