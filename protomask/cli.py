@@ -108,12 +108,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--keys", nargs="+", help="sample keys to explain (default: the first test samples)")
     x.add_argument("--top-k", type=int, default=3, help="prototypes shown per image")
     x.add_argument("--limit", type=int, default=8, help="test samples explained when no --keys")
+    x.add_argument("--relevance", action="store_true",
+                   help="gradient x input inside the matched mask instead of the binary mask")
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from training.explain import run_explain
 
-    summary = run_explain(args.run_dir, args.shards, args.out, args.keys, args.top_k, args.limit)
+    summary = run_explain(args.run_dir, args.shards, args.out, args.keys, args.top_k, args.limit, args.relevance)
     for record in summary["explanations"]:
         best = record["evidence"][0]
         print(f"{record['key']}: true {record['label']}, predicted {record['predicted']}; top prototype "

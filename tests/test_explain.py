@@ -50,6 +50,20 @@ def test_saliency_is_the_matched_mask_only(shards: Path) -> None:
         assert sal[~masks[ev.mask_index]].max(initial=0) == 0
 
 
+@pytest.mark.parametrize("regions", ["masks", "patches"])
+def test_relevance_stays_inside_the_matched_region(shards: Path, regions: str) -> None:
+    dataset = ShardDataset.open(shards)
+    torch.manual_seed(0)
+    model = ProtoMask(TINY.model_copy(update={"regions": regions, "patch_grid": 4}), dataset.num_classes).eval()
+    (_, members), = read_samples(dataset, [dataset.rows[1]["key"]])
+    binary = explain_sample(model, members, k=2)
+    rel = explain_sample(model, members, k=2, relevance=True)
+    assert [e.prototype for e in rel.evidence] == [e.prototype for e in binary.evidence]
+    for r, b in zip(rel.saliency, binary.saliency):
+        assert r.min() >= 0 and r[b == 0].max(initial=0) == 0 and r.max() > 0
+        assert not np.array_equal(r > 0, b > 0) or len(np.unique(r)) > 2  # graded, not the binary mask
+
+
 def test_overlap_rule() -> None:
     part = np.zeros((10, 10), bool)
     part[0:4, 0:4] = True  # 16 px

@@ -79,23 +79,37 @@ def region_masks(model: ProtoMask, members: dict[str, bytes], record: SampleReco
     return cells
 
 
-@torch.no_grad()
-def explain_sample(model: ProtoMask, members: dict[str, bytes], k: int = 3) -> Explanation:
-    """Top-k prototypes of one sample and their mask-restricted saliency (binary: the matched mask)."""
+def explain_sample(model: ProtoMask, members: dict[str, bytes], k: int = 3, relevance: bool = False) -> Explanation:
+    """Top-k prototypes of one sample and their saliency, zero outside each matched region's pixels:
+    the binary region, or (``relevance``) gradient × input of the prototype's similarity, mapped from the
+    crop back onto the region's box and masked by the region."""
     record = SampleRecord.model_validate_json(members["json"])
+    patches = model.config.regions == "patches"
     crops, valid, label, key = decode_sample(members, record.masks_per_image, model.config.input_size, None,
-                                             whole_image=model.config.regions == "patches")
-    out = model(crops[None], valid[None])
+                                             whole_image=patches)
+    crops = crops[None].requires_grad_(relevance)
+    with torch.set_grad_enabled(relevance):
+        out = model(crops, valid[None])
     predicted = int(out.logits.argmax(1))
-    contribution = out.similarities[0] * model.last_layer.weight[predicted]
+    contribution = (out.similarities[0] * model.last_layer.weight[predicted]).detach()
     top = contribution.topk(min(k, contribution.numel())).indices.tolist()
     masks = region_masks(model, members, record)
     evidence = [
-        Evidence(p, int(model.prototype_class[p]), int(out.nearest_mask[0, p]), float(out.similarities[0, p]),
+        Evidence(p, int(model.prototype_class[p]), int(out.nearest_mask[0, p]), float(out.similarities[0, p].detach()),
                  float(contribution[p]))
         for p in top
     ]
     saliency = np.stack([masks[e.mask_index].astype(np.float32) for e in evidence])
+    if relevance:
+        for i, e in enumerate(evidence):
+            (grad,) = torch.autograd.grad(out.similarities[0, e.prototype], crops, retain_graph=True)
+            crop_index = 0 if patches else e.mask_index
+            rel = (grad * crops)[0, crop_index].sum(0).clamp_min(0).detach().numpy()  # [S, S], crop space
+            x0, y0, x1, y1 = (0, 0, record.width - 1, record.height - 1) if patches else record.boxes[e.mask_index]
+            box = np.asarray(Image.fromarray(rel).resize((x1 - x0 + 1, y1 - y0 + 1), Image.BILINEAR))
+            canvas = np.zeros_like(saliency[i])
+            canvas[y0 : y1 + 1, x0 : x1 + 1] = box
+            saliency[i] = np.clip(canvas, 0, None) * saliency[i]
     return Explanation(key, label, predicted, evidence, saliency)
 
 
@@ -269,7 +283,7 @@ def render_gallery(sources: dict[int, tuple[Image.Image, Image.Image]], prototyp
 
 
 def run_explain(run_dir: Path, shards: Path, out: Path, keys: list[str] | None = None, k: int = 3,
-                limit: int = 8) -> dict:
+                limit: int = 8, relevance: bool = False) -> dict:
     """``protomask explain``: the prototype gallery and local explanations (default: first test samples)."""
     from schemas.config import TrainConfig, load_config
     from training.data import split_keys
@@ -292,7 +306,7 @@ def run_explain(run_dir: Path, shards: Path, out: Path, keys: list[str] | None =
     crops = {p: crop for p, (_, crop) in sources.items()}
     records = []
     for key, members in read_samples(dataset, keys):
-        explanation = explain_sample(model, members, k)
+        explanation = explain_sample(model, members, k, relevance)
         path = out / f"explain_{key}.png"
         render_explanation(explanation, members, crops, classes, path)
         records.append({
