@@ -210,6 +210,15 @@ def format_side_by_side(results: dict[str, dict], split: str) -> str:
     return "\n".join(lines)
 
 
+def cluster_entry(command: str, argv: list[str]) -> int:
+    """``ray submit`` entry scripts: run ``command`` attached to the running cluster (``--address auto``;
+    a later ``--address`` in ``argv`` wins)."""
+    args = list(argv)
+    if args[:1] == ["--"]:  # tolerate a forwarded "--" separator
+        args = args[1:]
+    return main([command, "--address", "auto", *args])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="protomask", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")

@@ -100,6 +100,7 @@ def _gather_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             results.append(gather_predictions(logits, labels, keys))
         torch.save(results, f"{out_dir}/{rank}.pt")
     finally:
+        dist.barrier()  # no rank tears gloo down while another still uses it
         dist.destroy_process_group()
 
 

@@ -224,6 +224,7 @@ def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             f"{out_dir}/{rank}.pt",
         )
     finally:
+        dist.barrier()  # no rank tears gloo down while another still uses it
         dist.destroy_process_group()
 
 
