@@ -144,6 +144,7 @@ def _dispatch(
 ) -> tuple[dict[int, ShardStats], SegmenterInfo]:
     import ray
     from ray.exceptions import RayActorError, RayTaskError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     from tqdm import tqdm
 
     from pipeline.sources.synthetic import part_names
@@ -154,8 +155,12 @@ def _dispatch(
         rows_by_shard.setdefault(row["shard"], []).append(row)
     num_workers, per_worker = _resources(config)
     num_workers = min(num_workers, len(todo))
-    counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
-    worker_cls = ray.remote(max_restarts=-1, max_task_retries=0, **per_worker)(ShardWorker)
+    # the counter lives on the driver's node: losing a worker node must not lose the progress bar
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    counter = ray.remote(num_cpus=0, scheduling_strategy=here)(ProgressCounter).remote()
+    # a worker lost with its node restarts elsewhere and Ray re-runs the shard there (writes are atomic
+    # and byte-identical, so a second run of a shard is harmless)
+    worker_cls = ray.remote(max_restarts=-1, max_task_retries=config.max_shard_retries, **per_worker)(ShardWorker)
     workers = [worker_cls.remote(config.model_dump(mode="json"), job_hash, names) for _ in range(num_workers)]
     info = SegmenterInfo.model_validate(ray.get(workers[0].info.remote()))
     log.info("segmenting %d shards on %d workers (%s each)", len(todo), num_workers, per_worker)

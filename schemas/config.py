@@ -225,4 +225,5 @@ class TrainConfig(Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(2, ge=-1, description="worker failures survived by resuming from the checkpoint")
+    verify_checksums: bool = Field(True, description="sha256 of every shard against the manifest before training")
     seed: int = 4861

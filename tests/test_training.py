@@ -190,3 +190,8 @@ def test_killed_worker_resumes_from_checkpoint(shards: Path, tmp_path: Path) -> 
     epochs = [int(line.split(",")[0]) for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
     assert epochs == list(range(10))
     assert result["test"]["n"] == 12
+    # the same run without the kill: data order and augmentation are seeded by (seed, epoch, rank) and
+    # the checkpoint holds model, optimisers and scheduler, so the resumed run ends where it would have
+    straight = run_train(_config(shards, tmp_path / "straight", joint_epochs=8))
+    for metric, value in straight["test"].items():
+        assert result["test"][metric] == pytest.approx(value, abs=1e-6), metric

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 
 from pipeline.job import init_ray
+from pipeline.manifest import checksum_problems
+from pipeline.shards import ShardError
 from schemas.config import DataConfig, ModelConfig, TrainConfig, write_config
 from training import TrainError
 from training.data import ShardDataset, ShardStream, split_keys
@@ -26,7 +28,9 @@ def run_train(config: TrainConfig, address: str | None = None) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    ShardDataset.open(config.shards)  # refuse to start on a missing or truncated shard, naming it
+    dataset = ShardDataset.open(config.shards)  # refuse to start on a missing or truncated shard, naming it
+    if config.verify_checksums and (problems := checksum_problems(config.shards, dataset.card)):
+        raise ShardError("refusing to train on corrupt shards:\n" + "\n".join(problems))
     run_dir = config.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     config = config.model_copy(update={"run_dir": run_dir, "shards": config.shards.resolve()})
