@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from pipeline.shards import ShardError, sha256_file, iter_samples
 from schemas.manifest import DatasetCard, SegmenterInfo, ShardStats
-from schemas.shard import SampleRecord, crop_member
+from schemas.shard import MASKS_MEMBER, SampleRecord, crop_member
 from schemas.version import CODE_VERSION
 
 MANIFEST = "manifest.json"
@@ -125,7 +125,7 @@ def _check_sample(key: str, members: dict[str, bytes]) -> str | None:
         record = SampleRecord.model_validate_json(members["json"])
     except (KeyError, ValueError) as exc:
         return f"sample {key}: bad json member ({exc})"
-    expected = {"cls", "jpg", "json", "masks.npy"} | {crop_member(i) for i in range(record.n_masks)}
+    expected = {"cls", "jpg", "json", MASKS_MEMBER} | {crop_member(i) for i in range(record.n_masks)}
     if record.part_names is not None:
         expected.add("parts.png")
     if set(members) != expected:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +54,18 @@ def crop_boxes(image: np.ndarray, boxes: np.ndarray, size: int) -> list[np.ndarr
         patch = Image.fromarray(image[y0 : y1 + 1, x0 : x1 + 1])
         crops.append(np.asarray(patch.resize((size, size), Image.BILINEAR)))
     return crops
+
+
+def encode_masks(masks: np.ndarray) -> bytes:
+    """The ``masks.npy.gz`` member: gzip (fixed mtime) of the .npy of the bit-packed masks."""
+    buf = io.BytesIO()
+    np.save(buf, pack_masks(masks), allow_pickle=False)
+    return gzip.compress(buf.getvalue(), compresslevel=6, mtime=0)
+
+
+def decode_masks(data: bytes, width: int) -> np.ndarray:
+    """Inverse of encode_masks: [n, H, W] bool."""
+    return unpack_masks(np.load(io.BytesIO(gzip.decompress(data)), allow_pickle=False), width)
 
 
 def pack_masks(masks: np.ndarray) -> np.ndarray:

@@ -18,10 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.masks import MaskSet, pack_masks
+from pipeline.masks import MaskSet, encode_masks
 from pipeline.plan import shard_name
 from schemas.manifest import ROW_SCHEMA, ShardStats
-from schemas.shard import SampleRecord, crop_member
+from schemas.shard import MASKS_MEMBER, SampleRecord, crop_member
 
 TAR_MTIME = 946684800  # 2000-01-01: a constant so reruns give identical bytes
 
@@ -48,11 +48,6 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
 
 def encode_sample(
     record: SampleRecord,
@@ -67,7 +62,7 @@ def encode_sample(
         "cls": str(record.label).encode(),
         "jpg": _jpeg(image, jpeg_quality),
         "json": json.dumps(record.model_dump(mode="json"), sort_keys=True).encode(),
-        "masks.npy": _npy(pack_masks(mask_set.masks)),
+        MASKS_MEMBER: encode_masks(mask_set.masks),
     }
     for i, crop in enumerate(crops):
         members[crop_member(i)] = _jpeg(crop, jpeg_quality)

@@ -9,7 +9,7 @@ adjacent tar members, in this order::
     K.crop_NN.jpg    one per valid mask (n_masks of them; padding is never written)
     K.jpg            the image the masks refer to (RGB JPEG, long side <= max_side)
     K.json           SampleRecord below
-    K.masks.npy      uint8 [n_masks, height, ceil(width / 8)]: np.packbits(mask, axis=-1);
+    K.masks.npy.gz   gzip of a .npy: uint8 [n_masks, height, ceil(width / 8)] = np.packbits(mask, axis=-1);
                      unpack with np.unpackbits(a, axis=-1, count=width).astype(bool)
     K.parts.png      optional, 8-bit ground-truth part label map (0 = none), same size as K.jpg
 
@@ -20,6 +20,9 @@ Boxes are ``[x_min, y_min, x_max, y_max]`` in pixels of ``K.jpg`` with **inclusi
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
+
+
+MASKS_MEMBER = "masks.npy.gz"
 
 
 def crop_member(index: int) -> str:

@@ -3,7 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 # Bump when the bytes of a shard, a manifest or a checkpoint change meaning.
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: masks gzip-compressed (masks.npy.gz)
 
 try:
     CODE_VERSION = version("protomask")

@@ -84,7 +84,7 @@ def test_write_shard_reproducible_and_readable(tmp_path: Path) -> None:
     with tarfile.open(a / "00000.tar") as tar:  # plain tar: sorted, adjacent members, fixed metadata
         names = tar.getnames()
         assert names[:6] == ["0000000.cls", "0000000.crop_00.jpg", "0000000.crop_01.jpg", "0000000.jpg",
-                             "0000000.json", "0000000.masks.npy"]
+                             "0000000.json", "0000000.masks.npy.gz"]
         assert {m.mtime for m in tar.getmembers()} == {946684800}
     samples = list(iter_samples(a / "00000.tar"))
     assert [k for k, _ in samples] == ["0000000", "0000001"]
@@ -99,7 +99,7 @@ def test_webdataset_library_reads_shard(tmp_path: Path) -> None:
     ds = wds.WebDataset(str(tmp_path / "00000.tar"), shardshuffle=False).decode("rgb8")
     (sample,) = list(ds)
     assert sample["jpg"].shape == (12, 16, 3) and sample["crop_01.jpg"].shape == (8, 8, 3)
-    assert sample["masks.npy"].shape == (2, 12, 2) and sample["json"]["label"] == 1 and sample["cls"] == 1
+    assert sample["masks.npy.gz"].shape == (2, 12, 2) and sample["json"]["label"] == 1 and sample["cls"] == 1
 
 
 def test_reader_refuses_traversal_member(tmp_path: Path) -> None:

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from pipeline.masks import unpack_masks
+from pipeline.masks import decode_masks
 from pipeline.shards import ShardError, iter_samples
-from schemas.shard import SampleRecord
+from schemas.shard import MASKS_MEMBER, SampleRecord
 from training.data import ShardDataset, decode_sample
 from training.model import ProtoMask
 
@@ -68,7 +68,7 @@ class Explanation:
 def region_masks(model: ProtoMask, members: dict[str, bytes], record: SampleRecord) -> np.ndarray:
     """[N, H, W] bool pixels of the regions the model embeds: the stored masks, or the patch grid cells."""
     if model.config.regions == "masks":
-        return unpack_masks(np.load(io.BytesIO(members["masks.npy"]), allow_pickle=False), record.width)
+        return decode_masks(members[MASKS_MEMBER], record.width)
     g = model.grid
     rows = np.linspace(0, record.height, g + 1).round().astype(int)
     cols = np.linspace(0, record.width, g + 1).round().astype(int)
