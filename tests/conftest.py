@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,19 @@ def segment_without_ray(config) -> Path:
     build_card(config.out, stats, listing.classes, config.source, "test", config.masks_per_image,
                config.crop_size, SegmenterInfo(name=segmenter.name, params=segmenter.params()))
     return config.out
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, init_file: str):
+    """A gloo process group for one spawned test rank, torn down only once every rank is done."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        yield
+    finally:
+        dist.barrier()  # no rank tears gloo down while another still uses it
+        dist.destroy_process_group()

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import gloo_group
 
 from schemas.config import ModelConfig
 from training.metrics import classification_metrics, compactness, gather_predictions
@@ -82,10 +81,7 @@ def test_gather_without_distributed_is_identity_plus_dedup() -> None:
 
 
 def _gather_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    timeout = timedelta(seconds=60)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timeout)
-    try:
+    with gloo_group(rank, world, init_file):
         results = []
         # 1: rank 0 holds 3 rows, rank 1 none; 2: unequal lengths with one key on both ranks; 3: all empty
         if rank == 0:
@@ -99,9 +95,6 @@ def _gather_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         for logits, labels, keys in cases:
             results.append(gather_predictions(logits, labels, keys))
         torch.save(results, f"{out_dir}/{rank}.pt")
-    finally:
-        dist.barrier()  # no rank tears gloo down while another still uses it
-        dist.destroy_process_group()
 
 
 def test_gather_predictions_two_gloo_ranks_unequal_and_empty(tmp_path) -> None:

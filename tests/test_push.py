@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import gloo_group
 
 from schemas.config import ModelConfig
 from training.model import ProtoMask
@@ -208,10 +207,7 @@ def _cat(batches: list[dict]) -> dict:
 
 
 def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    timeout = timedelta(seconds=60)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timeout)
-    try:
+    with gloo_group(rank, world, init_file):
         model = make_model()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         mine = make_batches(seed=3, n_batches=6)[rank::world]  # disjoint halves
@@ -223,9 +219,6 @@ def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             {"log": log, "pushed": pushed, "pruned": pruned, "class": model.prototype_class, "parity": parity},
             f"{out_dir}/{rank}.pt",
         )
-    finally:
-        dist.barrier()  # no rank tears gloo down while another still uses it
-        dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_agree_with_one_process(tmp_path) -> None:
