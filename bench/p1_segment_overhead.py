@@ -21,6 +21,17 @@ from pipeline.sources import cub
 from schemas.config import SegmentConfig
 
 
+def write_listing(root: Path, folder: Path, repeat: int) -> tuple[int, Path]:
+    """A listing file naming the CUB photos under ``root`` ``repeat`` times; returns (entries, path)."""
+    items = cub.list_items(root).items * repeat
+    listing = folder / "list.csv"
+    with listing.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "split"])
+        writer.writerows([i.path, i.class_name, i.split] for i in items)
+    return len(items), listing
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeat", type=int, default=8, help="times the 60 photos are listed")
@@ -30,11 +41,7 @@ def main() -> None:
     items = cub.list_items(root).items * args.repeat
     ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
-        listing = Path(tmp) / "list.csv"
-        with listing.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "label", "split"])
-            writer.writerows([i.path, i.class_name, i.split] for i in items)
+        _, listing = write_listing(root, Path(tmp), args.repeat)
         config = SegmentConfig(source="listing", root=root, listing=listing, out=Path(tmp) / "shards",
                                shard_size=60, crop_size=224, masks_per_image=8, num_workers=1, cpus_per_worker=1)
         segmenter = create_segmenter(config.segmenter)

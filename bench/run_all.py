@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bench.common import machine, report
 
-BENCHMARKS = [("P1", "bench.p1_segment_overhead", ">= 0.95"), ("P3", "bench.p3_input_pipeline", ">= 5"),
+BENCHMARKS = [("P1", "bench.p1_segment_overhead", ">= 0.95"), ("P2", "bench.p2_scaling", ">= 1.8"), ("P3", "bench.p3_input_pipeline", ">= 5"),
               ("P4", "bench.p4_step_overhead", "<= 1.10"), ("P5", "bench.p5_bytes", "<= 0.2")]
 
 
