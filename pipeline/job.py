@@ -2,7 +2,8 @@
 
 One ``ShardWorker`` actor per worker holds one segmenter (one GPU each when the cluster has GPUs).
 Shards whose completion marker exists are skipped, so a rerun only redoes unfinished work; a shard
-whose worker died is queued again up to ``max_shard_retries`` times.
+that failed (its worker died, its node was lost, or writing it raised) is queued again for any live
+worker, up to ``max_shard_retries`` times.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ CONFIG_FILE = "segment_config.yaml"
 PLAN_FILE = "plan.parquet"
 OUR_FILES = re.compile(r"^(\d{5}(\.tar|\.parquet|_stats\.json)|manifest\.json|job\.json|plan\.parquet|"
                        r"segment_config\.yaml|\..*\.tmp)$")
+SHARD_TMP = re.compile(r"^\.\d{5}(\.tar|\.parquet|_stats\.json)\..+\.tmp$")  # a shard write cut short
 
 
 class JobError(RuntimeError):
@@ -119,6 +121,9 @@ def run_segment(config: SegmentConfig, address: str | None = None, progress: boo
             f"shards {[shard_name(s) for s in failed]} failed after {config.max_shard_retries} retries; "
             f"{len(done)} finished shards are kept in {out}; rerun the same command to redo only the failed ones"
         )
+    for path in out.iterdir():  # every shard is finished: temp files of writes cut short earlier are garbage
+        if SHARD_TMP.match(path.name):
+            path.unlink(missing_ok=True)
     if info is None:
         info = _segmenter_info(config, out)
     return build_card(
@@ -143,7 +148,7 @@ def _dispatch(
     config: SegmentConfig, job_hash: str, plan: pa.Table, todo: list[int], listing, progress: bool
 ) -> tuple[dict[int, ShardStats], SegmenterInfo]:
     import ray
-    from ray.exceptions import RayActorError, RayTaskError
+    from ray.exceptions import RayError, RayTaskError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     from tqdm import tqdm
 
@@ -158,15 +163,21 @@ def _dispatch(
     # the counter lives on the driver's node: losing a worker node must not lose the progress bar
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     counter = ray.remote(num_cpus=0, scheduling_strategy=here)(ProgressCounter).remote()
-    # a worker lost with its node restarts elsewhere and Ray re-runs the shard there (writes are atomic
-    # and byte-identical, so a second run of a shard is harmless)
-    worker_cls = ray.remote(max_restarts=-1, max_task_retries=config.max_shard_retries, **per_worker)(ShardWorker)
+    # A worker lost with its node restarts elsewhere (max_restarts=-1) once there is room for it. Its shard
+    # fails at once (no Ray-level retries) and goes back to the queue for any live worker, so a lost node
+    # costs one attempt of the shards it held, and nothing waits on an actor that cannot be placed yet;
+    # the lost worker gets shards again only after it answers a ping. Writes are atomic and
+    # byte-identical, so a shard that ran twice (a worker only cut off, not dead) is harmless.
+    worker_cls = ray.remote(max_restarts=-1, max_task_retries=0, **per_worker)(ShardWorker)
     workers = [worker_cls.remote(config.model_dump(mode="json"), job_hash, names) for _ in range(num_workers)]
     info = SegmenterInfo.model_validate(ray.get(workers[0].info.remote()))
     log.info("segmenting %d shards on %d workers (%s each)", len(todo), num_workers, per_worker)
 
     queue, attempts = deque(todo), {s: 0 for s in todo}
     idle, running, results = list(workers), {}, {}
+    pings: dict = {}  # ping ref -> worker that lost a shard: back to idle once it answers
+    later: list = []  # (time, worker): ping again then (its last ping failed)
+    waiting = False  # every worker lost (warned once)
     total = sum(len(rows_by_shard[s]) for s in todo)
     bar = tqdm(total=total, unit="img", disable=not progress, smoothing=0.1, desc="segment")
     seen = 0
@@ -174,20 +185,45 @@ def _dispatch(
         while queue and idle:
             shard, worker = queue.popleft(), idle.pop()
             running[worker.process.remote(shard, rows_by_shard[shard], counter)] = (shard, worker)
-        ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+        now = time.monotonic()
+        for when, worker in [w for w in later if w[0] <= now]:
+            later.remove((when, worker))
+            pings[worker.ping.remote()] = worker
+        if queue and not idle and not running and not waiting:
+            log.warning("every worker is lost; waiting for the cluster to place them again")
+        waiting = bool(queue and not idle and not running)
+        if refs := list(running) + list(pings):
+            ready, _ = ray.wait(refs, num_returns=1, timeout=0.5)
+        else:  # every worker is lost and none answers yet
+            ready = []
+            time.sleep(0.5)
         count = ray.get(counter.get.remote())
         bar.update(count - seen)
         seen = count
         for ref in ready:
+            if ref in pings:
+                worker = pings.pop(ref)
+                try:
+                    ray.get(ref)
+                    idle.append(worker)
+                except RayError:
+                    later.append((time.monotonic() + 1.0, worker))
+                continue
             shard, worker = running.pop(ref)
-            idle.append(worker)  # a dead actor restarts itself (max_restarts=-1)
             try:
                 results[shard] = ShardStats.model_validate(ray.get(ref))
-            except (RayActorError, RayTaskError) as exc:
-                attempts[shard] += 1
-                log.warning("shard %s failed (attempt %d): %s", shard_name(shard), attempts[shard], exc)
-                if attempts[shard] <= config.max_shard_retries:
-                    queue.append(shard)
+                idle.append(worker)
+                continue
+            except RayTaskError as exc:  # the shard raised (e.g. the disk is full): the worker is fine
+                idle.append(worker)
+                error = exc
+            except RayError as exc:  # the worker died or is cut off (its node lost): ping it before reuse
+                pings[worker.ping.remote()] = worker
+                error = exc
+            attempts[shard] += 1
+            log.warning("shard %s failed (attempt %d): %s", shard_name(shard), attempts[shard], error)
+            if attempts[shard] <= config.max_shard_retries:
+                queue.append(shard)
     bar.close()
     for worker in workers:
         ray.kill(worker)
@@ -206,6 +242,9 @@ class ShardWorker:
         cpus = max(1, int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
         torch.set_num_threads(cpus)
         self.processor = ShardProcessor(SegmentConfig.model_validate(config), job_hash, part_names)
+
+    def ping(self) -> bool:
+        return True
 
     def info(self) -> dict:
         seg = self.processor.segmenter

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import mmap
 import os
 import tarfile
 import uuid
@@ -79,6 +80,10 @@ def _atomic_write(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(path)
+    except OSError as exc:  # e.g. a full disk: say which file could not be written
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -89,6 +94,59 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@dataclass
+class TarScan:
+    sha256: str
+    members: int
+    samples: int
+
+
+def _plain_member(tar_path: Path, name: str, regular: bool) -> str:
+    """The member's name; ``ShardError`` unless it is a plain ``key.ext`` regular file (no traversal)."""
+    if not regular or "/" in name or "\\" in name or name.startswith(".") or "." not in name:
+        raise ShardError(f"{tar_path}: unexpected member {name!r} (only plain 'key.ext' files allowed)")
+    return name
+
+
+def scan_tar(tar_path: Path) -> TarScan:
+    """One read of a shard: its sha256 and its member and sample counts.
+
+    Walks the 512-byte USTAR headers only (what ``_write_tar`` writes; anything else is refused), so it
+    costs little more than ``sha256_file``. Odd members raise ``ShardError`` as in ``iter_samples``."""
+    members, keys, block = 0, set(), tarfile.BLOCKSIZE
+    try:
+        with open(tar_path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise ShardError(f"{tar_path}: unreadable tar: empty file")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                digest = hashlib.sha256(data).hexdigest()
+                offset, end = 0, len(data)
+                while True:
+                    if offset + block > end:
+                        raise ShardError(f"{tar_path}: unreadable tar: no end-of-archive marker (truncated)")
+                    header = data[offset : offset + block]
+                    if header == tarfile.NUL * block:  # end-of-archive marker
+                        break
+                    if header[257:265] != tarfile.POSIX_MAGIC:
+                        raise ShardError(f"{tar_path}: unreadable tar: not a USTAR header at byte {offset}")
+                    try:
+                        name = header[:100].split(b"\0", 1)[0].decode()
+                        if prefix := header[345:500].split(b"\0", 1)[0]:  # USTAR long names: a path, never ours
+                            name = f"{prefix.decode()}/{name}"
+                        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+                    except (UnicodeDecodeError, ValueError) as exc:
+                        raise ShardError(f"{tar_path}: unreadable tar: bad header at byte {offset}: {exc}") from exc
+                    _plain_member(tar_path, name, header[156:157] in (b"0", b"\0"))
+                    offset += block + -(-size // block) * block
+                    if offset > end:
+                        raise ShardError(f"{tar_path}: unreadable tar: member {name!r} runs past the end")
+                    members += 1
+                    keys.add(name.split(".", 1)[0])
+    except OSError as exc:
+        raise ShardError(f"{tar_path}: unreadable tar: {exc}") from exc
+    return TarScan(sha256=digest, members=members, samples=len(keys))
 
 
 def _write_tar(f, samples: list[EncodedSample]) -> None:
@@ -149,10 +207,7 @@ def iter_samples(tar_path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     try:
         with tarfile.open(tar_path, mode="r:") as tar:
             for info in tar:
-                name = info.name
-                if not info.isfile() or "/" in name or "\\" in name or name.startswith(".") or "." not in name:
-                    raise ShardError(f"{tar_path}: unexpected member {name!r} (only plain 'key.ext' files allowed)")
-                key, ext = name.split(".", 1)
+                key, ext = _plain_member(tar_path, info.name, info.isfile()).split(".", 1)
                 if key != current:
                     if current is not None:
                         yield current, members

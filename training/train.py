@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from pipeline.job import init_ray
-from pipeline.manifest import checksum_problems
-from pipeline.shards import ShardError
+from pipeline.shards import ShardError, scan_tar
+from schemas.manifest import DatasetCard
 from schemas.config import DataConfig, ModelConfig, TrainConfig, write_config
 from training import TrainError
 from training.data import ShardDataset, ShardStream, split_keys
@@ -23,13 +23,34 @@ from training.model import ProtoMask
 TOP_K = 5  # prototypes per image for the contrastivity metrics (spec §7)
 
 
+def shard_problems(root: Path, card: DatasetCard) -> list[str]:
+    """One line per shard whose tar differs from the manifest: sha256, or sample and member counts.
+
+    One read of every tar (``scan_tar``: hashing plus a walk over the tar headers), on the driver before
+    any worker starts; ``verify_checksums: false`` skips it."""
+    problems = []
+    for stats in card.shards:
+        tar = root / f"{stats.name}.tar"
+        try:
+            scan = scan_tar(tar)
+        except ShardError as exc:
+            problems.append(f"shard {stats.name}: {exc}")
+            continue
+        if scan.sha256 != stats.tar_sha256:
+            problems.append(f"shard {stats.name}: {tar} checksum differs from the manifest (corrupt or replaced)")
+        elif (scan.samples, scan.members) != (stats.ok, stats.tar_members):
+            problems.append(f"shard {stats.name}: {tar} holds {scan.samples} samples / {scan.members} members, "
+                            f"the manifest says {stats.ok} / {stats.tar_members}")
+    return problems
+
+
 def run_train(config: TrainConfig, address: str | None = None) -> dict:
     """Train on cached shards with Ray Train; rerunning with the same run_dir resumes. Returns test metrics."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     dataset = ShardDataset.open(config.shards)  # refuse to start on a missing or truncated shard, naming it
-    if config.verify_checksums and (problems := checksum_problems(config.shards, dataset.card)):
+    if config.verify_checksums and (problems := shard_problems(config.shards, dataset.card)):
         raise ShardError("refusing to train on corrupt shards:\n" + "\n".join(problems))
     run_dir = config.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
