@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	touch $(STAMP)
 
-.PHONY: install demo test test-fast browser
+.PHONY: install demo test test-fast browser bench
 install: $(STAMP)
 
 # the report test renders the HTML report in headless Chromium (Debian's package)
@@ -23,6 +23,11 @@ demo: $(STAMP)
 
 test: $(STAMP) browser
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q
+
+# the performance figures of docs/performance.md (about 5 minutes on 2 cores)
+bench: $(STAMP)
+	$(BIN)/pip install -q -e ".[bench]"
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m bench.run_all
 
 test-fast: $(STAMP)
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q -m "not slow"

@@ -1,72 +1,80 @@
-"""P4: training step time with the real shard stream ÷ with the same batches held in memory
-(CPU, small convnet, one process, decoding threads as configured)."""
+"""P4: training step time with the real shard stream ÷ with the same batches held in memory.
+
+The demo's training set-up (protomask/cli.py DEMO_TRAIN: convnet width 16, 48 px input, K=6 crops
+cut at read time from the synthetic source's images, batches of 16, 1 decoding thread) on CPU, in one process. Both sides
+run training.loop.train_one_epoch (forward, loss, backward, Adam step, per-step metrics) in the joint
+phase: once fed by the ShardStream (reading the tars, decoding and augmenting on its thread), once by
+a list of the batches that stream gives for the same epoch, decoded beforehand. torch runs
+--torch-threads intra-op threads (default 1: a Ray Train worker with cpus_per_worker=1, the default,
+gets OMP_NUM_THREADS=1), so the decoding thread has the other core, as it has in a real run.
+"""
 
 from __future__ import annotations
 
-import argparse
+import sys
 import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as bench/p4_... or python -m bench.p4_...
 
 import torch
 
-from bench.common import report
+from bench.common import Figure, local_ray, parser, report, side_by_side, timed
 from pipeline.job import run_segment
-from schemas.config import DataConfig, ModelConfig, SegmentConfig
+from protomask.cli import DEMO_TRAIN
+from schemas.config import SegmentConfig, TrainConfig
 from training.data import ShardDataset, ShardStream, split_keys
-from training.losses import total_loss
-from schemas.config import LossConfig
+from training.losses import class_weights
+from training.loop import make_optimizers, set_trainable, train_one_epoch
 from training.model import ProtoMask
 
+TARGET = "<= 1.10"
 
-def steps(model, optimizer, batches) -> float:
-    start = time.perf_counter()
-    n = 0
-    for batch in batches:
-        out = model(batch["crops"], batch["valid"])
-        loss, _ = total_loss(out, batch["label"], model, LossConfig(), "joint", None)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        n += 1
-    return (time.perf_counter() - start) / n
+
+def measure(rounds: int, torch_threads: int, loader_threads: int) -> Figure:
+    torch.set_num_threads(torch_threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        seg = SegmentConfig(source="synthetic", root=Path(tmp) / "synthetic", out=Path(tmp) / "shards",
+                            masks_per_image=6, shard_size=32, num_workers=2, cpus_per_worker=1)
+        with local_ray(2):
+            run_segment(seg, progress=False)
+        config = TrainConfig.model_validate({**DEMO_TRAIN, "shards": seg.out, "run_dir": Path(tmp) / "run",
+                                             "data": {**DEMO_TRAIN["data"], "loader_threads": loader_threads}})
+        dataset = ShardDataset.open(seg.out)
+        keys = split_keys(dataset, config.data.val_fraction, config.seed)["train"]
+        counts = [sum(r["label"] == c for r in dataset.rows if r["key"] in set(keys)) for c in range(dataset.num_classes)]
+        weights = class_weights(counts)
+        stream = ShardStream(dataset, keys, config.data, config.model.input_size, True, 0, 1, config.seed)
+        torch.manual_seed(config.seed)
+        model = ProtoMask(config.model, dataset.num_classes)
+        set_trainable(model, "joint", config)
+        optimizer = make_optimizers(model, config)["joint"]
+        stream.set_epoch(0)
+        held = list(stream)  # the same batches, decoded and augmented once
+        steps = len(held)
+
+        def epoch(batches) -> float:
+            return timed(lambda: train_one_epoch(model, model, batches, optimizer, config, "joint", weights,
+                                                 torch.device("cpu"))) / steps
+
+        values = side_by_side({"shard stream": lambda: epoch(stream), "batches in memory": lambda: epoch(held)}, rounds)
+    return Figure.from_rounds(
+        "P4", f"step time, shard stream ÷ in memory (demo convnet, {config.model.input_size} px, K=6, batch "
+              f"{config.data.batch_size}, {steps} steps/epoch, {torch_threads} torch thread(s), {loader_threads} decoding thread(s))",
+        TARGET, values, "s/step",
+        included="train_one_epoch: the stream's reading, decoding and augmentation where it overlaps the step",
+        params={"steps": steps, "torch_threads": torch_threads, "loader_threads": loader_threads,
+                "model": config.model.model_dump(mode="json"), "batch_size": config.data.batch_size},
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--loader-threads", type=int, default=1)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        seg = SegmentConfig(source="synthetic", root=Path(tmp) / "syn", out=Path(tmp) / "shards", masks_per_image=6,
-                            crop_size=64, shard_size=32, num_workers=2, cpus_per_worker=1)
-        run_segment(seg, progress=False)
-        ray.shutdown()
-        dataset = ShardDataset.open(seg.out)
-        keys = split_keys(dataset, 0.1, 0)["train"]
-        data = DataConfig(batch_size=16, loader_threads=args.loader_threads)
-        stream = ShardStream(dataset, keys, data, 48, True, 0, 1, 0)
-        torch.manual_seed(0)
-        model = ProtoMask(ModelConfig(backbone="convnet", width=16, prototypes_per_class=3, prototype_dim=64,
-                                      input_size=48), dataset.num_classes)
-        optimizer = torch.optim.Adam(model.parameters(), 1e-3)
-        stream.set_epoch(0)
-        held = list(stream)  # the same batches, decoded and augmented once
-        steps(model, optimizer, held)  # warm-up
-        results = []
-        for epoch in range(3):
-            stream.set_epoch(0)
-            results.append((steps(model, optimizer, stream), steps(model, optimizer, held)))
-    streamed = sorted(r[0] for r in results)[1]
-    memory = sorted(r[1] for r in results)[1]
-    report(f"P4 step time, shard stream vs in memory ({len(held)} steps of 16 images, K=6, 48 px)", [
-        {"input": "shard stream", "seconds_per_step": streamed},
-        {"input": "batches in memory", "seconds_per_step": memory},
-        {"input": "ratio (target <= 1.10)", "seconds_per_step": streamed / memory},
-    ], args.json)
+    p = parser(__doc__, rounds=5)
+    p.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--loader-threads", type=int, default=DEMO_TRAIN["data"]["loader_threads"],
+                   help="ShardStream decoding threads (default: the demo's)")
+    args = p.parse_args()
+    report(measure(args.rounds, args.torch_threads, args.loader_threads), args.json)
 
 
 if __name__ == "__main__":

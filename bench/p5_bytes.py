@@ -1,68 +1,90 @@
-"""P5: bytes on disk per image, our shards ÷ the reference layout (spec §4.3): one full-resolution RGB
-PNG per mask (image pixels inside the mask, zeros outside) plus the original image, same images and K."""
+"""P5: bytes on disk per image, our shard directory ÷ the reference layout, same images, masks and K.
+
+Ours: every file `protomask segment` writes for the cub_mini photos (superpixel, K=8, default
+format: image, masks and boxes, crops cut at read time): tars, parquets, stats markers, manifest,
+plan, config; and the same with --crop-size 224 (crop members also stored), for comparison. Reference (spec §4.1 step 5, §4.3), written by
+bench.common.write_reference from the same masks: one full-resolution RGB PNG per mask (image pixels
+inside the mask, zeros outside) + segmentation_info.json, plus the original image files. The
+reference's duplicated masks (balance_masks) and its copies into split folders are not counted.
+
+Nothing is timed: the sizes are deterministic, so there is one round. The table also breaks our bytes
+down by member (tar framing included).
+"""
 
 from __future__ import annotations
 
-import argparse
-import io
+import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as bench/p5_... or python -m bench.p5_...
 
-from bench.common import CUB_MINI, report
-from pipeline.job import run_segment
-from pipeline.manifest import read_rows
+from bench.common import CUB_MINI, Figure, parser, report, segment_cub, tree_bytes, write_reference
 from pipeline.shards import iter_samples
-from pipeline.masks import decode_masks
-from schemas.shard import MASKS_MEMBER
-from schemas.config import SegmentConfig
+
+TARGET = "<= 0.2"
+TAR_BLOCK = 512
 
 
-def reference_bytes(shards: Path, root: Path) -> int:
-    """What the reference writes for the same masks: mask_i.png per kept mask + the original file."""
-    total = 0
+def tar_footprint(size: int) -> int:
+    """Bytes a member of ``size`` bytes takes in a tar: its header block + data padded to blocks."""
+    return TAR_BLOCK + -(-size // TAR_BLOCK) * TAR_BLOCK
+
+
+def member_bytes(shards: Path) -> dict[str, int]:
+    """Tar footprint per member kind (``crop_NN.jpg`` counted together as ``crops``)."""
+    kinds: dict[str, int] = {}
     for tar in sorted(shards.glob("*.tar")):
         for _, members in iter_samples(tar):
-            import json
+            for ext, data in members.items():
+                kind = "crop_NN.jpg" if ext.startswith("crop_") else ext
+                kinds[kind] = kinds.get(kind, 0) + tar_footprint(len(data))
+    return kinds
 
-            record = json.loads(members["json"])
-            image = np.asarray(Image.open(io.BytesIO(members["jpg"])).convert("RGB"))
-            masks = decode_masks(members[MASKS_MEMBER], record["width"])
-            for mask in masks:
-                buf = io.BytesIO()
-                Image.fromarray(image * mask[..., None]).save(buf, format="PNG")
-                total += len(buf.getvalue())
-            total += (root / record["source_path"]).stat().st_size
-    return total
+
+def measure(root: Path = CUB_MINI, masks_per_image: int = 8, crop_size: int = 224) -> Figure:
+    with tempfile.TemporaryDirectory() as tmp:
+        shards, stored, ref_dir = Path(tmp) / "shards", Path(tmp) / "stored", Path(tmp) / "reference"
+        segment_cub(shards, root, masks_per_image)
+        segment_cub(stored, root, masks_per_image, crop_size)
+        samples = write_reference(shards, root, ref_dir)
+        n = len(samples)
+        ours, with_crops = tree_bytes(shards), tree_bytes(stored)
+        originals = sum(s.original.stat().st_size for s in samples)
+        pngs = sum(p.stat().st_size for s in samples for p in s.masks)
+        reference = tree_bytes(ref_dir) + originals
+        kinds = member_bytes(shards)
+        stored_kinds = member_bytes(stored)
+    rows = [{"": f"  ours: {kind} (tar header and padding included)", "bytes/image": size / n}
+            for kind, size in sorted(kinds.items(), key=lambda kv: -kv[1])]
+    rows += [
+        {"": "  ours: tar end blocks, parquets, markers, manifest, plan, config", "bytes/image": (ours - sum(kinds.values())) / n},
+        {"": "  reference: mask PNGs", "bytes/image": pngs / n},
+        {"": "  reference: original images", "bytes/image": originals / n},
+        {"": "  reference: segmentation_info.json", "bytes/image": (reference - pngs - originals) / n},
+        {"": f"ours with --crop-size {crop_size} (crops also stored)", "bytes/image": with_crops / n},
+        {"": "  of which crop_NN.jpg", "bytes/image": stored_kinds["crop_NN.jpg"] / n},
+        {"": f"ratio with --crop-size {crop_size}", "bytes/image": with_crops / reference},
+    ]
+    return Figure(
+        figure="P5", title=f"bytes on disk per image, {n} cub_mini images, K={masks_per_image}",
+        target=TARGET, ratio=ours / reference, ratios=[ours / reference], ours=ours / n, reference=reference / n,
+        unit="bytes/image", rounds={"protomask shard directory": [ours / n], "reference layout": [reference / n]},
+        included="every file of each layout; nothing timed",
+        params={"images": n, "masks_per_image": masks_per_image, "members": kinds,
+                "masks_stored": sum(len(s.masks) for s in samples), "crop_size_stored_variant": crop_size,
+                "stored_variant_bytes_per_image": with_crops / n, "stored_variant_members": stored_kinds},
+        extra_rows=rows,
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--root", type=Path, default=CUB_MINI)
-    parser.add_argument("--masks-per-image", type=int, default=8)
-    parser.add_argument("--crop-size", type=int, default=224)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        config = SegmentConfig(source="cub", root=args.root, out=Path(tmp) / "shards",
-                               masks_per_image=args.masks_per_image, crop_size=args.crop_size, shard_size=64)
-        card = run_segment(config, progress=False)
-        n = card.counts["ok"]
-        ours = card.total_bytes + sum(p.stat().st_size for p in config.out.glob("*.parquet"))
-        ref = reference_bytes(config.out, args.root)
-        members: dict[str, int] = {}
-        for tar in config.out.glob("*.tar"):
-            for _, sample in iter_samples(tar):
-                for ext, data in sample.items():
-                    kind = "crops" if ext.startswith("crop_") else ext
-                    members[kind] = members.get(kind, 0) + len(data)
-    rows = [{"layout": "protomask shards", "bytes_per_image": ours / n},
-            {"layout": "reference PNG per mask + original", "bytes_per_image": ref / n},
-            {"layout": "ratio (target <= 0.2)", "bytes_per_image": ours / ref}]
-    rows += [{"layout": f"  of which {k}", "bytes_per_image": v / n} for k, v in sorted(members.items())]
-    report(f"P5 bytes per image (K={args.masks_per_image}, crops {args.crop_size}px, {n} images)", rows, args.json)
+    p = parser(__doc__, rounds=1)
+    p.add_argument("--root", type=Path, default=CUB_MINI, help="a CUB-200-2011 folder")
+    p.add_argument("--masks-per-image", type=int, default=8)
+    p.add_argument("--crop-size", type=int, default=224, help="crop size of the stored-crops variant")
+    args = p.parse_args()
+    report(measure(args.root, args.masks_per_image, args.crop_size), args.json)
 
 
 if __name__ == "__main__":

@@ -1,37 +1,66 @@
-"""Run every benchmark (each in its own process: each starts its own Ray), print one table, write
-bench/results.json. Usage: .venv/bin/python -m bench.run_all"""
+"""Run every benchmark (P1-P5), each in its own process (each starts its own Ray), print their tables
+and one combined table, and write bench/results.json (every round of every figure, the machine, the
+load before and after, the wall time).
+
+    .venv/bin/python bench/run_all.py            # or: .venv/bin/python -m bench.run_all
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.common import machine, report
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as bench/run_all.py or python -m bench.run_all
 
-BENCHMARKS = [("P1", "bench.p1_segment_overhead", ">= 0.95"), ("P2", "bench.p2_scaling", ">= 1.8"), ("P3", "bench.p3_input_pipeline", ">= 5"),
-              ("P4", "bench.p4_step_overhead", "<= 1.10"), ("P5", "bench.p5_bytes", "<= 0.2")]
+from bench.common import fmt, machine, print_table, write_json
+
+BENCH = Path(__file__).resolve().parent
+BENCHMARKS = {"P1": "p1_segment_overhead.py", "P2": "p2_scaling.py", "P3": "p3_input_pipeline.py",
+              "P4": "p4_step_overhead.py", "P5": "p5_bytes.py"}
 
 
 def main() -> None:
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    rows, details = [], {}
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), help="run only these figures")
+    p.add_argument("--out", type=Path, default=BENCH / "results.json")
+    p.add_argument("--log", type=Path, help="the benchmarks' stderr (Ray's logs); default: discarded")
+    args = p.parse_args()
+    figures = args.only or list(BENCHMARKS)
+    before, start = machine(), time.perf_counter()
+    details: dict[str, dict] = {}
+    log = args.log.open("w") if args.log else subprocess.DEVNULL
     with tempfile.TemporaryDirectory() as tmp:
-        for figure, module, target in BENCHMARKS:
+        for figure in figures:
             out = Path(tmp) / f"{figure}.json"
-            subprocess.run([sys.executable, "-m", module, "--json", str(out)], check=True, env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            result = json.loads(out.read_text())
-            details[figure] = result
-            ratio = next(v for r in result["rows"] for k, v in r.items() if isinstance(v, str) and "ratio" in v)
-            value = [v for r in result["rows"] if ratio in r.values() for v in r.values() if isinstance(v, float)][0]
-            rows.append({"figure": figure, "benchmark": result["benchmark"], "ratio": value, "target": target})
-    report("protomask benchmarks (each ratio measured side by side in one process)", rows, None)
-    Path(__file__).with_name("results.json").write_text(
-        json.dumps({"machine": machine(), "summary": rows, "details": details}, indent=1))
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, str(BENCH / BENCHMARKS[figure]), "--json", str(out)], check=True,
+                           stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            details[figure] = {**json.loads(out.read_text()), "wall_s": round(time.perf_counter() - t0, 1)}
+    wall = time.perf_counter() - start
+    rows = [{"#": f, "figure": d["title"], "protomask": f"{fmt(d['ours'])} {d['unit']}",
+             "reference": f"{fmt(d['reference'])} {d['unit']}", "ratio": d["ratio"], "target": d["target"],
+             "met": d["met"], "ratio per round": " ".join(fmt(r) for r in d["ratios"])} for f, d in details.items()]
+    print_table(f"protomask benchmarks: each ratio measured side by side in one process, median of its rounds "
+                f"({wall / 60:.1f} min)", rows)
+    after = machine()
+    print(f"\nmachine: {after['cpus']} x {after['cpu_model']}, {after['memory_gib']} GiB, GPU: {after['gpu']}; "
+          f"load average before {before['load_average']}, after {after['load_average']}")
+    write_json(args.out, {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]), "finished": datetime.now(timezone.utc).isoformat(),
+        "wall_s": round(wall, 1), "machine": after, "load_average_before": before["load_average"],
+        "summary": [{"figure": f, "title": d["title"], "ours": d["ours"], "reference": d["reference"], "unit": d["unit"],
+                     "ratio": d["ratio"], "target": d["target"], "met": d["met"], "ratios": d["ratios"]}
+                    for f, d in details.items()],
+        "details": details,
+    })
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

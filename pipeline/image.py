@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -28,21 +30,29 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_image(path: Path, max_side: int, max_image_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Return the RGB image (HxWx3 uint8, EXIF orientation applied, long side <= max_side) and the
-    original (width, height)."""
+class LoadedImage(NamedTuple):
+    pixels: np.ndarray  # HxWx3 uint8 RGB, EXIF orientation applied, long side <= max_side
+    original_size: tuple[int, int]  # (width, height) of the input, after the EXIF turn
+    jpeg: bytes | None  # the file's bytes when ``pixels`` are exactly their plain decode (an RGB JPEG
+    # without EXIF turn or downscale): stored as is, no re-encoding and no second generation loss
+
+
+def load_image(path: Path, max_side: int, max_image_pixels: int) -> LoadedImage:
+    """Decode one input; every failure is an ``ImageError`` with the reason."""
     try:
-        size = path.stat().st_size
+        data = path.read_bytes()
     except OSError as exc:
         raise ImageError(f"cannot read file: {exc.strerror}") from exc
-    if size == 0:
+    if not data:
         raise ImageError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(data)) as im:
                 width, height = im.size
-                rotated = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientation with a 90° turn
+                orientation = im.getexif().get(0x0112, 1)
+                rotated = orientation in (5, 6, 7, 8)  # EXIF orientation with a 90° turn
+                as_is = im.format == "JPEG" and im.mode == "RGB" and orientation == 1 and max(width, height) <= max_side
                 if width * height > max_image_pixels:
                     raise ImageError(f"image has {width}x{height} pixels, above max_image_pixels={max_image_pixels}")
                 if im.format == "JPEG" and max(width, height) > 2 * max_side:
@@ -64,4 +74,4 @@ def load_image(path: Path, max_side: int, max_image_pixels: int) -> tuple[np.nda
     if max(rgb.size) > max_side:
         scale = max_side / max(rgb.size)
         rgb = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.BILINEAR)
-    return np.asarray(rgb), original
+    return LoadedImage(np.asarray(rgb), original, data if as_is else None)

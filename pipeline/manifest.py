@@ -25,7 +25,7 @@ def read_rows(out: Path, shards: list[ShardStats]) -> pa.Table:
 
 def build_card(
     out: Path, shards: list[ShardStats], classes: list[str], source: str, config_hash: str,
-    masks_per_image: int, crop_size: int, segmenter: SegmenterInfo,
+    masks_per_image: int, crop_size: int | None, segmenter: SegmenterInfo,
 ) -> DatasetCard:
     """Aggregate the finished shards into a DatasetCard and write ``manifest.json`` (atomically)."""
     rows = read_rows(out, shards).to_pylist()
@@ -97,12 +97,13 @@ def inspect(out: Path) -> dict:
 
 def format_inspect(summary: dict) -> str:
     s = summary
+    crops = f"{s['crop_size']}px crops stored" if s["crop_size"] else "crops cut at read time"
     lines = [
         f"{s['directory']}  (format {s['format_version']}, protomask {s['code_version']}, config {s['config_hash']})",
         f"source      {s['source']}",
         f"segmenter   {s['segmenter']['name']}  {json.dumps(s['segmenter']['params'], sort_keys=True)}",
         f"checkpoint  sha256 {s['segmenter']['checkpoint_sha256'] or '-'}",
-        f"shards      {s['shards']}   bytes {s['bytes']:,}   K={s['masks_per_image']}  crop {s['crop_size']}px",
+        f"shards      {s['shards']}   bytes {s['bytes']:,}   K={s['masks_per_image']}  {crops}",
         f"samples     {s['samples']['ok']} ok, {s['samples']['failed']} failed, {s['samples']['inputs']} inputs",
         "",
         f"{'split':<10}{'ok':>8}{'failed':>8}",
@@ -125,7 +126,9 @@ def _check_sample(key: str, members: dict[str, bytes]) -> str | None:
         record = SampleRecord.model_validate_json(members["json"])
     except (KeyError, ValueError) as exc:
         return f"sample {key}: bad json member ({exc})"
-    expected = {"cls", "jpg", "json", MASKS_MEMBER} | {crop_member(i) for i in range(record.n_masks)}
+    expected = {"jpg", "json", MASKS_MEMBER}
+    if record.crop_size is not None:
+        expected |= {crop_member(i) for i in range(record.n_masks)}
     if record.part_names is not None:
         expected.add("parts.png")
     if set(members) != expected:

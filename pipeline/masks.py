@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,13 +48,12 @@ def select_masks(proposal: Proposal, k: int) -> MaskSet:
     )
 
 
-def crop_boxes(image: np.ndarray, boxes: np.ndarray, size: int) -> list[np.ndarray]:
-    """Crop each inclusive box from the RGB image and resize it to size x size (aspect not kept)."""
-    crops = []
-    for x0, y0, x1, y1 in boxes.tolist():
-        patch = Image.fromarray(image[y0 : y1 + 1, x0 : x1 + 1])
-        crops.append(np.asarray(patch.resize((size, size), Image.BILINEAR)))
-    return crops
+def crop_boxes(image: Image.Image, boxes: Iterable[Sequence[int]], size: int) -> list[Image.Image]:
+    """Each inclusive box ``[x_min, y_min, x_max, y_max]`` of ``image``, resized to size x size (aspect
+    not kept, bilinear; cropped first, so no pixel outside the box bleeds in at the edges). The writer's
+    crop members and the readers' crops at read time are this function."""
+    return [image.crop((x0, y0, x1 + 1, y1 + 1)).resize((size, size), Image.Resampling.BILINEAR)
+            for x0, y0, x1, y1 in boxes]
 
 
 def encode_masks(masks: np.ndarray) -> bytes:

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.masks import MaskSet, encode_masks
+from pipeline.masks import MaskSet, crop_boxes, encode_masks
 from pipeline.plan import shard_name
 from schemas.manifest import ROW_SCHEMA, ShardStats
 from schemas.shard import MASKS_MEMBER, SampleRecord, crop_member
@@ -37,9 +37,9 @@ class EncodedSample:
     members: dict[str, bytes]  # extension -> bytes
 
 
-def _jpeg(array: np.ndarray, quality: int) -> bytes:
+def _jpeg(image: Image.Image, quality: int) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="JPEG", quality=quality)
+    image.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 
@@ -54,19 +54,22 @@ def encode_sample(
     record: SampleRecord,
     image: np.ndarray,
     mask_set: MaskSet,
-    crops: list[np.ndarray],
     parts: np.ndarray | None,
     jpeg_quality: int,
+    image_jpeg: bytes | None = None,
 ) -> EncodedSample:
-    """All members of one sample (format: schemas/shard.py)."""
+    """All members of one sample (format: schemas/shard.py). ``image_jpeg``: the input file's own bytes,
+    stored instead of re-encoding ``image`` (see ``LoadedImage.jpeg``). Crop members are written when
+    ``record.crop_size`` is set."""
+    pil = Image.fromarray(image)
     members = {
-        "cls": str(record.label).encode(),
-        "jpg": _jpeg(image, jpeg_quality),
-        "json": json.dumps(record.model_dump(mode="json"), sort_keys=True).encode(),
+        "jpg": image_jpeg if image_jpeg is not None else _jpeg(pil, jpeg_quality),
+        "json": json.dumps(record.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode(),
         MASKS_MEMBER: encode_masks(mask_set.masks),
     }
-    for i, crop in enumerate(crops):
-        members[crop_member(i)] = _jpeg(crop, jpeg_quality)
+    if record.crop_size is not None:
+        for i, crop in enumerate(crop_boxes(pil, record.boxes, record.crop_size)):
+            members[crop_member(i)] = _jpeg(crop, jpeg_quality)
     if parts is not None:
         members["parts.png"] = _png(parts)
     return EncodedSample(key=record.key, members=members)
@@ -215,6 +218,11 @@ def iter_samples(tar_path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
                 f = tar.extractfile(info)
                 assert f is not None
                 members[ext] = f.read()
+            # tarfile ends quietly at a header cut short: only the end-of-archive marker (two zero blocks
+            # where the next header would be) tells a complete tar from one truncated between members
+            tar.fileobj.seek(tar.offset)
+            if tar.fileobj.read(2 * tarfile.BLOCKSIZE) != tarfile.NUL * (2 * tarfile.BLOCKSIZE):
+                raise ShardError(f"{tar_path}: unreadable tar: no end-of-archive marker at byte {tar.offset} (truncated)")
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise ShardError(f"{tar_path}: unreadable tar: {exc}") from exc
     if current is not None:

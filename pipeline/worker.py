@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.image import ImageError, load_image
-from pipeline.masks import crop_boxes, select_masks
+from pipeline.image import ImageError, LoadedImage, load_image
+from pipeline.masks import select_masks
 from pipeline.segmenters import Proposal, create_segmenter
 from pipeline.shards import EncodedSample, encode_sample, write_shard
 from schemas.config import SegmentConfig
@@ -36,18 +36,18 @@ class ShardProcessor:
         self.part_names = part_names
         self.segmenter = create_segmenter(config.segmenter)
 
-    def _decode(self, row: dict) -> tuple[np.ndarray, tuple[int, int], np.ndarray | None]:
-        image, original = load_image(self.config.root / row["source_path"], self.config.max_side,
-                                     self.config.max_image_pixels)
+    def _decode(self, row: dict) -> tuple[LoadedImage, np.ndarray | None]:
+        loaded = load_image(self.config.root / row["source_path"], self.config.max_side, self.config.max_image_pixels)
         parts = None
         if row["parts_path"]:
+            height, width = loaded.pixels.shape[:2]
             with Image.open(self.config.root / row["parts_path"]) as im:
-                parts = np.asarray(im.convert("L").resize((image.shape[1], image.shape[0]), Image.NEAREST))
-        return image, original, parts
+                parts = np.asarray(im.convert("L").resize((width, height), Image.NEAREST))
+        return loaded, parts
 
-    def _encode(self, row: dict, image: np.ndarray, original: tuple[int, int], parts: np.ndarray | None,
-                proposal: Proposal) -> EncodedSample:
+    def _encode(self, row: dict, loaded: LoadedImage, parts: np.ndarray | None, proposal: Proposal) -> EncodedSample:
         cfg = self.config
+        image, original = loaded.pixels, loaded.original_size
         mask_set = select_masks(proposal, cfg.masks_per_image)
         if len(mask_set.masks) == 0:
             raise ImageError(f"segmenter returned no mask wider and taller than 1 px ({image.shape[1]}x{image.shape[0]} image)")
@@ -59,8 +59,7 @@ class ShardProcessor:
             scores=[round(float(s), 6) for s in mask_set.scores], crop_size=cfg.crop_size,
             part_names=self.part_names if parts is not None else None, extra=json.loads(row["extra"]),
         )
-        crops = crop_boxes(image, mask_set.boxes, cfg.crop_size)
-        return encode_sample(record, image, mask_set, crops, parts, cfg.jpeg_quality)
+        return encode_sample(record, image, mask_set, parts, cfg.jpeg_quality, loaded.jpeg)
 
     def process(self, shard: int, rows: list[dict], on_image: Callable[[], None] | None = None) -> ShardStats:
         """Segment every row and write the shard; a bad input becomes an error row, never an exception."""
@@ -75,9 +74,9 @@ class ShardProcessor:
                 if i + PREFETCH < len(rows):
                     decoded.append(pool.submit(self._decode, rows[i + PREFETCH]))
                 try:
-                    image, original, parts = job.result()
-                    proposal = self.segmenter(image)
-                    encoded.append(pool.submit(self._encode, row, image, original, parts, proposal))
+                    loaded, parts = job.result()
+                    proposal = self.segmenter(loaded.pixels)
+                    encoded.append(pool.submit(self._encode, row, loaded, parts, proposal))
                 except Exception as exc:  # noqa: BLE001 - any failure of one input is recorded, not raised
                     encoded.append(exc)
                 if on_image is not None:

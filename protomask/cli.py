@@ -34,7 +34,8 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-type", choices=["vit_b", "vit_l", "vit_h"])
     p.add_argument("--device", choices=["auto", "cuda", "cpu"])
     p.add_argument("--masks-per-image", type=int, help="K: masks kept per image")
-    p.add_argument("--crop-size", type=int)
+    p.add_argument("--crop-size", type=int, help="also store each crop as a JPEG of this size (default: none; "
+                                                 "readers cut crops from the image at the boxes)")
     p.add_argument("--shard-size", type=int, help="images per shard")
     p.add_argument("--max-side", type=int)
     p.add_argument("--num-workers", type=int, help="segmenter workers (default: GPUs, else CPUs)")
@@ -170,7 +171,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     workers = args.num_workers
     segment = SegmentConfig(
         source="synthetic", root=args.out / "synthetic", out=args.out / "shards", masks_per_image=6,
-        crop_size=64, shard_size=32, num_workers=workers, cpus_per_worker=2 / workers,
+        shard_size=32, num_workers=workers, cpus_per_worker=2 / workers,
     )
     t0 = time.perf_counter()
     card = run_segment(segment, progress=not args.no_progress)

@@ -82,7 +82,10 @@ class SegmentConfig(Strict):
     synthetic: SyntheticConfig = SyntheticConfig()
     segmenter: SegmenterConfig = SegmenterConfig()
     masks_per_image: int = Field(8, ge=1, le=64)
-    crop_size: int = Field(224, ge=8, le=1024)
+    crop_size: int | None = Field(None, ge=8, le=1024, description=(
+        "also store each mask's box crop, resized to crop_size x crop_size, as a JPEG member (for tools that "
+        "want crops as files); default: no crop members, readers crop the image at the boxes (training does, "
+        "at its input size)"))
     shard_size: int = Field(256, ge=1, le=100_000)
     max_side: int = Field(1024, ge=8, description="images are downscaled so the long side is at most this")
     max_image_pixels: int = Field(178_956_970, ge=1, description="larger inputs are rejected (decompression bombs)")

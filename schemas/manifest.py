@@ -89,7 +89,7 @@ class DatasetCard(Strict):
     source: str
     classes: list[str]
     masks_per_image: int
-    crop_size: int
+    crop_size: int | None = Field(description="size of the stored crop members; null: none stored")
     segmenter: SegmenterInfo
     shards: list[ShardStats]
     counts: dict[str, int] = Field(description="inputs, ok, failed")

@@ -3,18 +3,20 @@
 A sample with key ``K`` (digits only: 5 shard digits, then the index inside the shard) is these
 adjacent tar members, in this order::
 
-    K.cls            class index as ASCII text
-    K.crop_00.jpg    crop of mask 0 (the largest), resized to crop_size x crop_size, RGB JPEG
-    ...
-    K.crop_NN.jpg    one per valid mask (n_masks of them; padding is never written)
-    K.jpg            the image the masks refer to (RGB JPEG, long side <= max_side)
+    K.crop_00.jpg    only when crop_size is set: crop of mask 0 (the largest), resized to
+    ...              crop_size x crop_size, RGB JPEG; one per valid mask (n_masks of them)
+    K.jpg            the image the masks refer to (RGB JPEG, long side <= max_side): the input file's
+                     own bytes when it is an RGB JPEG used as is (no EXIF turn, no downscale),
+                     else a re-encoding at jpeg_quality
     K.json           SampleRecord below
     K.masks.npy.gz   gzip of a .npy: uint8 [n_masks, height, ceil(width / 8)] = np.packbits(mask, axis=-1);
                      unpack with np.unpackbits(a, axis=-1, count=width).astype(bool)
     K.parts.png      optional, 8-bit ground-truth part label map (0 = none), same size as K.jpg
 
-Boxes are ``[x_min, y_min, x_max, y_max]`` in pixels of ``K.jpg`` with **inclusive** maxima: the crop is
-``image[y_min:y_max + 1, x_min:x_max + 1]``.
+Padding is never written: a sample has n_masks masks (and crops). Boxes are ``[x_min, y_min, x_max,
+y_max]`` in pixels of ``K.jpg`` with **inclusive** maxima: the crop is ``image[y_min:y_max + 1,
+x_min:x_max + 1]``, which readers resize to their input size (pipeline.masks.crop_boxes). The label
+is ``K.json``'s ``label`` (no ``.cls`` member since format 3: its two tar blocks were 6 % of a sample).
 """
 
 from __future__ import annotations
@@ -49,6 +51,6 @@ class SampleRecord(BaseModel):
     boxes: list[list[int]] = Field(description="[x_min, y_min, x_max, y_max] inclusive, per mask")
     areas: list[int] = Field(description="mask pixel counts, descending")
     scores: list[float] = Field(description="segmenter confidence per mask (1.0 when it has none)")
-    crop_size: int
+    crop_size: int | None = Field(description="size of the K.crop_NN.jpg members; null: none stored")
     part_names: list[str] | None = Field(None, description="names of the ids in K.parts.png (id = index + 1)")
     extra: dict = Field(default_factory=dict, description="source metadata, e.g. CUB bounding box and parts")

@@ -3,7 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 # Bump when the bytes of a shard, a manifest or a checkpoint change meaning.
-FORMAT_VERSION = "2"  # 2: masks gzip-compressed (masks.npy.gz)
+FORMAT_VERSION = "3"  # 2: masks gzip-compressed (masks.npy.gz); 3: crop members optional (crop_size null)
 
 try:
     CODE_VERSION = version("protomask")

@@ -28,7 +28,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """36 synthetic images (3 classes x 9 train + 3 test) in 8 shards of 5, segmented without Ray."""
     tmp = tmp_path_factory.mktemp("data")
     config = SegmentConfig.model_validate(dict(
-        source="synthetic", root=tmp / "synth", out=tmp / "shards", shard_size=5, crop_size=CROP,
+        source="synthetic", root=tmp / "synth", out=tmp / "shards", shard_size=5,
         masks_per_image=K, segmenter={"name": "grid", "grid": 2},
         synthetic={"num_classes": 3, "train_per_class": 9, "test_per_class": 3, "image_size": 48},
     ))
@@ -74,12 +74,21 @@ def test_split_keys_stratified_deterministic(shards: Path) -> None:
 def test_decode_sample_pads_and_resizes(shards: Path) -> None:
     key, members = next(iter_samples(shards / "00000.tar"))
     crops, valid, label, out_key = decode_sample(members, K + 2, 24, None)
-    assert out_key == key and label == int(members["cls"])
+    assert out_key == key and label == json.loads(members["json"])["label"]
     assert crops.shape == (K + 2, 3, 24, 24) and crops.dtype == torch.float32
     assert valid.tolist() == [True] * K + [False, False] and not crops[K:].any()
     assert -2.2 < float(crops[:K].min()) and float(crops[:K].max()) < 2.7  # ImageNet-normalised
-    del members["crop_01.jpg"]
-    with pytest.raises(ShardError, match="crop_01"):
+    assert not any(m.startswith("crop_") for m in members)  # the default format stores no crops
+    image = Image.open(io.BytesIO(members["jpg"])).convert("RGB")
+    for i, (x0, y0, x1, y1) in enumerate(json.loads(members["json"])["boxes"]):  # cut at read time, box inclusive
+        box = np.asarray(image.crop((x0, y0, x1 + 1, y1 + 1)).resize((24, 24), Image.Resampling.BILINEAR))
+        normalised = (box.transpose(2, 0, 1) - data._MEAN_255) / data._STD_255
+        assert np.allclose(crops[i].numpy(), normalised, atol=1e-5)
+    wrong = {**members, "json": json.dumps({**json.loads(members["json"]), "width": 7}).encode()}
+    with pytest.raises(ShardError, match=rf"sample {key}: image is \d+x\d+, the json says 7x"):
+        decode_sample(wrong, K, 24, None)
+    del members["jpg"]
+    with pytest.raises(ShardError, match=rf"member {key}.jpg is missing"):
         decode_sample(members, K, 24, None)
 
 

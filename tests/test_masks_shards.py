@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pipeline.masks import crop_boxes, mask_boxes, pack_masks, select_masks, unpack_masks
 from pipeline.segmenters.base import Proposal
@@ -42,8 +43,8 @@ def test_boxes_inclusive_and_crop_covers_box() -> None:
     assert mask_boxes(m[None]).tolist() == [[10, 5, 19, 7]]
     image = np.zeros((20, 30, 3), np.uint8)
     image[5:8, 10:20] = 255  # exactly the box: the crop must be all white (no dropped row/column)
-    (crop,) = crop_boxes(image, mask_boxes(m[None]), 16)
-    assert crop.shape == (16, 16, 3) and crop.min() == 255
+    (crop,) = crop_boxes(Image.fromarray(image), mask_boxes(m[None]).tolist(), 16)
+    assert crop.size == (16, 16) and np.asarray(crop).min() == 255
 
 
 def test_pack_roundtrip_odd_width() -> None:
@@ -62,7 +63,7 @@ def _sample(key: str, label: int = 1):
         original_width=16, original_height=12, masks_per_image=4, n_masks=2, boxes=chosen.boxes.tolist(),
         areas=chosen.areas.tolist(), scores=[1.0, 1.0], crop_size=8,
     )
-    return encode_sample(record, image, chosen, crop_boxes(image, chosen.boxes, 8), None, 90)
+    return encode_sample(record, image, chosen, None, 90)
 
 
 def _rows(keys):
@@ -79,11 +80,11 @@ def test_write_shard_reproducible_and_readable(tmp_path: Path) -> None:
     write_shard(b, 0, [_sample(k) for k in reversed(keys)], _rows(list(reversed(keys))), "h", 2.0)
     assert (a / "00000.tar").read_bytes() == (b / "00000.tar").read_bytes()
     assert (a / "00000.parquet").read_bytes() == (b / "00000.parquet").read_bytes()
-    assert stats.ok == 2 and stats.tar_members == 2 * 6 and read_stats(a, 0) == stats
+    assert stats.ok == 2 and stats.tar_members == 2 * 5 and read_stats(a, 0) == stats
     assert not list(a.glob(".*tmp"))
     with tarfile.open(a / "00000.tar") as tar:  # plain tar: sorted, adjacent members, fixed metadata
         names = tar.getnames()
-        assert names[:6] == ["0000000.cls", "0000000.crop_00.jpg", "0000000.crop_01.jpg", "0000000.jpg",
+        assert names[:5] == ["0000000.crop_00.jpg", "0000000.crop_01.jpg", "0000000.jpg",
                              "0000000.json", "0000000.masks.npy.gz"]
         assert {m.mtime for m in tar.getmembers()} == {946684800}
     samples = list(iter_samples(a / "00000.tar"))
@@ -99,7 +100,7 @@ def test_webdataset_library_reads_shard(tmp_path: Path) -> None:
     ds = wds.WebDataset(str(tmp_path / "00000.tar"), shardshuffle=False).decode("rgb8")
     (sample,) = list(ds)
     assert sample["jpg"].shape == (12, 16, 3) and sample["crop_01.jpg"].shape == (8, 8, 3)
-    assert sample["masks.npy.gz"].shape == (2, 12, 2) and sample["json"]["label"] == 1 and sample["cls"] == 1
+    assert sample["masks.npy.gz"].shape == (2, 12, 2) and sample["json"]["label"] == 1
 
 
 def test_reader_refuses_traversal_member(tmp_path: Path) -> None:
@@ -120,3 +121,28 @@ def test_reader_names_truncated_tar(tmp_path: Path) -> None:
     (tmp_path / "00000.tar").write_bytes(data[: len(data) // 3])
     with pytest.raises(ShardError, match="00000.tar"):
         list(iter_samples(tmp_path / "00000.tar"))
+
+
+def test_crop_members_only_when_crop_size_is_set() -> None:
+    sample = _sample("0000000")
+    without = encode_sample(SampleRecord.model_validate({**json.loads(sample.members["json"]), "crop_size": None}),
+                            np.full((12, 16, 3), 100, np.uint8), select_masks(Proposal(
+                                np.stack([_mask(12, 16, 0, 6, 0, 8), _mask(12, 16, 6, 12, 8, 16)]),
+                                np.ones(2, np.float32)), k=4), None, 90, image_jpeg=b"\xff\xd8 the file")
+    assert sorted(without.members) == ["jpg", "json", "masks.npy.gz"]
+    assert without.members["jpg"] == b"\xff\xd8 the file"  # the input's own bytes, not re-encoded
+    assert sorted(m for m in sample.members if m.startswith("crop_")) == ["crop_00.jpg", "crop_01.jpg"]
+
+
+@pytest.mark.parametrize("cut", ["header", "member_boundary", "end_marker"])
+def test_reader_names_tar_truncated_where_tarfile_stays_quiet(tmp_path: Path, cut: str) -> None:
+    """Python's tarfile ends without error at a header cut short or missing; the reader must not."""
+    write_shard(tmp_path, 0, [_sample("0000000")], _rows(["0000000"]), "h", 1.0)
+    path = tmp_path / "00000.tar"
+    with tarfile.open(path) as tar:
+        offset = tar.getmembers()[2].offset  # the third member's header
+        end = tar.offset
+    data = path.read_bytes()
+    path.write_bytes(data[: {"header": offset + 100, "member_boundary": offset, "end_marker": end + 512}[cut]])
+    with pytest.raises(ShardError, match=r"00000.tar: unreadable tar: no end-of-archive marker .*\(truncated\)"):
+        list(iter_samples(path))

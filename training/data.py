@@ -28,11 +28,11 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from pipeline.manifest import MANIFEST, load_card, read_rows
+from pipeline.masks import crop_boxes
 from pipeline.plan import shard_name
 from pipeline.shards import ShardError, iter_samples
 from schemas.config import DataConfig
 from schemas.manifest import DatasetCard
-from schemas.shard import crop_member
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -117,22 +117,14 @@ def split_keys(dataset: ShardDataset, val_fraction: float, seed: int) -> dict[st
     return {split: sorted(keys) for split, keys in out.items()}
 
 
-def _read_crop(data: bytes, size: int) -> Image.Image:
-    """One JPEG crop as an RGB ``size`` x ``size`` image."""
-    image = Image.open(io.BytesIO(data))
-    if image.size != (size, size):
-        image.draft("RGB", (size, size))  # JPEG DCT scaling: decode no larger than needed
-        image = image.resize((size, size), Image.Resampling.BILINEAR)
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
 def decode_sample(
     members: dict[str, bytes], k: int, size: int, augment: Callable[[Image.Image], Image.Image] | None,
     whole_image: bool = False, out: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int, str]:
     """Crops ``[k, 3, size, size]`` float32 (ImageNet-normalised, zero padding), valid ``[k]`` bool,
-    label and key of one sample; ``augment`` is called once per crop, on the resized RGB image.
-    ``whole_image``: the image member instead of the crops, as ``[1, 3, size, size]`` (patch baseline).
+    label and key of one sample, from its ``jpg`` and ``json`` members: each mask's box is cut from the
+    image and resized (``pipeline.masks.crop_boxes``), then ``augment`` is called once per crop.
+    ``whole_image``: the whole image instead, as ``[1, 3, size, size]`` (patch baseline).
     ``out``: a zero-filled float32 array of that shape to decode into (the sample's slice of a batch,
     so that collating copies nothing); the crops returned share its memory.
 
@@ -148,12 +140,20 @@ def decode_sample(
     crops = np.zeros((k, 3, size, size), np.float32) if out is None else out
     if crops.shape != (k, 3, size, size):
         raise ValueError(f"out has shape {crops.shape}, expected {(k, 3, size, size)}")
-    for i in range(n):
-        member = "jpg" if whole_image else crop_member(i)
-        if (data := members.get(member)) is None:
-            raise ShardError(f"sample {key}: member {key}.{member} is missing")
-        image = _read_crop(data, size)
-        pixels = np.asarray(augment(image) if augment is not None else image)
+    if (data := members.get("jpg")) is None:
+        raise ShardError(f"sample {key}: member {key}.jpg is missing")
+    image = Image.open(io.BytesIO(data))
+    if whole_image:
+        image.draft("RGB", (size, size))  # JPEG DCT scaling: decode no larger than needed
+        boxes = [[0, 0, image.width - 1, image.height - 1]]
+    else:
+        if image.size != (record["width"], record["height"]):
+            raise ShardError(f"sample {key}: image is {image.width}x{image.height}, "
+                             f"the json says {record['width']}x{record['height']}")
+        boxes = record["boxes"][:n]
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    for i, crop in enumerate(crop_boxes(image, boxes, size)):
+        pixels = np.asarray(augment(crop) if augment is not None else crop)
         np.subtract(pixels.transpose(2, 0, 1), _MEAN_255, out=crops[i])  # uint8 → float32 in the same pass
         crops[i] /= _STD_255
     return torch.from_numpy(crops), torch.from_numpy(np.arange(k) < n), label, key
@@ -308,7 +308,6 @@ class ShardStream:
         self._units: list[Unit] = sorted(by_shard.items())
         self._augment = train and config.augment
         self._whole_image = whole_image
-        self._image_member = "jpg" if whole_image else None
 
     def set_epoch(self, epoch: int) -> None:
         """Training streams reshuffle and reassign shards per epoch."""
@@ -325,13 +324,13 @@ class ShardStream:
         return sorted(_assign(self._units, self.world_size, None)[self.rank])
 
     def _read(self, unit: Unit, salt: int) -> Iterator[tuple[Path, str, dict[str, bytes], int]]:
-        """(tar, key, the json and crop members, salt) of the unit's keys; other samples are skipped."""
+        """(tar, key, the json and jpg members, salt) of the unit's keys; other samples are skipped."""
         shard, keys = unit
         tar, wanted = self.dataset.tar_path(shard), set(keys)
         for key, members in iter_samples(tar):
             if key in wanted:
                 wanted.discard(key)
-                yield tar, key, {e: v for e, v in members.items() if e == "json" or e == self._image_member or e.startswith("crop_")}, salt
+                yield tar, key, {e: members[e] for e in ("json", "jpg") if e in members}, salt
         if wanted:
             raise ShardError(f"{tar}: {len(wanted)} samples of the manifest are missing from the tar "
                              f"(e.g. {min(wanted)})")
