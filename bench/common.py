@@ -251,12 +251,17 @@ def shard_images(out: Path) -> dict[str, int]:
 
 
 def segment_cub(out: Path, root: Path = CUB_MINI, masks_per_image: int = 8, crop_size: int | None = None,
-                workers: int = 2):
-    """Segment the CUB photos under ``root`` into ``out`` (superpixel, local Ray); the dataset card."""
+                workers: int = 2, passes: int = 1):
+    """Segment the CUB photos under ``root`` into ``out`` (superpixel, local Ray); the dataset card.
+    ``passes`` > 1 lists every photo that many times (a ``listing`` source beside ``out``)."""
     from pipeline.job import run_segment
     from schemas.config import SegmentConfig
 
-    config = SegmentConfig(source="cub", root=root, out=out, masks_per_image=masks_per_image,
+    source = {"source": "cub"}
+    if passes > 1:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        source = {"source": "listing", "listing": write_listing(root, out.parent, passes)[1]}
+    config = SegmentConfig(**source, root=root, out=out, masks_per_image=masks_per_image,
                            crop_size=crop_size, shard_size=16, num_workers=workers, cpus_per_worker=1)
     with local_ray(workers):
         return run_segment(config, progress=False)

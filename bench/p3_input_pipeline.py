@@ -1,6 +1,7 @@
 """P3: training input images/s from our shards ÷ the reference layout, same images, same masks, same K.
 
-Ours: training.data.ShardStream over the shards of the cub_mini photos (superpixel, K=8), cropped
+Ours: training.data.ShardStream over the shards of the cub_mini photos listed --passes times, so
+that an epoch is long enough to time (superpixel, K=8), cropped
 at read time to 224 px, training mode (shuffle buffer, augmentation), --workers decoding threads,
 batches of 8.
 Reference (spec §2.6, §4.3, §4.5): bench.common.write_reference writes one full-resolution RGB PNG
@@ -34,6 +35,7 @@ from PIL import Image
 
 from bench.common import (CUB_MINI, Figure, ReferenceSample, median, paired_ratios, parser, report,
                           segment_cub, side_by_side, timed, write_reference)
+from pipeline.masks import crop_boxes
 from schemas.config import DataConfig
 from training.data import IMAGENET_MEAN, IMAGENET_STD, ShardDataset, ShardStream, make_augment
 
@@ -80,12 +82,10 @@ class ReferenceDataset(torch.utils.data.Dataset):
             with Image.open(sample.masks[i]) as im:
                 masked = np.asarray(im.convert("RGB"))
             filled = np.where(masked.any(-1, keepdims=True), masked, original)  # fill_background "original"
-            x0, y0, x1, y1 = sample.boxes[i]
             if self._pipeline is not None:
-                crops.append(self._pipeline(image=filled, cropping_bbox=[x0, y0, x1, y1])["image"])
+                crops.append(self._pipeline(image=filled, cropping_bbox=sample.boxes[i])["image"])
                 continue
-            crop = Image.fromarray(filled[y0 : y1 + 1, x0 : x1 + 1]).resize((self.size, self.size), Image.BILINEAR)
-            crop = make_augment([self.epoch, n, i])(crop)
+            crop = make_augment([self.epoch, n, i])(crop_boxes(filled, [sample.boxes[i]], self.size)[0])
             crops.append(torch.from_numpy(((np.asarray(crop, np.float32) / 255 - IMAGENET_MEAN) / IMAGENET_STD)
                                           .transpose(2, 0, 1).copy()))
         return torch.stack(crops), sample.label
@@ -95,11 +95,11 @@ MODES = {"augmented": ("albumentations", True), "no augmentation": (None, False)
          "reference layout with our augmentation": ("ours", True)}
 
 
-def measure(workers: int, size: int, rounds: int, root: Path = CUB_MINI) -> Figure:
+def measure(workers: int, size: int, rounds: int, passes: int, root: Path = CUB_MINI) -> Figure:
     torch.set_num_threads(1)
     values: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        card = segment_cub(Path(tmp) / "shards", root, masks_per_image=8)
+        card = segment_cub(Path(tmp) / "shards", root, masks_per_image=8, passes=passes)
         reference = write_reference(Path(tmp) / "shards", root, Path(tmp) / "reference")
         dataset = ShardDataset.open(Path(tmp) / "shards")
         keys = [r["key"] for r in dataset.rows]
@@ -132,12 +132,12 @@ def measure(workers: int, size: int, rounds: int, root: Path = CUB_MINI) -> Figu
         extra_rows.append({"": f"ratio, {mode}", "images/s": median(ratios),
                            "rounds": " ".join(f"{x:.4g}" for x in ratios)})
     return Figure.from_rounds(
-        "P3", f"training input, {n} cub_mini images, K={card.masks_per_image}, {size} px, augmented "
+        "P3", f"training input, {n} images (cub_mini x {passes}), K={card.masks_per_image}, {size} px, augmented "
               f"(reference: albumentations), {workers} decoding threads / loader processes",
         TARGET, values["augmented"], "images/s",
         included="one epoch: read, decode, crop, resize, augment, normalise, batch; loader start excluded",
         params={"images": n, "masks_per_image": card.masks_per_image, "size": size, "workers": workers,
-                "batch_size": BATCH, **{mode: v for mode, v in values.items() if mode != "augmented"}},
+                "batch_size": BATCH, "passes": passes, **{mode: v for mode, v in values.items() if mode != "augmented"}},
         extra_rows=extra_rows,
     )
 
@@ -145,10 +145,12 @@ def measure(workers: int, size: int, rounds: int, root: Path = CUB_MINI) -> Figu
 def main() -> None:
     p = parser(__doc__, rounds=5)
     p.add_argument("--workers", type=int, default=2, help="decoding threads (ours) = DataLoader processes (reference)")
+    p.add_argument("--passes", type=int, default=4, help="times the 60 cub_mini photos are listed: one epoch "
+                                                        "(one round) reads them all (default 4)")
     p.add_argument("--size", type=int, default=224, help="crop size on both sides")
     p.add_argument("--root", type=Path, default=CUB_MINI, help="a CUB-200-2011 folder")
     args = p.parse_args()
-    report(measure(args.workers, args.size, args.rounds, args.root), args.json)
+    report(measure(args.workers, args.size, args.rounds, args.passes, args.root), args.json)
 
 
 if __name__ == "__main__":

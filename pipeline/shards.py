@@ -61,15 +61,14 @@ def encode_sample(
     """All members of one sample (format: schemas/shard.py). ``image_jpeg``: the input file's own bytes,
     stored instead of re-encoding ``image`` (see ``LoadedImage.jpeg``). Crop members are written when
     ``record.crop_size`` is set."""
-    pil = Image.fromarray(image)
     members = {
-        "jpg": image_jpeg if image_jpeg is not None else _jpeg(pil, jpeg_quality),
+        "jpg": image_jpeg if image_jpeg is not None else _jpeg(Image.fromarray(image), jpeg_quality),
         "json": json.dumps(record.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode(),
         MASKS_MEMBER: encode_masks(mask_set.masks),
     }
     if record.crop_size is not None:
-        for i, crop in enumerate(crop_boxes(pil, record.boxes, record.crop_size)):
-            members[crop_member(i)] = _jpeg(crop, jpeg_quality)
+        for i, crop in enumerate(crop_boxes(image, record.boxes, record.crop_size)):
+            members[crop_member(i)] = _jpeg(Image.fromarray(crop), jpeg_quality)
     if parts is not None:
         members["parts.png"] = _png(parts)
     return EncodedSample(key=record.key, members=members)

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import training.data as data
+from pipeline.masks import crop_boxes
 from pipeline.shards import ShardError, iter_samples
 from schemas.config import DataConfig, SegmentConfig
 from conftest import segment_without_ray
@@ -79,10 +80,9 @@ def test_decode_sample_pads_and_resizes(shards: Path) -> None:
     assert valid.tolist() == [True] * K + [False, False] and not crops[K:].any()
     assert -2.2 < float(crops[:K].min()) and float(crops[:K].max()) < 2.7  # ImageNet-normalised
     assert not any(m.startswith("crop_") for m in members)  # the default format stores no crops
-    image = Image.open(io.BytesIO(members["jpg"])).convert("RGB")
-    for i, (x0, y0, x1, y1) in enumerate(json.loads(members["json"])["boxes"]):  # cut at read time, box inclusive
-        box = np.asarray(image.crop((x0, y0, x1 + 1, y1 + 1)).resize((24, 24), Image.Resampling.BILINEAR))
-        normalised = (box.transpose(2, 0, 1) - data._MEAN_255) / data._STD_255
+    image = np.asarray(Image.open(io.BytesIO(members["jpg"])).convert("RGB"))
+    for i, box in enumerate(json.loads(members["json"])["boxes"]):  # cut at read time
+        normalised = (crop_boxes(image, [box], 24)[0].transpose(2, 0, 1) - data._MEAN_255) / data._STD_255
         assert np.allclose(crops[i].numpy(), normalised, atol=1e-5)
     wrong = {**members, "json": json.dumps({**json.loads(members["json"]), "width": 7}).encode()}
     with pytest.raises(ShardError, match=rf"sample {key}: image is \d+x\d+, the json says 7x"):
@@ -100,10 +100,30 @@ def test_augmentation_changes_crops_not_shapes(shards: Path) -> None:
     assert a1.shape == plain.shape and torch.equal(valid1, valid) and not a1[K].any()
     assert torch.equal(a1, a2)  # seeded
     assert all(not torch.equal(a1[i], plain[i]) for i in range(K))
-    crop = Image.fromarray(np.random.default_rng(0).integers(0, 256, (CROP, 2 * CROP, 3), dtype=np.uint8))
+    crop = np.random.default_rng(0).integers(0, 256, (CROP, 2 * CROP, 3), dtype=np.uint8)
     aug = make_augment(0)
     first, second = aug(crop), aug(crop)  # every call draws new parameters
-    assert first.mode == "RGB" and first.size == crop.size and first.tobytes() != second.tobytes()
+    assert first.dtype == np.uint8 and first.shape == crop.shape and not np.array_equal(first, second)
+
+
+def test_augmentation_ranges() -> None:
+    """Small warps about the centre (±15° rotation and shear, 5 % perspective), flips half the time, colour
+    within the ColorJitter factors; outside the warped crop is black."""
+    size = 64
+    half = np.zeros((size, size, 3), np.uint8)
+    half[:, size // 2 :] = (90, 150, 210)  # right half coloured: a flip moves it to the left
+    aug = make_augment(3)
+    flipped = 0
+    for _ in range(40):
+        out = aug(half).astype(float)
+        left, right = out[24:40, 4:20].mean(), out[24:40, 44:60].mean()
+        assert min(left, right) < 20 < 60 < max(left, right)  # still one dark and one coloured side
+        flipped += left > right
+        centre = out[28:36, 44:52].mean(axis=(0, 1)) if right > left else out[28:36, 12:20].mean(axis=(0, 1))
+        assert np.all(np.abs(centre - (90, 150, 210)) < 0.3 * np.array((90, 150, 210)))
+    assert 8 <= flipped <= 32
+    corners = [aug(np.full((size, size, 3), 200, np.uint8)) for _ in range(40)]
+    assert any(c[0, 0].max() == 0 or c[-1, -1].max() == 0 for c in corners)  # black where the warp leaves the crop
 
 
 def test_train_stream_two_ranks(shards: Path) -> None:
@@ -212,3 +232,18 @@ def test_rank_checks(shards: Path) -> None:
         ShardStream(ds, [], DataConfig(), CROP, True, 2, 2, 0)
     empty = ShardStream(ds, [], DataConfig(), CROP, True, 0, 2, 0)
     assert empty.steps_per_epoch() == 0 and list(empty) == []
+
+
+def test_batch_buffers_reused_only_when_nothing_holds_them() -> None:
+    pool = data.BatchBuffers((4, 2), keep=2)
+    first = torch.from_numpy(pool.get(4))
+    first.fill_(1.0)
+    row = first[1]  # a slice of the tensor is enough to keep the buffer
+    del first
+    second = pool.get(3)
+    assert second.shape == (3, 2) and not np.shares_memory(second, row.numpy())
+    assert float(row.sum()) == 2.0
+    ptr = row.data_ptr() - row.element_size() * 2
+    del row  # nothing refers to the first buffer any more: it is handed out again
+    third = pool.get(4)
+    assert third.ctypes.data == ptr and not np.shares_memory(third, second)

@@ -43,8 +43,9 @@ def test_boxes_inclusive_and_crop_covers_box() -> None:
     assert mask_boxes(m[None]).tolist() == [[10, 5, 19, 7]]
     image = np.zeros((20, 30, 3), np.uint8)
     image[5:8, 10:20] = 255  # exactly the box: the crop must be all white (no dropped row/column)
-    (crop,) = crop_boxes(Image.fromarray(image), mask_boxes(m[None]).tolist(), 16)
-    assert crop.size == (16, 16) and np.asarray(crop).min() == 255
+    (grown,) = crop_boxes(image, mask_boxes(m[None]).tolist(), 16)
+    (shrunk,) = crop_boxes(image, mask_boxes(m[None]).tolist(), 2)
+    assert grown.shape == (16, 16, 3) and grown.min() == 255 and shrunk.shape == (2, 2, 3) and shrunk.min() == 255
 
 
 def test_pack_roundtrip_odd_width() -> None:
