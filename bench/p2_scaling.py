@@ -104,8 +104,9 @@ def _in_child(passes: int, shard_size: int, rounds: int, pin: bool, root: Path) 
 
 def main() -> None:
     p = parser(__doc__, rounds=3)
-    p.add_argument("--passes", type=int, default=4, help="times the 60 cub_mini photos are listed (default 4)")
-    p.add_argument("--shard-size", type=int, default=30)
+    p.add_argument("--passes", type=int, default=8, help="times the 60 cub_mini photos are listed (default 8)")
+    p.add_argument("--shard-size", type=int, default=15, help="small shards: the steady-state window ends when "
+                   "the last shard does, so a worker idle behind the other's last shard costs at most one shard")
     p.add_argument("--no-pin", dest="pin", action="store_false", help="let both nodes use every core")
     p.add_argument("--root", type=Path, default=CUB_MINI, help="a CUB-200-2011 folder")
     args = p.parse_args()

@@ -30,6 +30,7 @@ log = logging.getLogger("protomask.segment")
 JOB_FILE = "job.json"
 CONFIG_FILE = "segment_config.yaml"
 PLAN_FILE = "plan.parquet"
+PROGRESS_INTERVAL_S = 0.5  # how often a worker reports its images to the progress bar
 OUR_FILES = re.compile(r"^(\d{5}(\.tar|\.parquet|_stats\.json)|manifest\.json|job\.json|plan\.parquet|"
                        r"segment_config\.yaml|\..*\.tmp)$")
 SHARD_TMP = re.compile(r"^\.\d{5}(\.tar|\.parquet|_stats\.json)\..+\.tmp$")  # a shard write cut short
@@ -251,7 +252,20 @@ class ShardWorker:
         return {"name": seg.name, "params": seg.params(), "checkpoint_sha256": seg.checkpoint_sha256()}
 
     def process(self, shard: int, rows: list[dict], counter) -> dict:
-        stats = self.processor.process(shard, rows, on_image=lambda: counter.add.remote(1))
+        # images are reported in batches: one actor call per image cost the counter's process 16 % of a
+        # core at 40 images/s (bench/p2), taken from the segmenters on a small machine
+        unsent, sent_at = 0, time.monotonic()
+
+        def on_image() -> None:
+            nonlocal unsent, sent_at
+            unsent += 1
+            if time.monotonic() - sent_at >= PROGRESS_INTERVAL_S:
+                counter.add.remote(unsent)
+                unsent, sent_at = 0, time.monotonic()
+
+        stats = self.processor.process(shard, rows, on_image=on_image)
+        if unsent:
+            counter.add.remote(unsent)
         return stats.model_dump()
 
 
