@@ -71,7 +71,7 @@ def measure(passes: int, shard_size: int, rounds: int, root: Path = CUB_MINI) ->
 
 
 def main() -> None:
-    p = parser(__doc__, rounds=3)
+    p = parser(__doc__, rounds=5)
     p.add_argument("--passes", type=int, default=4, help="times the 60 cub_mini photos are listed (default 4)")
     p.add_argument("--shard-size", type=int, default=60)
     p.add_argument("--root", type=Path, default=CUB_MINI, help="a CUB-200-2011 folder")

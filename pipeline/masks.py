@@ -27,7 +27,8 @@ class MaskSet:
 def mask_boxes(masks: np.ndarray) -> np.ndarray:
     """Inclusive bounding boxes of [n, H, W] masks (all-zero masks give [0, 0, -1, -1])."""
     n = masks.shape[0]
-    rows, cols = masks.any(axis=2), masks.any(axis=1)  # [n, H], [n, W]
+    flat = masks.view(np.uint8) if masks.dtype == bool else masks.astype(bool).view(np.uint8)
+    rows, cols = flat.max(axis=2), flat.max(axis=1)  # [n, H], [n, W]; max of uint8 is vectorised, any() is not
     boxes = np.zeros((n, 4), dtype=np.int64)
     for i in range(n):
         ys, xs = np.flatnonzero(rows[i]), np.flatnonzero(cols[i])
@@ -38,11 +39,15 @@ def mask_boxes(masks: np.ndarray) -> np.ndarray:
 def select_masks(proposal: Proposal, k: int) -> MaskSet:
     """Keep the K largest masks whose box is wider and taller than 1 px (ties broken by proposal order)."""
     masks = proposal.masks.astype(bool, copy=False)
-    boxes = mask_boxes(masks)
-    w, h = boxes[:, 2] - boxes[:, 0] + 1, boxes[:, 3] - boxes[:, 1] + 1
-    valid = np.flatnonzero((w > 1) & (h > 1))
-    areas = masks.reshape(masks.shape[0], -1).sum(axis=1)
-    order = valid[np.argsort(-areas[valid], kind="stable")][:k]
+    areas = np.count_nonzero(masks.reshape(masks.shape[0], -1), axis=1)
+    order, boxes = [], np.zeros((masks.shape[0], 4), dtype=np.int64)
+    for i in np.argsort(-areas, kind="stable"):  # largest first; boxes only until K are kept
+        boxes[i] = mask_boxes(masks[i : i + 1])[0]
+        if boxes[i, 2] > boxes[i, 0] and boxes[i, 3] > boxes[i, 1]:  # wider and taller than 1 px
+            order.append(i)
+            if len(order) == k:
+                break
+    order = np.array(order, dtype=np.int64)
     return MaskSet(
         masks=masks[order],
         boxes=boxes[order],
