@@ -30,6 +30,7 @@ log = logging.getLogger("protomask.segment")
 JOB_FILE = "job.json"
 CONFIG_FILE = "segment_config.yaml"
 PLAN_FILE = "plan.parquet"
+SHARDS_IN_FLIGHT = 2  # per worker
 PROGRESS_INTERVAL_S = 0.5  # how often a worker reports its images to the progress bar
 OUR_FILES = re.compile(r"^(\d{5}(\.tar|\.parquet|_stats\.json)|manifest\.json|job\.json|plan\.parquet|"
                        r"segment_config\.yaml|\..*\.tmp)$")
@@ -175,7 +176,9 @@ def _dispatch(
     log.info("segmenting %d shards on %d workers (%s each)", len(todo), num_workers, per_worker)
 
     queue, attempts = deque(todo), {s: 0 for s in todo}
-    idle, running, results = list(workers), {}, {}
+    # each worker holds SHARDS_IN_FLIGHT shards (its actor runs them in order), so it starts the next
+    # one as soon as it finishes one, without waiting for the driver to hand it out
+    idle, running, results = list(workers) * SHARDS_IN_FLIGHT, {}, {}
     pings: dict = {}  # ping ref -> worker that lost a shard: back to idle once it answers
     later: list = []  # (time, worker): ping again then (its last ping failed)
     waiting = False  # every worker lost (warned once)
