@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.shards import ShardError, sha256_file, iter_samples
+from pipeline.shards import ShardError, iter_samples, scan_tar, sha256_file
 from schemas.manifest import DatasetCard, SegmenterInfo, ShardStats
 from schemas.shard import MASKS_MEMBER, SampleRecord, crop_member
 from schemas.version import CODE_VERSION
@@ -136,15 +136,27 @@ def _check_sample(key: str, members: dict[str, bytes]) -> str | None:
     return None
 
 
-def checksum_problems(out: Path, card: DatasetCard) -> list[str]:
-    """The shards whose tar is missing or whose sha256 differs from the manifest (no tar parsing)."""
+def _checksum_differs(stats: ShardStats, tar: Path) -> str:
+    return f"shard {stats.name}: {tar} checksum differs from the manifest (corrupt or replaced)"
+
+
+def shard_problems(out: Path, card: DatasetCard) -> list[str]:
+    """The quick check before training: one line per shard whose tar differs from the manifest in
+    sha256 or in sample and member counts. One read of every tar (``scan_tar``: hashing plus a walk
+    over the tar headers); ``verify`` is the full check."""
     problems = []
     for stats in card.shards:
         tar = out / f"{stats.name}.tar"
-        if not tar.is_file():
-            problems.append(f"shard {stats.name}: {tar} is missing")
-        elif sha256_file(tar) != stats.tar_sha256:
-            problems.append(f"shard {stats.name}: {tar} checksum differs from the manifest (corrupt or replaced)")
+        try:
+            scan = scan_tar(tar)
+        except ShardError as exc:
+            problems.append(f"shard {stats.name}: {exc}")
+            continue
+        if scan.sha256 != stats.tar_sha256:
+            problems.append(_checksum_differs(stats, tar))
+        elif (scan.samples, scan.members) != (stats.ok, stats.tar_members):
+            problems.append(f"shard {stats.name}: {tar} holds {scan.samples} samples / {scan.members} members, "
+                            f"the manifest says {stats.ok} / {stats.tar_members}")
     return problems
 
 
@@ -154,11 +166,14 @@ def verify(out: Path) -> list[str]:
         card = load_card(out)
     except ShardError as exc:
         return [str(exc)]
-    problems = checksum_problems(out, card)
+    problems = []
     for stats in card.shards:
         tar, parquet = out / f"{stats.name}.tar", out / f"{stats.name}.parquet"
         if not tar.is_file():
+            problems.append(f"shard {stats.name}: {tar} is missing")
             continue
+        if sha256_file(tar) != stats.tar_sha256:
+            problems.append(_checksum_differs(stats, tar))
         try:
             members = samples = 0
             for key, sample in iter_samples(tar):

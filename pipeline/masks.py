@@ -40,17 +40,18 @@ def select_masks(proposal: Proposal, k: int) -> MaskSet:
     """Keep the K largest masks whose box is wider and taller than 1 px (ties broken by proposal order)."""
     masks = proposal.masks.astype(bool, copy=False)
     areas = np.count_nonzero(masks.reshape(masks.shape[0], -1), axis=1)
-    order, boxes = [], np.zeros((masks.shape[0], 4), dtype=np.int64)
+    order, boxes = [], []
     for i in np.argsort(-areas, kind="stable"):  # largest first; boxes only until K are kept
-        boxes[i] = mask_boxes(masks[i : i + 1])[0]
-        if boxes[i, 2] > boxes[i, 0] and boxes[i, 3] > boxes[i, 1]:  # wider and taller than 1 px
+        box = mask_boxes(masks[i : i + 1])[0]
+        if box[2] > box[0] and box[3] > box[1]:  # wider and taller than 1 px
             order.append(i)
+            boxes.append(box)
             if len(order) == k:
                 break
     order = np.array(order, dtype=np.int64)
     return MaskSet(
         masks=masks[order],
-        boxes=boxes[order],
+        boxes=np.array(boxes, dtype=np.int64).reshape(-1, 4),
         areas=areas[order].astype(np.int64),
         scores=np.asarray(proposal.scores, dtype=np.float32)[order],
     )

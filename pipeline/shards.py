@@ -49,7 +49,6 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-
 def encode_sample(
     record: SampleRecord,
     image: np.ndarray,

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from pipeline.job import init_ray
-from pipeline.shards import ShardError, scan_tar
-from schemas.manifest import DatasetCard
+from pipeline.manifest import shard_problems
+from pipeline.shards import ShardError
 from schemas.config import DataConfig, ModelConfig, TrainConfig, write_config
 from training import TrainError
 from training.data import ShardDataset, ShardStream, split_keys
@@ -21,27 +21,6 @@ from training.model import ProtoMask
 
 
 TOP_K = 5  # prototypes per image for the contrastivity metrics (spec §7)
-
-
-def shard_problems(root: Path, card: DatasetCard) -> list[str]:
-    """One line per shard whose tar differs from the manifest: sha256, or sample and member counts.
-
-    One read of every tar (``scan_tar``: hashing plus a walk over the tar headers), on the driver before
-    any worker starts; ``verify_checksums: false`` skips it."""
-    problems = []
-    for stats in card.shards:
-        tar = root / f"{stats.name}.tar"
-        try:
-            scan = scan_tar(tar)
-        except ShardError as exc:
-            problems.append(f"shard {stats.name}: {exc}")
-            continue
-        if scan.sha256 != stats.tar_sha256:
-            problems.append(f"shard {stats.name}: {tar} checksum differs from the manifest (corrupt or replaced)")
-        elif (scan.samples, scan.members) != (stats.ok, stats.tar_members):
-            problems.append(f"shard {stats.name}: {tar} holds {scan.samples} samples / {scan.members} members, "
-                            f"the manifest says {stats.ok} / {stats.tar_members}")
-    return problems
 
 
 def run_train(config: TrainConfig, address: str | None = None) -> dict:
