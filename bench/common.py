@@ -147,6 +147,19 @@ def report(result: Figure, out: Path | None) -> dict:
     return payload
 
 
+def in_child(script: str, args: list[str]) -> Figure:
+    """Run a benchmark script with ``args`` in a child process and return its Figure: a simulated
+    ``ray.cluster_utils.Cluster`` needs a process without Ray already initialised."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "figure.json"
+        subprocess.run([sys.executable, script, *args, "--json", str(out)], check=True)
+        data = json.loads(out.read_text())
+    return Figure(**{k: data[k] for k in Figure.__dataclass_fields__})
+
+
 def machine() -> dict:
     """What the numbers were measured on, and how loaded it was."""
     import torch
@@ -206,7 +219,7 @@ def write_listing(root: Path, folder: Path, passes: int) -> tuple[int, Path]:
 
 
 class ShardClock:
-    """Notes when each shard's completion marker (``NNNNN_stats.json``) appears in ``out``, from a
+    """Notes when each shard's completion marker (``<split>-NNNNN_stats.json``) appears in ``out``, from a
     thread polling every ``interval`` seconds, to time a job's steady state without touching it."""
 
     def __init__(self, out: Path, interval: float = 0.01) -> None:
@@ -228,7 +241,7 @@ class ShardClock:
         now = time.perf_counter()
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self.out):
-                if entry.name.endswith("_stats.json") and entry.name not in self.seen:
+                if _is_marker(entry.name) and entry.name not in self.seen:
                     self.seen[entry.name] = now
 
     def _poll(self) -> None:
@@ -245,9 +258,15 @@ class ShardClock:
         return sum(images_per_shard[name] for name in later) / (self.seen[order[-1]] - self.seen[order[workers - 1]])
 
 
+def _is_marker(name: str) -> bool:
+    from schemas.manifest import SHARD_FILE, SHARD_SUFFIX
+
+    return bool((match := SHARD_FILE.match(name)) and match["suffix"] == SHARD_SUFFIX["stats"])
+
+
 def shard_images(out: Path) -> dict[str, int]:
-    """Inputs per finished shard (from the markers)."""
-    return {p.name: json.loads(p.read_text())["count"] for p in out.glob("*_stats.json")}
+    """Inputs per finished shard (from the markers), by marker file name."""
+    return {p.name: json.loads(p.read_text())["count"] for p in out.iterdir() if _is_marker(p.name)}
 
 
 def segment_cub(out: Path, root: Path = CUB_MINI, masks_per_image: int = 8, crop_size: int | None = None,
@@ -287,10 +306,11 @@ def write_reference(shards: Path, root: Path, out: Path) -> list[ReferenceSample
     (``split_dataset``, §4.3), both of which the reference does: its real layout is larger than this."""
     from pipeline.masks import decode_masks, mask_boxes
     from pipeline.shards import iter_samples
+    from schemas.manifest import shard_glob
     from schemas.shard import MASKS_MEMBER
 
     samples, info = [], {}
-    for tar in sorted(shards.glob("*.tar")):
+    for tar in sorted(shards.glob(shard_glob(part="tar"))):
         for key, members in iter_samples(tar):
             record = json.loads(members["json"])
             source = root / record["source_path"]

@@ -14,16 +14,14 @@ from the worker count-th shard completion marker to the last (worker start exclu
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as bench/p2_... or python -m bench.p2_...
 
-from bench.common import (CUB_MINI, Figure, ShardClock, median, parser, report, shard_images, side_by_side,
+from bench.common import (CUB_MINI, Figure, ShardClock, in_child, median, parser, report, shard_images, side_by_side,
                           timed, write_listing)
 from pipeline.job import run_segment
 from schemas.config import SegmentConfig
@@ -55,7 +53,8 @@ def measure(passes: int, shard_size: int, rounds: int, pin: bool = True, root: P
     import ray
 
     if ray.is_initialized():  # a Cluster needs a process of its own: measure in a child process
-        return _in_child(passes, shard_size, rounds, pin, root)
+        return in_child(__file__, ["--passes", str(passes), "--shard-size", str(shard_size), "--rounds", str(rounds),
+                                   "--root", str(root), *([] if pin else ["--no-pin"])])
     cluster, pinned = start_cluster(pin)
     end_to_end: dict[int, list[float]] = {1: [], 2: []}
     try:
@@ -90,16 +89,6 @@ def measure(passes: int, shard_size: int, rounds: int, pin: bool = True, root: P
         extra_rows=[{"": "end to end (worker start, plan, manifest included): ratio", "images/s": median(e2e),
                      "rounds": " ".join(f"{v:.4g}" for v in e2e)}],
     )
-
-
-def _in_child(passes: int, shard_size: int, rounds: int, pin: bool, root: Path) -> Figure:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "p2.json"
-        subprocess.run([sys.executable, __file__, "--passes", str(passes), "--shard-size", str(shard_size),
-                        "--rounds", str(rounds), "--root", str(root), "--json", str(out),
-                        *([] if pin else ["--no-pin"])], check=True)
-        data = json.loads(out.read_text())
-    return Figure(**{k: data[k] for k in Figure.__dataclass_fields__})
 
 
 def main() -> None:

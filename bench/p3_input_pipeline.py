@@ -105,8 +105,8 @@ def measure(workers: int, size: int, rounds: int, passes: int, root: Path = CUB_
         keys = [r["key"] for r in dataset.rows]
         n = len(keys)
         for mode, (ref_augment, augment) in MODES.items():
-            data = DataConfig(batch_size=BATCH, loader_threads=workers, augment=augment)
-            stream = ShardStream(dataset, keys, data, size, True, 0, 1, 0)
+            data = DataConfig(loader_threads=workers, augment=augment)
+            stream = ShardStream(dataset, keys, data, input_size=size, batch_size=BATCH, train=True)
             ref_set = ReferenceDataset(reference, card.masks_per_image, size, ref_augment)
             loader = torch.utils.data.DataLoader(ref_set, batch_size=BATCH, shuffle=True, num_workers=workers,
                                                  persistent_workers=workers > 0)

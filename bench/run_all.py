@@ -23,7 +23,8 @@ from bench.common import fmt, machine, print_table, write_json
 
 BENCH = Path(__file__).resolve().parent
 BENCHMARKS = {"P1": "p1_segment_overhead.py", "P2": "p2_scaling.py", "P3": "p3_input_pipeline.py",
-              "P4": "p4_step_overhead.py", "P5": "p5_bytes.py"}
+              "P4": "p4_step_overhead.py", "P5": "p5_bytes.py",
+              "P7": "p7_train_scaling.py"}
 
 
 def main() -> None:

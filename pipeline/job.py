@@ -19,11 +19,11 @@ from pathlib import Path
 import pyarrow as pa
 
 from pipeline.manifest import MANIFEST, build_card
-from pipeline.plan import make_plan, plan_hash, read_plan, shard_name, write_plan
+from pipeline.plan import make_plan, plan_hash, shard_splits, write_plan
 from pipeline.shards import read_stats
 from pipeline.sources import list_source
 from schemas.config import SegmentConfig, stable_hash, write_config
-from schemas.manifest import DatasetCard, SegmenterInfo, ShardStats
+from schemas.manifest import SHARD_FILE, SHARD_TMP, DatasetCard, SegmenterInfo, ShardStats, shard_stem
 
 log = logging.getLogger("protomask.segment")
 
@@ -32,9 +32,14 @@ CONFIG_FILE = "segment_config.yaml"
 PLAN_FILE = "plan.parquet"
 SHARDS_IN_FLIGHT = 2  # per worker
 PROGRESS_INTERVAL_S = 0.5  # how often a worker reports its images to the progress bar
-OUR_FILES = re.compile(r"^(\d{5}(\.tar|\.parquet|_stats\.json)|manifest\.json|job\.json|plan\.parquet|"
-                       r"segment_config\.yaml|\..*\.tmp)$")
-SHARD_TMP = re.compile(r"^\.\d{5}(\.tar|\.parquet|_stats\.json)\..+\.tmp$")  # a shard write cut short
+# what --overwrite removes: the shard files (schemas.manifest.SHARD_FILE, which also knows format 3's names),
+# the files below and temp files; SHARD_TMP: a shard write cut short
+OTHER_FILES = re.compile(r"^(manifest\.json|job\.json|plan\.parquet|segment_config\.yaml|\..*\.tmp)$")
+
+
+def is_ours(name: str) -> bool:
+    """A file this tool writes into a shard directory."""
+    return bool(SHARD_FILE.match(name) or OTHER_FILES.match(name))
 
 
 class JobError(RuntimeError):
@@ -47,7 +52,7 @@ def _prepare_out(config: SegmentConfig, job_hash: str) -> None:
     job_file = out / JOB_FILE
     if out.exists() and not out.is_dir():
         raise JobError(f"{out}: exists and is not a directory")
-    ours = [p for p in out.iterdir() if OUR_FILES.match(p.name)] if out.is_dir() else []
+    ours = [p for p in out.iterdir() if is_ours(p.name)] if out.is_dir() else []
     if ours and not config.overwrite:
         previous = json.loads(job_file.read_text()).get("job_hash") if job_file.is_file() else None
         if previous != job_hash:
@@ -65,6 +70,30 @@ def _prepare_out(config: SegmentConfig, job_hash: str) -> None:
         probe.unlink()
     except OSError as exc:
         raise JobError(f"{out}: output directory is not writable: {exc.strerror}") from exc
+
+
+def _require_test_split(config: SegmentConfig, plan: pa.Table) -> None:
+    """Refuse a plan without a test input (before anything is written): naming where the splits come
+    from and what to change."""
+    if "test" in set(plan.column("split").to_pylist()):
+        return
+    if config.source == "listing":
+        where = f"{config.listing}: no row ends in the test split"
+        fix = ("mark some rows 'test' in the split column, or leave their split empty (or drop the column) so that "
+               f"test_fraction (now {config.test_fraction}) draws a stratified test share from them")
+    elif config.source == "imagefolder":
+        where = f"{config.root}: no image is in the test split"
+        fix = (f"add a test folder ({config.root}/test/<class>/...), or drop the train/val folders so that "
+               f"test_fraction (now {config.test_fraction}) draws a stratified test share")
+    elif config.source == "cub":
+        where = f"{config.root}: train_test_split.txt puts no image in the test split"
+        fix = "mark test images with 0 in train_test_split.txt"
+    else:
+        where = f"{config.root}: the synthetic dataset has no test images"
+        fix = "set synthetic.test_per_class > 0"
+    if config.source in ("listing", "imagefolder"):
+        fix += " (a class with a single image without split stays in train)"
+    raise JobError(f"{where}; the job needs a test split: {fix}")
 
 
 def _resources(config: SegmentConfig) -> tuple[int, dict]:
@@ -95,7 +124,8 @@ def init_ray(address: str | None) -> None:
 def run_segment(config: SegmentConfig, address: str | None = None, progress: bool = True) -> DatasetCard:
     """Segment every input of ``config`` into shards under ``config.out``; return the dataset card."""
     listing = list_source(config)
-    plan = make_plan(listing, config.shard_size)
+    plan = make_plan(listing, config.shard_size, config.shuffle_seed, config.test_fraction)
+    _require_test_split(config, plan)
     job_hash = stable_hash({"config": config.output_hash(), "plan": plan_hash(plan, listing.classes)})
     _prepare_out(config, job_hash)
     out = config.out
@@ -104,8 +134,10 @@ def run_segment(config: SegmentConfig, address: str | None = None, progress: boo
         write_plan(plan, listing.classes, out / PLAN_FILE)
     (out / JOB_FILE).write_text(json.dumps({"job_hash": job_hash, "config_hash": config.output_hash()}, indent=1))
 
-    shards = sorted(set(plan.column("shard").to_pylist()))
-    done = {s: st for s in shards if (st := read_stats(out, s)) is not None and st.config_hash == job_hash}
+    split_of = shard_splits(plan)
+    shards = sorted(split_of)
+    done = {s: st for s in shards
+            if (st := read_stats(out, split_of[s], s)) is not None and st.config_hash == job_hash}
     todo = [s for s in shards if s not in done]
     log.info("%d shards planned, %d finished earlier, %d to do", len(shards), len(done), len(todo))
     info: SegmenterInfo | None = None
@@ -120,7 +152,7 @@ def run_segment(config: SegmentConfig, address: str | None = None, progress: boo
     failed = [s for s in shards if s not in done]
     if failed:
         raise JobError(
-            f"shards {[shard_name(s) for s in failed]} failed after {config.max_shard_retries} retries; "
+            f"shards {[shard_stem(split_of[s], s) for s in failed]} failed after {config.max_shard_retries} retries; "
             f"{len(done)} finished shards are kept in {out}; rerun the same command to redo only the failed ones"
         )
     for path in out.iterdir():  # every shard is finished: temp files of writes cut short earlier are garbage
@@ -130,7 +162,7 @@ def run_segment(config: SegmentConfig, address: str | None = None, progress: boo
         info = _segmenter_info(config, out)
     return build_card(
         out, [done[s] for s in shards], listing.classes, config.source, job_hash,
-        config.masks_per_image, config.crop_size, info,
+        config.masks_per_image, config.crop_size, info, config.shuffle_seed,
     )
 
 
@@ -225,7 +257,8 @@ def _dispatch(
                 pings[worker.ping.remote()] = worker
                 error = exc
             attempts[shard] += 1
-            log.warning("shard %s failed (attempt %d): %s", shard_name(shard), attempts[shard], error)
+            log.warning("shard %s failed (attempt %d): %s", shard_stem(rows_by_shard[shard][0]["split"], shard),
+                        attempts[shard], error)
             if attempts[shard] <= config.max_shard_retries:
                 queue.append(shard)
     bar.close()

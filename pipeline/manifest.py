@@ -20,12 +20,12 @@ MANIFEST = "manifest.json"
 
 def read_rows(out: Path, shards: list[ShardStats]) -> pa.Table:
     """All per-shard parquet rows of a shard directory."""
-    return pa.concat_tables([pq.read_table(out / f"{s.name}.parquet") for s in shards])
+    return pa.concat_tables([pq.read_table(out / s.file("parquet")) for s in shards])
 
 
 def build_card(
     out: Path, shards: list[ShardStats], classes: list[str], source: str, config_hash: str,
-    masks_per_image: int, crop_size: int | None, segmenter: SegmenterInfo,
+    masks_per_image: int, crop_size: int | None, segmenter: SegmenterInfo, shuffle_seed: int,
 ) -> DatasetCard:
     """Aggregate the finished shards into a DatasetCard and write ``manifest.json`` (atomically)."""
     rows = read_rows(out, shards).to_pylist()
@@ -43,6 +43,7 @@ def build_card(
         config_hash=config_hash,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         source=source,
+        shuffle_seed=shuffle_seed,
         classes=classes,
         masks_per_image=masks_per_image,
         crop_size=crop_size,
@@ -82,6 +83,7 @@ def inspect(out: Path) -> dict:
         "code_version": card.code_version,
         "config_hash": card.config_hash,
         "source": card.source,
+        "shuffle_seed": card.shuffle_seed,
         "segmenter": card.segmenter.model_dump(),
         "masks_per_image": card.masks_per_image,
         "crop_size": card.crop_size,
@@ -100,7 +102,7 @@ def format_inspect(summary: dict) -> str:
     crops = f"{s['crop_size']}px crops stored" if s["crop_size"] else "crops cut at read time"
     lines = [
         f"{s['directory']}  (format {s['format_version']}, protomask {s['code_version']}, config {s['config_hash']})",
-        f"source      {s['source']}",
+        f"source      {s['source']}" + ("" if s["shuffle_seed"] is None else f"   shuffle seed {s['shuffle_seed']}"),
         f"segmenter   {s['segmenter']['name']}  {json.dumps(s['segmenter']['params'], sort_keys=True)}",
         f"checkpoint  sha256 {s['segmenter']['checkpoint_sha256'] or '-'}",
         f"shards      {s['shards']}   bytes {s['bytes']:,}   K={s['masks_per_image']}  {crops}",
@@ -146,7 +148,7 @@ def shard_problems(out: Path, card: DatasetCard) -> list[str]:
     over the tar headers); ``verify`` is the full check."""
     problems = []
     for stats in card.shards:
-        tar = out / f"{stats.name}.tar"
+        tar = out / stats.file("tar")
         try:
             scan = scan_tar(tar)
         except ShardError as exc:
@@ -168,7 +170,7 @@ def verify(out: Path) -> list[str]:
         return [str(exc)]
     problems = []
     for stats in card.shards:
-        tar, parquet = out / f"{stats.name}.tar", out / f"{stats.name}.parquet"
+        tar, parquet = out / stats.file("tar"), out / stats.file("parquet")
         if not tar.is_file():
             problems.append(f"shard {stats.name}: {tar} is missing")
             continue

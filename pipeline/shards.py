@@ -20,8 +20,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.masks import MaskSet, crop_boxes, encode_masks
-from pipeline.plan import shard_name
-from schemas.manifest import ROW_SCHEMA, ShardStats
+from schemas.manifest import ROW_SCHEMA, ShardStats, shard_file, shard_stem
 from schemas.shard import MASKS_MEMBER, SampleRecord, crop_member
 
 TAR_MTIME = 946684800  # 2000-01-01: a constant so reruns give identical bytes
@@ -74,6 +73,7 @@ def encode_sample(
 
 
 def _atomic_write(path: Path, write) -> None:
+    # the temp name is what schemas.manifest.SHARD_TMP recognises: ".<name>.<random>.tmp"
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -165,9 +165,14 @@ def _write_tar(f, samples: list[EncodedSample]) -> None:
 def write_shard(
     out: Path, shard: int, samples: list[EncodedSample], rows: list[dict], config_hash: str, duration_s: float
 ) -> ShardStats:
-    """Write ``{shard}.tar`` and ``{shard}.parquet`` atomically, then the ``{shard}_stats.json`` marker."""
-    name = shard_name(shard)
-    tar_path, parquet_path = out / f"{name}.tar", out / f"{name}.parquet"
+    """Write ``<split>-<shard>.tar`` and ``.parquet`` atomically, then the ``_stats.json`` marker (names:
+    ``schemas.manifest.shard_file``). The split is the rows' own: a shard never holds two splits."""
+    splits = sorted({str(r["split"]) for r in rows})
+    if len(splits) != 1:
+        raise ValueError(f"shard {shard}: its rows must all have one split, got {splits or 'no rows'}")
+    split = splits[0]
+    name = shard_stem(split, shard)
+    tar_path, parquet_path = out / shard_file(split, shard, "tar"), out / shard_file(split, shard, "parquet")
     _atomic_write(tar_path, lambda f: _write_tar(f, samples))
     table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["key"]), schema=ROW_SCHEMA)
     _atomic_write(parquet_path, lambda f: pq.write_table(table, f, compression="zstd"))
@@ -175,6 +180,7 @@ def write_shard(
     stats = ShardStats(
         shard=shard,
         name=name,
+        split=split,
         count=len(rows),
         ok=ok,
         failed=len(rows) - ok,
@@ -186,13 +192,13 @@ def write_shard(
         config_hash=config_hash,
     )
     payload = json.dumps(stats.model_dump(), indent=1).encode()
-    _atomic_write(out / f"{name}_stats.json", lambda f: f.write(payload))
+    _atomic_write(out / stats.file("stats"), lambda f: f.write(payload))
     return stats
 
 
-def read_stats(out: Path, shard: int) -> ShardStats | None:
+def read_stats(out: Path, split: str, shard: int) -> ShardStats | None:
     """The completion marker of a shard, or None when the shard is unfinished."""
-    path = out / f"{shard_name(shard)}_stats.json"
+    path = out / shard_file(split, shard, "stats")
     if not path.is_file():
         return None
     try:

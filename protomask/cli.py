@@ -12,6 +12,33 @@ from pathlib import Path
 
 from schemas.config import ConfigError, SegmentConfig, TrainConfig, load_config
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # named configs: --config small-cpu
+
+
+def config_file(value: str | None) -> Path | None:
+    """``--config``: a file, or the name of one in configs/ (``small-cpu`` for ``configs/small-cpu.yaml``)."""
+    if value is None or Path(value).is_file():
+        return None if value is None else Path(value)
+    named = CONFIGS / f"{value}.yaml"
+    if named.is_file():
+        return named
+    names = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+    raise ConfigError(f"--config {value}: no such file, nor a named config ({names})")
+
+
+def settings(pairs: list[str]) -> dict[str, object]:
+    """``--set KEY=VALUE`` flags as dotted overrides, each value parsed as YAML (``3e-4``, ``true``, ``[1, 2]``)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair}: expected KEY=VALUE, e.g. model.head=linear")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 # flag dest -> dotted config key
 SEGMENT_FLAGS = {
     "source": "source", "root": "root", "out": "out", "listing": "listing",
@@ -80,19 +107,24 @@ TRAIN_FLAGS = {
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train ProtoMask on cached shards with Ray Train (rerun = resume)")
-    p.add_argument("--config", type=Path, help="YAML/JSON TrainConfig; flags override it")
+    p.add_argument("--config", help="YAML/JSON TrainConfig, or a name from configs/ (small-cpu, cub-gpu, demo); "
+                                     "flags override it")
     p.add_argument("--shards", type=Path, help="shard directory written by `protomask segment`")
     p.add_argument("--run-dir", type=Path, help="checkpoints, metrics, exported model")
     p.add_argument("--epochs-warmup", type=int)
     p.add_argument("--epochs-joint", type=int)
     p.add_argument("--epochs-last-layer", type=int)
     p.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50", "vgg16", "densenet121", "convnet"])
-    p.add_argument("--weights", type=Path, help="torchvision backbone state dict (nothing is downloaded)")
+    p.add_argument("--weights", help="pretrained backbone: a torchvision weights name (IMAGENET1K_V2, DEFAULT) "
+                                      "or a state-dict file")
     p.add_argument("--batch-size", type=int, help="images per worker step")
     p.add_argument("--num-workers", type=int, help="Ray Train workers")
     p.add_argument("--cpus-per-worker", type=float)
     p.add_argument("--use-gpu", action="store_true", default=None)
     p.add_argument("--seed", type=int)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                   help="any config field by its dotted name, e.g. --set model.head=linear (repeatable; the value "
+                        "is read as YAML)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     e = sub.add_parser("evaluate", help="metrics of a trained model on one split of a shard directory")
     e.add_argument("--run-dir", type=Path, required=True)
@@ -139,7 +171,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from training.train import run_train
 
-    config = load_config(TrainConfig, args.config, {key: getattr(args, dest) for dest, key in TRAIN_FLAGS.items()})
+    overrides = {**settings(args.settings), **{key: getattr(args, dest) for dest, key in TRAIN_FLAGS.items()}}
+    config = load_config(TrainConfig, config_file(args.config), overrides)
     result = run_train(config, address=args.address)
     print(format_side_by_side({"model": result["test"]}, "test"))
     return 0
@@ -150,15 +183,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     print(format_side_by_side({"model": run_evaluate(args.run_dir, args.shards, args.split)}, args.split))
     return 0
-
-
-DEMO_TRAIN = {
-    "model": {"backbone": "convnet", "width": 16, "prototypes_per_class": 3, "prototype_dim": 64, "input_size": 48},
-    "schedule": {"warmup_epochs": 1, "joint_epochs": 20, "last_layer_epochs": 5, "lr_backbone": 2e-3,
-                 "lr_addon": 3e-3, "lr_prototypes": 3e-3, "lr_last_layer": 5e-3, "step_size": 12},
-    "data": {"batch_size": 16, "loader_threads": 1},
-    "seed": 0,
-}
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -186,8 +210,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     results = {}
     # the baseline sees the whole 128 px image: a larger input than one mask crop needs
     for name, model in (("protomask", {"regions": "masks"}), ("patch baseline", {"regions": "patches", "input_size": 112})):
-        train = TrainConfig.model_validate({
-            **DEMO_TRAIN, "model": {**DEMO_TRAIN["model"], **model}, "shards": segment.out,
+        train = load_config(TrainConfig, CONFIGS / "demo.yaml", {
+            **{f"model.{k}": v for k, v in model.items()}, "shards": segment.out,
             "run_dir": args.out / f"run_{model['regions']}", "num_workers": workers, "cpus_per_worker": 1 / workers,
         })
         t1 = time.perf_counter()

@@ -87,6 +87,10 @@ class SegmentConfig(Strict):
         "want crops as files); default: no crop members, readers crop the image at the boxes (training does, "
         "at its input size)"))
     shard_size: int = Field(256, ge=1, le=100_000)
+    shuffle_seed: int = Field(0, description="seed of the permutation that assigns inputs to shards")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description=(
+        "stratified, seeded (shuffle_seed) share of each class drawn into the test split; applies only to "
+        "inputs that carry no split (imagefolder without train/val/test folders, listing rows without a split)"))
     max_side: int = Field(1024, ge=8, description="images are downscaled so the long side is at most this")
     max_image_pixels: int = Field(178_956_970, ge=1, description="larger inputs are rejected (decompression bombs)")
     jpeg_quality: int = Field(90, ge=50, le=100)
@@ -156,8 +160,13 @@ def write_config(config: Strict, path: Path) -> None:
 class ModelConfig(Strict):
     """ProtoMask network (spec §1); defaults are the reference's except where noted."""
 
+    head: Literal["prototypes", "linear"] = Field(
+        "prototypes", description="prototypes: ProtoMask (or the patch baseline); linear: the black-box reference "
+        "on the same backbone and inputs (global pool per crop, max over crops, linear layer)")
     backbone: Literal["resnet18", "resnet34", "resnet50", "vgg16", "densenet121", "convnet"] = "resnet50"
-    weights: Path | None = Field(None, description="torchvision state dict for the backbone; none = random init")
+    weights: str | None = Field(None, description=(
+        "pretrained backbone: a torchvision weights name (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT; resolved through "
+        "torchvision's cache under $TORCH_HOME) or a state-dict file (e.g. an iNaturalist ResNet-50); none = random init"))
     width: int = Field(32, ge=4, description="channels of the first stage (convnet only)")
     prototypes_per_class: int = Field(10, ge=1)
     prototype_dim: int = Field(1280, ge=1)
@@ -183,6 +192,14 @@ class LossConfig(Strict):
 class ScheduleConfig(Strict):
     """Phases: warm-up → joint → push → last-layer fine-tuning (spec §2.2–§2.4)."""
 
+    pretrain_epochs: int = Field(0, ge=0, description=(
+        "prototype heads: epochs before warm-up that train the backbone through a linear classifier on its "
+        "max-pooled crop features (the linear head's network), for backbones without pretrained weights; the "
+        "paper starts from ImageNet weights instead (0)"))
+    prototype_init: Literal["uniform", "crops"] = Field("uniform", description=(
+        "uniform: prototypes start as U[0, 1) draws (the paper); crops (needs pretrain_epochs): after pre-training, "
+        "the prototypes of each class start on the training crops (or patches) of distinct images that the "
+        "pre-trained linear classifier scores highest for that class"))
     warmup_epochs: int = Field(0, ge=0)
     joint_epochs: int = Field(100, ge=0)
     last_layer_epochs: int = Field(10, ge=0)
@@ -191,11 +208,21 @@ class ScheduleConfig(Strict):
     lr_addon: float = 3e-3
     lr_prototypes: float = 3e-3
     lr_last_layer: float = 3e-4
+    joint_last_layer: bool = Field(False, description=(
+        "the joint phase also trains the last layer (at lr_last_layer, with the L1 term on other classes' "
+        "weights); the paper keeps it at +1/0 until the last-layer phase"))
     step_size: int = Field(35, ge=1, description="StepLR step (joint epochs)")
     gamma: float = 0.5
     prune: bool = False
     prune_k: int = Field(6, ge=1)
     prune_threshold: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _crops_need_pretraining(self) -> ScheduleConfig:
+        if self.prototype_init == "crops" and not self.pretrain_epochs:
+            raise ValueError("schedule.prototype_init: crops are chosen by the pre-trained classifier; "
+                             "set schedule.pretrain_epochs > 0 (or prototype_init: uniform)")
+        return self
 
 
 class ParityConfig(Strict):
@@ -207,7 +234,15 @@ class ParityConfig(Strict):
 
 
 class DataConfig(Strict):
-    batch_size: int = Field(16, ge=1, description="images per worker step")
+    batch_size: int = Field(64, ge=1, description=(
+        "images per optimiser step over all workers (the reference: 16 x 4 accumulated); the same on any "
+        "number of workers, which must divide it"))
+    micro_batch: int | None = Field(None, ge=1, description=(
+        "images per forward/backward pass on one worker (gradients accumulate up to the worker's share of "
+        "batch_size); default: the most that fit memory_gb"))
+    memory_gb: float | None = Field(None, gt=0, description=(
+        "memory one worker may use for training; default: 60 % of the node's available memory split over its "
+        "workers (CPU), or 80 % of the GPU's"))
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="stratified share of train held out")
     shuffle_buffer: int = Field(256, ge=1)
     augment: bool = True
@@ -230,3 +265,10 @@ class TrainConfig(Strict):
     max_failures: int = Field(2, ge=-1, description="worker failures survived by resuming from the checkpoint")
     verify_checksums: bool = Field(True, description="sha256 of every shard against the manifest before training")
     seed: int = 4861
+
+    @model_validator(mode="after")
+    def _batch_splits_over_workers(self) -> TrainConfig:
+        if self.data.batch_size % self.num_workers:
+            raise ValueError(f"data.batch_size: {self.data.batch_size} images per step do not split evenly over "
+                             f"num_workers={self.num_workers}; use a multiple of {self.num_workers}")
+        return self

@@ -1,21 +1,62 @@
 """Manifests of a shard directory.
 
-Files in a shard directory::
+Files in a shard directory (format 4: every shard holds one split, and its files are named by it, so
+a glob such as ``train-*.tar`` picks one split)::
 
-    00000.tar            WebDataset shard (see schemas.shard)
-    00000.parquet        one row per input of the shard, failures included (ROW_SCHEMA)
-    00000_stats.json     ShardStats; written last: its presence marks the shard finished
-    manifest.json        DatasetCard, written when every shard is finished
-    segment_config.yaml  the resolved SegmentConfig
-    plan.parquet         the work plan (PLAN_SCHEMA): which input goes to which key and shard
+    train-00000.tar         WebDataset shard (see schemas.shard)
+    train-00000.parquet     one row per input of the shard, failures included (ROW_SCHEMA)
+    train-00000_stats.json  ShardStats; written last: its presence marks the shard finished
+    ...                     shard numbers are global: train shards first, then val, then test
+    test-00004.tar
+    manifest.json           DatasetCard, written when every shard is finished
+    segment_config.yaml     the resolved SegmentConfig
+    plan.parquet            the work plan (PLAN_SCHEMA): which input goes to which key and shard
+
+``shard_file`` makes these names and ``SHARD_FILE`` / ``SHARD_TMP`` recognise them: every reader and
+writer goes through them. Format 3 directories named shards ``00000.tar`` (no split); their
+ShardStats have no ``split``, and ``shard_file`` gives their names for ``split=None``.
 """
 
 from __future__ import annotations
+
+import re
+from typing import Literal
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.version import FORMAT_VERSION
+
+SPLITS = ("train", "val", "test")  # also the order of the splits' shards in a plan
+SHARD_DIGITS = 5  # of the shard number, in file names and at the start of every key
+ShardPart = Literal["tar", "parquet", "stats"]
+SHARD_SUFFIX: dict[str, str] = {"tar": ".tar", "parquet": ".parquet", "stats": "_stats.json"}
+
+_SHARD = (rf"(?:(?P<split>{'|'.join(SPLITS)})-)?(?P<shard>\d{{{SHARD_DIGITS}}})"
+          rf"(?P<suffix>{'|'.join(re.escape(s) for s in SHARD_SUFFIX.values())})")
+SHARD_FILE = re.compile(rf"^{_SHARD}$")  # a shard file: train-00000.tar, test-00003_stats.json (format 3: 00000.tar)
+SHARD_TMP = re.compile(rf"^\.{_SHARD}\..+\.tmp$")  # its temp name while written (pipeline.shards), a write cut short
+
+
+def shard_stem(split: str | None, shard: int) -> str:
+    """``'train-00000'``: the shard's name in messages and the stem of its files (``'00000'``: format 3)."""
+    number = f"{shard:0{SHARD_DIGITS}d}"
+    if split is None:
+        return number
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {list(SPLITS)}")
+    return f"{split}-{number}"
+
+
+def shard_file(split: str | None, shard: int, part: ShardPart) -> str:
+    """The file name of one part of a shard: ``shard_file("train", 0, "tar") == "train-00000.tar"``."""
+    return shard_stem(split, shard) + SHARD_SUFFIX[part]
+
+
+def shard_glob(split: str | None = None, part: ShardPart = "tar") -> str:
+    """A glob of one part of every shard of ``split`` (``None``: of every split): ``'train-*.tar'``."""
+    return f"{split or '*'}-{'[0-9]' * SHARD_DIGITS}{SHARD_SUFFIX[part]}"
+
 
 # the fields every input has from the plan on
 INPUT_FIELDS = [
@@ -57,10 +98,12 @@ class Strict(BaseModel):
 
 
 class ShardStats(Strict):
-    """``{shard:05d}_stats.json``: the completion marker of one shard."""
+    """``<split>-<shard:05d>_stats.json``: the completion marker of one shard."""
 
     shard: int
-    name: str = Field(description="'00000'")
+    name: str = Field(description="'train-00000': shard_stem(split, shard), the stem of the shard's files")
+    split: str | None = Field(None, description="the split of every input of the shard (null in format 3, "
+                              "whose shards mixed splits)")
     count: int = Field(description="inputs planned into the shard")
     ok: int
     failed: int
@@ -71,6 +114,10 @@ class ShardStats(Strict):
     duration_s: float
     config_hash: str
     format_version: str = FORMAT_VERSION
+
+    def file(self, part: ShardPart) -> str:
+        """The file name of one part of this shard (``shard_file``)."""
+        return shard_file(self.split, self.shard, part)
 
 
 class SegmenterInfo(Strict):
@@ -87,6 +134,8 @@ class DatasetCard(Strict):
     config_hash: str
     created: str
     source: str
+    shuffle_seed: int | None = Field(None, description="seed of the permutation that assigned inputs to shards "
+                                     "(SegmentConfig.shuffle_seed; null in format 3, whose shards follow the listing)")
     classes: list[str]
     masks_per_image: int
     crop_size: int | None = Field(description="size of the stored crop members; null: none stored")

@@ -1,4 +1,5 @@
-"""Shared fixtures: a local Ray instance for the session, the real photos in ../shared/data/cub_mini."""
+"""Shared fixtures: a local Ray instance for the session, the real photos in ../shared/data/cub_mini and
+../shared/data/cub_dev."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CUB_MINI = REPO.parent / "shared" / "data" / "cub_mini"
+CUB_DEV = REPO.parent / "shared" / "data" / "cub_dev"  # 1,770 photos of 30 species, CUB layout at its top level
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -36,6 +38,13 @@ def cub_mini() -> Path:
     return CUB_MINI
 
 
+@pytest.fixture(scope="session")
+def cub_dev() -> Path:
+    if not (CUB_DEV / "images.txt").is_file():
+        pytest.skip(f"{CUB_DEV} not present")
+    return CUB_DEV
+
+
 def segment_without_ray(config) -> Path:
     """Run the segmentation job's per-shard work in this process (no Ray) and write the manifest."""
     from pipeline.manifest import build_card
@@ -49,14 +58,14 @@ def segment_without_ray(config) -> Path:
     config.out.mkdir(parents=True)
     listing = list_source(config)
     rows_by_shard: dict[int, list[dict]] = {}
-    for row in make_plan(listing, config.shard_size).to_pylist():
+    for row in make_plan(listing, config.shard_size, config.shuffle_seed, config.test_fraction).to_pylist():
         rows_by_shard.setdefault(row["shard"], []).append(row)
     names = part_names(config.synthetic) if config.source == "synthetic" else None
     processor = ShardProcessor(config, "test", names)
     stats = [processor.process(s, rows) for s, rows in sorted(rows_by_shard.items())]
     segmenter = create_segmenter(config.segmenter)
     build_card(config.out, stats, listing.classes, config.source, "test", config.masks_per_image,
-               config.crop_size, SegmenterInfo(name=segmenter.name, params=segmenter.params()))
+               config.crop_size, SegmenterInfo(name=segmenter.name, params=segmenter.params()), config.shuffle_seed)
     return config.out
 
 

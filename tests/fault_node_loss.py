@@ -28,8 +28,9 @@ from ray.cluster_utils import Cluster
 import pipeline.job
 from pipeline.job import ShardWorker, run_segment
 from pipeline.manifest import read_rows, verify
-from pipeline.plan import read_plan, shard_name
+from pipeline.plan import read_plan, shard_splits
 from schemas.config import SegmentConfig
+from schemas.manifest import SHARD_FILE, shard_file, shard_glob
 
 TOTAL_SHARDS = 16
 
@@ -76,7 +77,7 @@ def main(tmp: Path, retries: int, replace: bool) -> None:
         victim, in_flight, removed_after, started_before = nodes[1].node_id, None, None, 0  # nodes[0] stays
         deadline = time.time() + 120
         while time.time() < deadline and job.is_alive() and in_flight is None:
-            finished = {int(p.name[:5]) for p in config.out.glob("*_stats.json")}
+            finished = {int(SHARD_FILE.match(p.name)["shard"]) for p in config.out.glob(shard_glob(part="stats"))}
             trace = starts(Path(TRACE))
             running = [s for s, node, _ in trace if node == victim and s not in finished]
             if 2 <= len(finished) < TOTAL_SHARDS and running:
@@ -109,7 +110,8 @@ def main(tmp: Path, retries: int, replace: bool) -> None:
             "inputs": card.counts["inputs"], "planned": plan.num_rows, "shards": len(card.shards),
             "rows": len(keys), "distinct": len(set(keys)), "same_keys": sorted(keys) == sorted(plan.column("key").to_pylist()),
             "stale_tmp": sorted(p.name for p in config.out.glob(".*.tmp")),
-            "in_flight_marker": in_flight is not None and (config.out / f"{shard_name(in_flight)}_stats.json").is_file(),
+            "in_flight_marker": in_flight is not None
+            and (config.out / shard_file(shard_splits(plan)[in_flight], in_flight, "stats")).is_file(),
             "problems": verify(config.out),
         }))
     finally:

@@ -61,16 +61,16 @@ def test_segment_inspect_verify_cli(ray_local, tmp_path: Path, capsys) -> None:
     assert capsys.readouterr().out.strip().endswith("OK")
 
     # corrupt one shard (bit flip), truncate another, delete the third: verify names each, exits 1
-    data = bytearray((out / "00000.tar").read_bytes())
+    data = bytearray((out / "train-00000.tar").read_bytes())
     data[700] ^= 0x01
-    (out / "00000.tar").write_bytes(bytes(data))
-    t = (out / "00001.tar").read_bytes()
-    (out / "00001.tar").write_bytes(t[: len(t) // 2])
-    (out / "00002.tar").unlink()
+    (out / "train-00000.tar").write_bytes(bytes(data))
+    t = (out / "train-00001.tar").read_bytes()
+    (out / "train-00001.tar").write_bytes(t[: len(t) // 2])
+    (out / "test-00002.tar").unlink()
     assert main(["manifest", "verify", str(out)]) == 1
     report = capsys.readouterr().out
-    assert "shard 00000: " in report and "checksum differs" in report
-    assert "shard 00001: " in report and "shard 00002: " in report and "missing" in report
+    assert "shard train-00000: " in report and "checksum differs" in report
+    assert "shard train-00001: " in report and "shard test-00002: " in report and "missing" in report
     assert "FAILED, " in report
 
 
@@ -78,3 +78,27 @@ def test_console_script_installed() -> None:
     exe = Path(sys.executable).with_name("protomask")
     result = subprocess.run([str(exe), "segment", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "--masks-per-image" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["small-cpu", "cub-gpu", "demo"])
+def test_named_configs_validate(name: str) -> None:
+    from protomask.cli import config_file
+    from schemas.config import TrainConfig
+
+    config = load_config(TrainConfig, config_file(name), {"shards": "s", "run_dir": "r"})
+    assert config.data.batch_size % 2 == 0  # splits over 1 and 2 workers
+
+
+def test_set_flags_and_unknown_config_name(tmp_path: Path, capsys) -> None:
+    from protomask.cli import config_file, settings
+
+    assert settings(["model.head=linear", "schedule.lr_backbone=3.0e-4", "use_gpu=true"]) == {
+        "model.head": "linear", "schedule.lr_backbone": 3e-4, "use_gpu": True}
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        settings(["model.head"])
+    with pytest.raises(ConfigError, match="small-cpu"):  # lists the named configs
+        config_file("smal-cpu")
+    argv = ["train", "--config", "small-cpu", "--shards", str(tmp_path), "--run-dir", str(tmp_path / "run"),
+            "--set", "model.head=nope"]
+    assert main(argv) == 2
+    assert "model.head" in capsys.readouterr().err and not (tmp_path / "run").exists()

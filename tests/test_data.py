@@ -26,7 +26,8 @@ K, CROP = 4, 32
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """36 synthetic images (3 classes x 9 train + 3 test) in 8 shards of 5, segmented without Ray."""
+    """36 synthetic images (3 classes x 9 train + 3 test) in 8 shards of 5 (train 0-5, test 6-7), segmented
+    without Ray."""
     tmp = tmp_path_factory.mktemp("data")
     config = SegmentConfig.model_validate(dict(
         source="synthetic", root=tmp / "synth", out=tmp / "shards", shard_size=5,
@@ -57,6 +58,13 @@ def test_open_counts(shards: Path) -> None:
     assert len(ds.rows) == 36 and set(ds.rows[0]) == {"key", "shard", "label", "split", "n_masks"}
     assert Counter(r["split"] for r in ds.rows) == {"train": 27, "test": 9}
     assert all(r["n_masks"] == 4 for r in ds.rows)  # grid 2x2
+    assert ds.card.shuffle_seed == 0
+    assert [(s.name, s.split, s.count) for s in ds.card.shards] == [
+        *((f"train-{i:05d}", "train", 5 if i < 5 else 2) for i in range(6)), ("test-00006", "test", 5),
+        ("test-00007", "test", 4)]
+    assert sorted(p.name for p in shards.glob("train-*.tar")) == [f"train-{i:05d}.tar" for i in range(6)]
+    assert ds.tar_path(6) == shards / "test-00006.tar"
+    assert all(r["split"] == ds.card.shards[r["shard"]].split for r in ds.rows)  # a shard holds one split
 
 
 def test_split_keys_stratified_deterministic(shards: Path) -> None:
@@ -73,7 +81,7 @@ def test_split_keys_stratified_deterministic(shards: Path) -> None:
 
 
 def test_decode_sample_pads_and_resizes(shards: Path) -> None:
-    key, members = next(iter_samples(shards / "00000.tar"))
+    key, members = next(iter_samples(shards / "train-00000.tar"))
     crops, valid, label, out_key = decode_sample(members, K + 2, 24, None)
     assert out_key == key and label == json.loads(members["json"])["label"]
     assert crops.shape == (K + 2, 3, 24, 24) and crops.dtype == torch.float32
@@ -93,7 +101,7 @@ def test_decode_sample_pads_and_resizes(shards: Path) -> None:
 
 
 def test_augmentation_changes_crops_not_shapes(shards: Path) -> None:
-    _, members = next(iter_samples(shards / "00000.tar"))
+    _, members = next(iter_samples(shards / "train-00000.tar"))
     plain, valid, _, _ = decode_sample(members, K + 1, CROP, None)
     a1, valid1, _, _ = decode_sample(members, K + 1, CROP, make_augment(7))
     a2, _, _, _ = decode_sample(members, K + 1, CROP, make_augment(7))
@@ -128,10 +136,10 @@ def test_augmentation_ranges() -> None:
 
 def test_train_stream_two_ranks(shards: Path) -> None:
     ds = ShardDataset.open(shards)
-    train = split_keys(ds, 0.25, 0)["train"]  # 21 keys in shards 1..6
+    train = split_keys(ds, 0.25, 0)["train"]  # 21 keys in shards 0..5
     shard_of = _shard_of(ds)
-    config = DataConfig(batch_size=8, shuffle_buffer=8, loader_threads=2)
-    streams = [ShardStream(ds, train, config, 24, True, r, 2, seed=0) for r in range(2)]
+    config = DataConfig(shuffle_buffer=8, loader_threads=2)
+    streams = [ShardStream(ds, train, config, input_size=24, batch_size=8, train=True, rank=r, world_size=2, seed=0) for r in range(2)]
     steps = streams[0].steps_per_epoch()
     assert steps == streams[1].steps_per_epoch() == 2  # ceil(21 / 2 / 8)
     orders = []
@@ -157,8 +165,8 @@ def test_train_stream_two_ranks(shards: Path) -> None:
 def test_train_stream_splits_a_shard_over_ranks(shards: Path) -> None:
     ds = ShardDataset.open(shards)
     keys = [r["key"] for r in ds.rows if r["shard"] == 2]  # 5 keys, 1 shard, 2 ranks
-    config = DataConfig(batch_size=2, shuffle_buffer=4, loader_threads=0)
-    got = [_keys(ShardStream(ds, keys, config, 16, True, r, 2, seed=1)) for r in range(2)]
+    config = DataConfig(shuffle_buffer=4, loader_threads=0)
+    got = [_keys(ShardStream(ds, keys, config, input_size=16, batch_size=2, train=True, rank=r, world_size=2, seed=1)) for r in range(2)]
     assert [len(g) for g in got] == [4, 4]  # 2 batches of 2 on each rank
     assert set(got[0]) | set(got[1]) == set(keys) and len(set(got[0]) & set(got[1])) == 0
 
@@ -168,12 +176,12 @@ def test_eval_stream_covers_every_key_once(shards: Path, monkeypatch: pytest.Mon
     test = split_keys(ds, 0.25, 0)["test"]
     read: list[str] = []
     monkeypatch.setattr(data, "iter_samples", lambda tar: (read.append(tar.name), iter_samples(tar))[1])
-    config = DataConfig(batch_size=4, loader_threads=1)
-    streams = [ShardStream(ds, test, config, CROP, False, r, 2, seed=0) for r in range(2)]
+    config = DataConfig(loader_threads=1)
+    streams = [ShardStream(ds, test, config, input_size=CROP, batch_size=4, train=False, rank=r, world_size=2, seed=0) for r in range(2)]
     got = [_keys(s) for s in streams]
     assert sorted(got[0] + got[1]) == sorted(test)
     assert sum(s.steps_per_epoch() for s in streams) == sum(-(-len(g) // 4) for g in got)
-    assert sorted(read) == ["00000.tar", "00001.tar"]  # only the shards holding test keys
+    assert sorted(read) == ["test-00006.tar", "test-00007.tar"]  # only the shards holding test keys
     batch = next(iter(streams[0]))
     key = batch["key"][0]
     members = dict(iter_samples(ds.tar_path(_shard_of(ds)[key])))[key]
@@ -181,30 +189,30 @@ def test_eval_stream_covers_every_key_once(shards: Path, monkeypatch: pytest.Mon
 
 
 def test_truncated_tar_refused_at_open(copy: Path) -> None:
-    tar = copy / "00003.tar"
+    tar = copy / "train-00003.tar"
     tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
-    with pytest.raises(ShardError, match="00003.tar"):
+    with pytest.raises(ShardError, match="train-00003.tar"):
         ShardDataset.open(copy)
     tar.unlink()
-    with pytest.raises(ShardError, match="00003.tar.*missing"):
+    with pytest.raises(ShardError, match="train-00003.tar.*missing"):
         ShardDataset.open(copy)
 
 
 def test_corrupt_tar_fails_on_iteration(copy: Path) -> None:
-    tar = copy / "00005.tar"
+    tar = copy / "train-00002.tar"
     raw = bytearray(tar.read_bytes())
     with tarfile.open(tar) as src:
         offset = src.getmembers()[7].offset  # a header in the middle; the size stays right
     raw[offset:offset + 512] = b"\xff" * 512
     tar.write_bytes(bytes(raw))
     ds = ShardDataset.open(copy)
-    keys = [r["key"] for r in ds.rows if r["shard"] == 5]
-    with pytest.raises(ShardError, match="00005.tar"):
-        list(ShardStream(ds, keys, DataConfig(batch_size=2, loader_threads=2), CROP, False, 0, 1, 0))
+    keys = [r["key"] for r in ds.rows if r["shard"] == 2]
+    with pytest.raises(ShardError, match="train-00002.tar"):
+        list(ShardStream(ds, keys, DataConfig(loader_threads=2), input_size=CROP, batch_size=2, train=False))
 
 
 def test_tar_missing_a_key_fails_on_iteration(copy: Path) -> None:
-    tar = copy / "00004.tar"
+    tar = copy / "train-00004.tar"
     with tarfile.open(tar) as src:
         members = [(m, src.extractfile(m).read()) for m in src.getmembers()]
     dropped = members[0][0].name.split(".")[0]
@@ -214,23 +222,23 @@ def test_tar_missing_a_key_fails_on_iteration(copy: Path) -> None:
                 dst.addfile(info, io.BytesIO(payload))
     card = json.loads((copy / "manifest.json").read_text())
     for s in card["shards"]:
-        if s["name"] == "00004":
+        if s["name"] == "train-00004":
             s["tar_bytes"] = tar.stat().st_size
     (copy / "manifest.json").write_text(json.dumps(card))
     ds = ShardDataset.open(copy)
     keys = [r["key"] for r in ds.rows if r["shard"] == 4]
-    stream = ShardStream(ds, keys, DataConfig(batch_size=2, loader_threads=0), CROP, False, 0, 1, 0)
-    with pytest.raises(ShardError, match=f"00004.tar.*{dropped}"):
+    stream = ShardStream(ds, keys, DataConfig(loader_threads=0), input_size=CROP, batch_size=2, train=False)
+    with pytest.raises(ShardError, match=f"train-00004.tar.*{dropped}"):
         list(stream)
     with pytest.raises(ValueError, match="not ok samples"):
-        ShardStream(ds, ["999999"], DataConfig(), CROP, False, 0, 1, 0)
+        ShardStream(ds, ["999999"], DataConfig(), input_size=CROP, batch_size=16, train=False)
 
 
 def test_rank_checks(shards: Path) -> None:
     ds = ShardDataset.open(shards)
     with pytest.raises(ValueError, match="rank 2"):
-        ShardStream(ds, [], DataConfig(), CROP, True, 2, 2, 0)
-    empty = ShardStream(ds, [], DataConfig(), CROP, True, 0, 2, 0)
+        ShardStream(ds, [], DataConfig(), input_size=CROP, batch_size=16, train=True, rank=2, world_size=2, seed=0)
+    empty = ShardStream(ds, [], DataConfig(), input_size=CROP, batch_size=16, train=True, rank=0, world_size=2, seed=0)
     assert empty.steps_per_epoch() == 0 and list(empty) == []
 
 
@@ -247,3 +255,91 @@ def test_batch_buffers_reused_only_when_nothing_holds_them() -> None:
     del row  # nothing refers to the first buffer any more: it is handed out again
     third = pool.get(4)
     assert third.ctypes.data == ptr and not np.shares_memory(third, second)
+
+
+def test_interleave_round_robin_replaces_exhausted() -> None:
+    its = [iter("ab"), iter("cdef"), iter("g"), iter("hi")]
+    assert "".join(data._interleave(its, 2)) == "acbdgehfi"  # "g" takes the place of "ab", then "hi" that of "g"
+    assert "".join(data._interleave([iter("ab"), iter("c")], 4)) == "acb"
+    assert list(data._interleave([], 4)) == []
+
+
+def _one_class_per_shard(tmp: Path, classes: int, per_class: int) -> Path:
+    """A shard directory as another tool would write it from a class-sorted listing: shards cut in listing
+    order, so shard s holds class s only (the plan is written here directly, not by make_plan)."""
+    from pipeline.manifest import build_card
+    from pipeline.sources import list_source
+    from pipeline.worker import ShardProcessor
+    from schemas.manifest import SegmenterInfo
+
+    config = SegmentConfig.model_validate(dict(
+        source="synthetic", root=tmp / "synth", out=tmp / "sorted", shard_size=per_class, masks_per_image=1,
+        segmenter={"name": "grid", "grid": 1},
+        synthetic={"num_classes": classes, "train_per_class": per_class, "test_per_class": 0, "image_size": 32},
+    ))
+    config.out.mkdir()
+    listing = list_source(config)
+    items = listing.items  # sorted by (split, class, index)
+    rows = [{"key": f"{position // per_class:05d}{position % per_class:02d}", "shard": position // per_class,
+             "source_path": item.path, "label": item.label, "class_name": item.class_name, "split": item.split,
+             "parts_path": None, "extra": "{}"} for position, item in enumerate(items)]
+    processor = ShardProcessor(config, "another tool")
+    stats = [processor.process(s, [r for r in rows if r["shard"] == s]) for s in range(classes)]
+    build_card(config.out, stats, listing.classes, "synthetic", "another tool", 1, None,
+               SegmenterInfo(name="grid", params={}), 0)
+    return config.out
+
+
+def test_interleaving_mixes_shards_of_one_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shards of one class each still give mixed training batches: a rank reads INTERLEAVE shards at once.
+    The shuffle buffer is off (1), so the mixing seen here is the interleaving's alone."""
+    ds = ShardDataset.open(_one_class_per_shard(tmp_path, classes=4, per_class=8))
+    assert [{r["label"] for r in ds.rows if r["shard"] == s} for s in range(4)] == [{0}, {1}, {2}, {3}]
+    keys = [r["key"] for r in ds.rows]
+    config = DataConfig(shuffle_buffer=1, augment=False, loader_threads=0)
+
+    def classes_per_batch() -> list[int]:
+        stream = ShardStream(ds, keys, config, input_size=8, batch_size=4, train=True)
+        return [len(set(b["label"].tolist())) for b in stream]
+
+    assert data.INTERLEAVE == 4 and classes_per_batch() == [4] * 8  # every batch holds all four classes
+    monkeypatch.setattr(data, "INTERLEAVE", 1)  # one shard after another: every batch is one class
+    assert classes_per_batch() == [1] * 8
+
+
+def test_training_batches_of_real_photos_mix_classes(cub_dev: Path, tmp_path: Path) -> None:
+    """cub_dev's listing is sorted by class (30 species, 30 train photos each). Its shards, segmented with the
+    cheap grid segmenter, hold nearly every class, and 16-image training batches hold about as many distinct
+    classes as 16 i.i.d. draws (30 * (1 - (29/30)^16) = 12.5; cut in listing order, a shard held ~9 classes)."""
+    config = SegmentConfig(source="cub", root=cub_dev, out=tmp_path / "shards", shard_size=256, masks_per_image=1,
+                           segmenter={"name": "grid", "grid": 1})
+    ds = ShardDataset.open(segment_without_ray(config))
+    for stats in ds.card.shards:
+        rows = [r for r in ds.rows if r["shard"] == stats.shard]
+        assert {r["split"] for r in rows} == {stats.split}  # one split per shard
+        assert len({r["label"] for r in rows}) >= 25, stats.name  # of 30 classes
+    train = [r["key"] for r in ds.rows if r["split"] == "train"]
+    assert len(train) == 900
+    stream = ShardStream(ds, train, DataConfig(augment=False, loader_threads=2), input_size=8, batch_size=16, train=True)
+    distinct = [len(set(b["label"].tolist())) for b in stream]
+    assert len(distinct) == stream.steps_per_epoch() == 57
+    assert np.mean(distinct) >= 11, np.mean(distinct)
+
+
+def test_format_3_directory_still_reads(copy: Path) -> None:
+    """Format 3 named shards 00000.tar (no split) and had no shuffle_seed: such directories still read."""
+    from pipeline.manifest import verify
+    from schemas.manifest import shard_file
+
+    card = json.loads((copy / "manifest.json").read_text())
+    card.pop("shuffle_seed")
+    for s in card["shards"]:
+        for part in ("tar", "parquet", "stats"):
+            (copy / shard_file(s["split"], s["shard"], part)).rename(copy / shard_file(None, s["shard"], part))
+        s.pop("split")
+        s["name"] = f"{s['shard']:05d}"
+    (copy / "manifest.json").write_text(json.dumps({**card, "format_version": "3"}))
+    ds = ShardDataset.open(copy)
+    assert ds.card.shuffle_seed is None and ds.tar_path(6) == copy / "00006.tar" and verify(copy) == []
+    test = split_keys(ds, 0.0, 0)["test"]
+    assert sorted(_keys(ShardStream(ds, test, DataConfig(loader_threads=0), input_size=8, batch_size=4, train=False))) == test

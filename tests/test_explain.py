@@ -16,7 +16,7 @@ from schemas.config import ModelConfig, SegmentConfig, TrainConfig
 from schemas.shard import SampleRecord
 from training.data import ShardDataset, split_keys
 from training.explain import explain_sample, overlaps, part_metrics, perturb, read_samples
-from training.loop import export
+from training.export import export_model
 from training.model import ProtoMask
 
 TINY = ModelConfig(backbone="convnet", width=4, prototype_dim=8, input_size=32, prototypes_per_class=2)
@@ -83,7 +83,7 @@ def _fake_run(shards: Path, run_dir: Path) -> ProtoMask:
     model = ProtoMask(TINY, dataset.num_classes)
     run_dir.mkdir()
     config = TrainConfig(shards=shards, run_dir=run_dir, model=TINY)
-    export(model, config, dataset.classes, run_dir)
+    export_model(model, config.model, dataset.classes, run_dir, shards=config.shards)
     (run_dir / "train_config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
     train = [r for r in dataset.rows if r["split"] == "train"]
     push = [{"prototype": p, "class": int(c), "key": next(r["key"] for r in train if r["label"] == c),
@@ -155,7 +155,7 @@ def test_report_renders_in_headless_chromium(shards: Path, tmp_path: Path) -> No
 
     _fake_run(shards, tmp_path / "masks")
     patches = tmp_path / "patches"
-    model = _fake_run(shards, patches)
+    _fake_run(shards, patches)
     meta = json.loads((patches / "model_config.json").read_text())
     meta["model"]["regions"] = "patches"
     (patches / "model_config.json").write_text(json.dumps(meta))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 from pathlib import Path
 
@@ -15,8 +14,14 @@ from PIL import Image
 from pipeline.job import JobError, run_segment
 from pipeline.manifest import inspect, verify
 from schemas.config import SegmentConfig
+from schemas.manifest import SHARD_FILE, shard_glob
 
 pytestmark = pytest.mark.ray
+
+
+def _shard_files(out: Path) -> dict[str, int]:
+    """mtime of every shard file (tar, parquet, stats marker) in ``out``."""
+    return {p.name: p.stat().st_mtime_ns for p in out.iterdir() if SHARD_FILE.match(p.name)}
 
 
 def _config(tmp_path: Path, **kw) -> SegmentConfig:
@@ -33,24 +38,30 @@ def test_synthetic_job_resume_and_guard(ray_local, tmp_path: Path) -> None:
     config = _config(tmp_path)
     card = run_segment(config, progress=False)
     assert card.counts == {"inputs": 18, "ok": 18, "failed": 0}
-    assert len(card.shards) == 3 and [s.count for s in card.shards] == [8, 8, 2]
+    # 12 train inputs in shards 0-1, then 6 test inputs in shard 2: a shard holds one split
+    assert [(s.name, s.split, s.count) for s in card.shards] == [
+        ("train-00000", "train", 8), ("train-00001", "train", 4), ("test-00002", "test", 6)]
+    assert card.shuffle_seed == 0 and card.format_version == "4"
     assert card.per_split == {"test": {"ok": 6, "failed": 0}, "train": {"ok": 12, "failed": 0}}
     assert sum(card.masks_hist.values()) == 18 and max(card.masks_hist) <= 4
     assert verify(config.out) == []
     summary = inspect(config.out)
     assert summary["samples"]["ok"] == 18 and summary["segmenter"]["name"] == "superpixel"
-    (sample,) = [m for m in tarfile.open(config.out / "00000.tar").getnames() if m == "000000.json"]
+    (sample,) = [m for m in tarfile.open(config.out / "train-00000.tar").getnames() if m == "000000.json"]
     assert (config.out / "segment_config.yaml").is_file() and (config.out / "plan.parquet").is_file()
 
-    before = {p.name: p.stat().st_mtime_ns for p in config.out.glob("0000*")}
+    before = _shard_files(config.out)
+    assert len(before) == 9
     card2 = run_segment(config, progress=False)  # everything finished: no shard is rewritten
     assert card2.counts == card.counts
-    assert {p.name: p.stat().st_mtime_ns for p in config.out.glob("0000*")} == before
+    assert _shard_files(config.out) == before
 
     other = _config(tmp_path, masks_per_image=3)
     with pytest.raises(JobError, match="different configuration"):
         run_segment(other, progress=False)
-    assert {p.name: p.stat().st_mtime_ns for p in config.out.glob("0000*")} == before
+    with pytest.raises(JobError, match="different configuration"):  # another seed is another plan
+        run_segment(_config(tmp_path, shuffle_seed=1), progress=False)
+    assert _shard_files(config.out) == before
 
 
 def test_rerun_redoes_only_unfinished_shards_with_identical_bytes(ray_local, tmp_path: Path) -> None:
@@ -58,13 +69,14 @@ def test_rerun_redoes_only_unfinished_shards_with_identical_bytes(ray_local, tmp
     run_segment(config, progress=False)
     reference = {p.name: p.read_bytes() for p in config.out.glob("*.tar")}
     # simulate a crash: shard 1 never got its marker and left a temp file; shard 2 is gone
-    (config.out / "00001_stats.json").unlink()
-    (config.out / ".00001.tar.dead.tmp").write_bytes(b"partial")
-    for name in ("00002.tar", "00002.parquet", "00002_stats.json", "manifest.json"):
+    (config.out / "train-00001_stats.json").unlink()
+    (config.out / ".train-00001.tar.dead.tmp").write_bytes(b"partial")
+    for name in ("test-00002.tar", "test-00002.parquet", "test-00002_stats.json", "manifest.json"):
         (config.out / name).unlink()
-    kept = (config.out / "00000_stats.json").stat().st_mtime_ns
+    kept = (config.out / "train-00000_stats.json").stat().st_mtime_ns
     run_segment(config, progress=False)
-    assert (config.out / "00000_stats.json").stat().st_mtime_ns == kept
+    assert (config.out / "train-00000_stats.json").stat().st_mtime_ns == kept
+    assert not (config.out / ".train-00001.tar.dead.tmp").exists()
     assert {p.name: p.read_bytes() for p in config.out.glob("*.tar")} == reference
     assert verify(config.out) == []
 
@@ -100,9 +112,11 @@ def test_bad_inputs_become_rows_not_crashes(ray_local, tmp_path: Path) -> None:
     config = _config(tmp_path, source="imagefolder", root=tmp_path / "imgs", max_side=256, shard_size=4)
     card = run_segment(config, progress=False)
     assert card.counts["inputs"] == 10
-    rows = {r["source_path"].split("/")[-1]: r for r in pq.read_table(config.out / "00000.parquet").to_pylist()
-            + pq.read_table(config.out / "00001.parquet").to_pylist()
-            + pq.read_table(config.out / "00002.parquet").to_pylist()}
+    # no split folders: 2 of the class's 10 inputs go to test (test_fraction 0.2), the rest to train
+    assert [(s.split, s.count) for s in card.shards] == [("train", 4), ("train", 4), ("test", 2)]
+    rows = {r["source_path"].split("/")[-1]: r for p in sorted(config.out.glob(shard_glob(part="parquet")))
+            for r in pq.read_table(p).to_pylist()}
+    assert len(rows) == 10
     ok = {n for n, r in rows.items() if r["status"] == "ok"}
     assert ok == {"good.jpg", "gray.png", "cmyk.jpg", "rgba.png", "deep16.png", "huge.png"}
     assert rows["empty.jpg"]["error_message"] == "empty file (0 bytes)"
@@ -123,16 +137,22 @@ def test_cub_mini_two_workers(ray_local, cub_mini: Path, tmp_path: Path) -> None
     assert verify(config.out) == []
     import subprocess
 
-    listed = subprocess.run(["tar", "-tf", str(config.out / "00000.tar")], capture_output=True, text=True, check=True)
+    # 36 train inputs in shards 0-2, 24 test inputs in shards 3-4, each shard mixing classes
+    assert [(s.name, s.count) for s in card.shards] == [
+        ("train-00000", 16), ("train-00001", 16), ("train-00002", 4), ("test-00003", 16), ("test-00004", 8)]
+    listed = subprocess.run(["tar", "-tf", str(config.out / "train-00000.tar")], capture_output=True, text=True,
+                            check=True)
     names = listed.stdout.split()
     assert len({n.split(".")[0] for n in names}) == 16 and sum(n.endswith(".json") for n in names) == 16
     assert card.shards[0].tar_members == len(names)
-    before = {p.name: p.stat().st_mtime_ns for p in config.out.glob("0000*")}
+    before = _shard_files(config.out)
     assert run_segment(config, progress=False).counts == card.counts  # second run: no segmentation work
-    assert {p.name: p.stat().st_mtime_ns for p in config.out.glob("0000*")} == before
+    assert _shard_files(config.out) == before
     import webdataset as wds
 
-    ds = wds.WebDataset(str(config.out / "{00000..00003}.tar"), shardshuffle=False).decode("rgb8")
-    samples = list(ds)
-    assert len(samples) == 60 and all(s["crop_00.jpg"].shape == (64, 64, 3) for s in samples)
-    assert json.loads(json.dumps(samples[0]["json"]))["source_path"].startswith("CUB_200_2011/images/001.Blue_Jay")
+    for split, urls, n in (("train", "train-{00000..00002}.tar", 36), ("test", "test-{00003..00004}.tar", 24)):
+        samples = list(wds.WebDataset(str(config.out / urls), shardshuffle=False).decode("rgb8"))
+        assert len(samples) == n and all(s["crop_00.jpg"].shape == (64, 64, 3) for s in samples)
+        assert {s["json"]["split"] for s in samples} == {split}
+        assert all(s["json"]["source_path"].startswith("CUB_200_2011/images/") for s in samples)
+    assert len({r["class_name"] for r in pq.read_table(config.out / "train-00000.parquet").to_pylist()}) >= 4

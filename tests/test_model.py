@@ -33,7 +33,7 @@ def test_torchvision_backbones(backbone: str) -> None:
 
 def test_missing_weights_file_named(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="nope.pth"):
-        ProtoMask(ModelConfig(backbone="resnet18", weights=tmp_path / "nope.pth"), 2)
+        ProtoMask(ModelConfig(backbone="resnet18", weights=str(tmp_path / "nope.pth")), 2)
 
 
 def test_distance_is_squared_l2_and_similarity_is_log() -> None:

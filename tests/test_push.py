@@ -128,7 +128,7 @@ def test_class_without_training_images_keeps_its_prototypes() -> None:
 
 def _controlled(model: ProtoMask) -> ProtoMask:
     """Embedding = the first 8 values of the crop's first row (hand-made embeddings)."""
-    model.embed = lambda crops: crops[:, :, 0, 0, :8].clone()  # type: ignore[method-assign]
+    model.embed = lambda crops, valid=None: crops[:, :, 0, 0, :8].clone()  # type: ignore[method-assign]
     return model
 
 

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -22,6 +21,7 @@ from pipeline.job import JobError, run_segment
 from pipeline.manifest import MANIFEST, verify
 from pipeline.shards import ShardError
 from schemas.config import SegmentConfig
+from schemas.manifest import SHARD_FILE
 from training.data import ShardDataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,13 +153,13 @@ def test_manifest_disagreeing_with_tars_is_named(shards: Path, tmp_path: Path) -
     card["shards"][2]["ok"] -= 1
     (copy / MANIFEST).write_text(json.dumps(card))
     problems = verify(copy)
-    assert any(p.startswith("shard 00001:") and "manifest says" in p for p in problems)
-    assert any(p.startswith("shard 00002:") for p in problems)
-    with pytest.raises(ShardError, match="00002.parquet"):
+    assert any(p.startswith("shard train-00001:") and "manifest says" in p for p in problems)
+    assert any(p.startswith("shard train-00002:") for p in problems)
+    with pytest.raises(ShardError, match="train-00002.parquet"):
         ShardDataset.open(copy)
     card["shards"][2]["ok"] += 1  # only the member count is off now: the parquet rows agree
     (copy / MANIFEST).write_text(json.dumps(card))
-    with pytest.raises(ShardError, match=r"shard 00001: .*00001.tar holds \d+ samples / \d+ members, the manifest says"):
+    with pytest.raises(ShardError, match=r"shard train-00001: .*train-00001.tar holds \d+ samples / \d+ members, the manifest says"):
         run_train(_train_config(copy, tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 
@@ -172,7 +172,7 @@ def test_tar_rewritten_without_a_sample_is_named(shards: Path, tmp_path: Path) -
 
     copy = tmp_path / "shards"
     shutil.copytree(shards, copy)
-    tar = copy / "00001.tar"
+    tar = copy / "train-00001.tar"
     with tarfile.open(tar) as src:
         members = [(info, src.extractfile(info).read()) for info in src]
     last = members[-1][0].name.split(".")[0]
@@ -184,8 +184,8 @@ def test_tar_rewritten_without_a_sample_is_named(shards: Path, tmp_path: Path) -
     card["shards"][1].update(tar_sha256=sha256_file(tar), tar_bytes=tar.stat().st_size)
     (copy / MANIFEST).write_text(json.dumps(card))
     ok = card["shards"][1]["ok"]
-    assert any(p.startswith(f"shard 00001: {ok - 1} samples") and f"manifest says {ok}" in p for p in verify(copy))
-    with pytest.raises(ShardError, match=rf"shard 00001: .*00001.tar holds {ok - 1} samples / \d+ members, the manifest says {ok} "):
+    assert any(p.startswith(f"shard train-00001: {ok - 1} samples") and f"manifest says {ok}" in p for p in verify(copy))
+    with pytest.raises(ShardError, match=rf"shard train-00001: .*train-00001.tar holds {ok - 1} samples / \d+ members, the manifest says {ok} "):
         run_train(_train_config(copy, tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 
@@ -213,11 +213,11 @@ def test_bit_flipped_shard_refused_by_training(shards: Path, tmp_path: Path) -> 
 
     copy = tmp_path / "shards"
     shutil.copytree(shards, copy)
-    data = bytearray((copy / "00003.tar").read_bytes())
+    data = bytearray((copy / "train-00003.tar").read_bytes())
     data[len(data) // 2] ^= 0x10  # same size: only the checksum can tell
-    (copy / "00003.tar").write_bytes(bytes(data))
+    (copy / "train-00003.tar").write_bytes(bytes(data))
     ShardDataset.open(copy)  # sizes still agree
-    with pytest.raises(ShardError, match=r"shard 00003: .*00003.tar checksum differs"):
+    with pytest.raises(ShardError, match=r"shard train-00003: .*train-00003.tar checksum differs"):
         run_train(_train_config(copy, tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 
@@ -239,19 +239,19 @@ def test_disk_full_during_a_shard_keeps_finished_shards(tmp_path: Path, monkeypa
     config = _config(tmp_path, out=tmp_path / "out")
     config.out.mkdir()
     processor = ShardProcessor(config, "h")
-    rows = make_plan(list_source(config), config.shard_size).to_pylist()
+    rows = make_plan(list_source(config), config.shard_size, config.shuffle_seed, config.test_fraction).to_pylist()
     for s in (0, 1):
         processor.process(s, [r for r in rows if r["shard"] == s])
     before = {p.name: p.read_bytes() for p in config.out.iterdir()}
     real_fsync = os.fsync
 
     def full(fd: int) -> None:
-        if os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1].startswith(".00002."):
+        if os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1].startswith(".train-00002."):
             raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(fd)
 
     monkeypatch.setattr(shards_module.os, "fsync", full)
-    with pytest.raises(OSError, match=r"No space left on device: '.*/00002.tar'"):
+    with pytest.raises(OSError, match=r"No space left on device: '.*/train-00002.tar'"):
         processor.process(2, [r for r in rows if r["shard"] == 2])
     assert {p.name: p.read_bytes() for p in config.out.iterdir()} == before  # nothing partial, nothing lost
 
@@ -260,11 +260,17 @@ def test_disk_full_during_a_shard_keeps_finished_shards(tmp_path: Path, monkeypa
 def test_unwritable_shard_exhausts_retries_and_keeps_the_rest(ray_local, tmp_path: Path) -> None:
     config = _config(tmp_path, num_workers=2, cpus_per_worker=0.5, max_shard_retries=1)
     run_segment(config, progress=False)
-    for name in ("00001.tar", "00001.parquet", "00001_stats.json", "manifest.json"):
+    for name in ("train-00001.tar", "train-00001.parquet", "train-00001_stats.json", "manifest.json"):
         (config.out / name).unlink()
-    (config.out / "00001.tar").mkdir()  # the rename onto it fails every time, like an unwritable target
-    before = {p.name: p.stat().st_mtime_ns for p in config.out.glob("0000[02-9]*")}
-    with pytest.raises(JobError, match=r"shards \['00001'\] failed after 1 retries; 5 finished shards are kept"):
+    (config.out / "train-00001.tar").mkdir()  # the rename onto it fails every time, like an unwritable target
+
+    def others() -> dict[str, int]:
+        return {p.name: p.stat().st_mtime_ns for p in config.out.iterdir()
+                if SHARD_FILE.match(p.name) and not p.name.startswith("train-00001")}
+
+    before = others()
+    assert len(before) == 15
+    with pytest.raises(JobError, match=r"shards \['train-00001'\] failed after 1 retries; 5 finished shards are kept"):
         run_segment(config, progress=False)
-    assert {p.name: p.stat().st_mtime_ns for p in config.out.glob("0000[02-9]*")} == before
+    assert others() == before
     assert not list(config.out.glob(".*.tmp"))

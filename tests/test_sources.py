@@ -65,7 +65,8 @@ def test_imagefolder_with_and_without_splits(tmp_path: Path) -> None:
     (flat / "dog" / "notes.txt").write_text("not an image")
     got = imagefolder.list_items(flat)
     assert got.classes == ["cat", "dog"]
-    assert [(i.path, i.label, i.split) for i in got.items] == [("cat/1.png", 0, "train"), ("dog/2.jpg", 1, "train")]
+    # no split folders: no split (the plan draws a test share, tests/test_plan.py)
+    assert [(i.path, i.label, i.split) for i in got.items] == [("cat/1.png", 0, None), ("dog/2.jpg", 1, None)]
     split = tmp_path / "split"
     _img(split / "train" / "cat" / "1.png")
     _img(split / "test" / "dog" / "2.png")
@@ -101,7 +102,9 @@ def test_listing_csv_and_parquet(tmp_path: Path) -> None:
     pq.write_table(pa.table({"path": ["a.png", "sub/b.png"], "label": [10, 2]}), tmp_path / "l.parquet")
     got = listing.list_items(tmp_path, tmp_path / "l.parquet")
     assert got.classes == ["2", "10"] and [i.label for i in got.items] == [1, 0]
-    assert {i.split for i in got.items} == {"train"}
+    assert {i.split for i in got.items} == {None}  # no split column
+    csv.write_text("path,label,split\na.png,bird,\nsub/b.png,cat,test\n")
+    assert [i.split for i in listing.list_items(tmp_path, csv).items] == [None, "test"]  # an empty value
 
 
 @pytest.mark.parametrize("bad", ["../escape.png", "/etc/passwd", "sub/../../x.png"])

@@ -14,7 +14,9 @@ from pipeline.job import run_segment
 from schemas.config import ModelConfig, SegmentConfig, TrainConfig
 from training.loop import CHECKPOINT, checkpoint_state, make_optimizers, phase_of, set_trainable
 from training.model import ProtoMask
-from training.train import TrainError, load_model, run_evaluate, run_train
+from training.data import ShardDataset
+from training.export import load_model
+from training.train import TrainError, run_evaluate, run_train
 
 pytestmark = pytest.mark.ray
 
@@ -44,6 +46,8 @@ def _config(shards: Path, run_dir: Path, **schedule) -> TrainConfig:
 def test_phase_schedule_and_freezing() -> None:
     config = _config(Path("s"), Path("r"))
     assert [phase_of(e, config) for e in range(4)] == ["warmup", "joint", "joint", "last_layer"]
+    pretrained = _config(Path("s"), Path("r"), pretrain_epochs=2)
+    assert [phase_of(e, pretrained) for e in range(6)] == ["pretrain"] * 2 + ["warmup", "joint", "joint", "last_layer"]
     model = ProtoMask(ModelConfig(**TINY), 3)
     expect = {"warmup": {"add_on", "prototypes"}, "joint": {"backbone", "add_on", "prototypes"},
               "last_layer": {"last_layer"}}
@@ -66,7 +70,7 @@ def test_checkpoint_is_plain_and_roundtrips(tmp_path: Path) -> None:
     model(torch.rand(2, 2, 3, 32, 32), torch.ones(2, 2, dtype=torch.bool)).logits.sum().backward()
     opts["joint"].step()
     sched.step()
-    torch.save(checkpoint_state(model, opts, sched, 3, True, config), tmp_path / CHECKPOINT)
+    torch.save(checkpoint_state(model, opts, sched, 3, config, pushed=True), tmp_path / CHECKPOINT)
     state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     assert state["epoch"] == 3 and state["pushed"] and TrainConfig.model_validate_json(state["config"]) == config
     fresh = ProtoMask(ModelConfig(**TINY), 3)
@@ -104,14 +108,40 @@ def test_train_two_workers_export_evaluate_and_rerun_resumes(shards: Path, tmp_p
     assert len((run_dir / "metrics.csv").read_text().splitlines()) == 1 + 4
 
 
+def test_linear_head_and_pretrained_backbone_train_on_the_same_shards(shards: Path, tmp_path: Path) -> None:
+    linear = _config(shards, tmp_path / "linear").model_copy(
+        update={"model": ModelConfig(**TINY, head="linear", regions="patches")})
+    result = run_train(linear)
+    assert result["test"]["n"] == 12 and result["compactness"] == {}
+    assert not (tmp_path / "linear" / "push_log.json").exists()
+    phases = [row.split(",")[1] for row in (tmp_path / "linear" / "metrics.csv").read_text().splitlines()[1:]]
+    assert phases == ["joint"] * 4  # every epoch of the schedule trains everything
+    evaluated = run_evaluate(tmp_path / "linear", shards, "test")
+    assert evaluated["head"] == "linear" and evaluated["accuracy"] == pytest.approx(result["test"]["accuracy"])
+
+    pretrained = _config(shards, tmp_path / "pre", pretrain_epochs=1, prototype_init="crops")
+    first = run_train(pretrained)
+    phases = [row.split(",")[1] for row in (tmp_path / "pre" / "metrics.csv").read_text().splitlines()[1:]]
+    assert phases == ["pretrain", "warmup", "joint", "joint", "last_layer"]
+    placed = json.loads((tmp_path / "pre" / "prototype_init.json").read_text())
+    label_of = {r["key"]: r["label"] for r in ShardDataset.open(shards).rows}
+    assert [e["prototype"] for e in placed] == list(range(6))
+    assert all(label_of[e["key"]] == e["class"] == e["prototype"] // 2 for e in placed)
+    assert len({e["key"] for e in placed}) == 6  # distinct images: every class has more than 2
+    assert all(placed[j]["score"] >= placed[j + 1]["score"] for j in range(0, 6, 2))  # the class's best first
+    state = torch.load(tmp_path / "pre" / "model.pt", weights_only=True)
+    assert not any(k.startswith("classifier") for k in state)  # the pre-training classifier is not exported
+    assert run_train(pretrained)["test"] == first["test"]  # resumes from its checkpoint
+
+
 def test_corrupt_shard_refused_before_training(shards: Path, tmp_path: Path) -> None:
     import shutil
 
     copy = tmp_path / "shards"
     shutil.copytree(shards, copy)
-    data = (copy / "00001.tar").read_bytes()
-    (copy / "00001.tar").write_bytes(data[:1000])
-    with pytest.raises(Exception, match="00001.tar"):
+    data = (copy / "train-00001.tar").read_bytes()
+    (copy / "train-00001.tar").write_bytes(data[:1000])
+    with pytest.raises(Exception, match="train-00001.tar"):
         run_train(_config(copy, tmp_path / "run"))
     assert not (tmp_path / "run" / "metrics.csv").exists()
 

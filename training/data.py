@@ -3,8 +3,10 @@
 ``ShardDataset`` checks a shard directory against its manifest, ``split_keys`` holds out a
 stratified validation set, and ``ShardStream`` reads only the shards that hold wanted keys, splits
 them over DDP ranks and decodes JPEGs on a thread pool. A training stream gives every rank exactly
-``steps_per_epoch()`` full batches (DDP hangs at collectives otherwise); an evaluation stream gives
-every wanted sample exactly once over all ranks.
+``steps_per_epoch()`` full batches (DDP hangs at collectives otherwise) and reads ``INTERLEAVE`` of its
+shards at once, so that shards holding few classes (e.g. cut from a class-sorted listing by another
+tool) still give mixed batches; an evaluation stream gives every wanted sample exactly once over all
+ranks.
 """
 
 from __future__ import annotations
@@ -30,16 +32,16 @@ from PIL import Image
 
 from pipeline.manifest import MANIFEST, load_card, read_rows
 from pipeline.masks import crop_boxes
-from pipeline.plan import shard_name
 from pipeline.shards import ShardError, iter_samples
 from schemas.config import DataConfig
-from schemas.manifest import DatasetCard
+from schemas.manifest import DatasetCard, ShardStats
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _MEAN_255 = np.array(IMAGENET_MEAN, np.float32).reshape(3, 1, 1) * 255
 _STD_255 = np.array(IMAGENET_STD, np.float32).reshape(3, 1, 1) * 255
 ROW_FIELDS = ["key", "shard", "label", "split", "n_masks"]
+INTERLEAVE = 4  # shards a training stream reads at once, round-robin, per rank
 
 Unit = tuple[int, list[str]]  # a shard id and the wanted keys a rank decodes from it
 
@@ -52,13 +54,16 @@ class ShardDataset:
     card: DatasetCard
     rows: list[dict]  # ok samples only, sorted by key: key, shard, label, split, n_masks
 
+    def __post_init__(self) -> None:
+        self._stats: dict[int, ShardStats] = {s.shard: s for s in self.card.shards}
+
     @classmethod
     def open(cls, shards_dir: Path) -> ShardDataset:
         """Load the manifest and rows; refuse a missing or truncated shard tar (ShardError naming it)."""
         root = Path(shards_dir)
         card = load_card(root)
         for stats in card.shards:
-            tar = root / f"{stats.name}.tar"
+            tar = root / stats.file("tar")
             if not tar.is_file():
                 raise ShardError(f"{tar}: shard listed in {root / MANIFEST} is missing")
             if (size := tar.stat().st_size) != stats.tar_bytes:
@@ -71,7 +76,7 @@ class ShardDataset:
         per_shard = Counter(r["shard"] for r in rows)
         for stats in card.shards:
             if per_shard[stats.shard] != stats.ok:
-                raise ShardError(f"{root / stats.name}.parquet: {per_shard[stats.shard]} ok rows, "
+                raise ShardError(f"{root / stats.file('parquet')}: {per_shard[stats.shard]} ok rows, "
                                  f"the manifest says {stats.ok}")
         return cls(root=root, card=card, rows=sorted(rows, key=lambda r: r["key"]))
 
@@ -88,7 +93,7 @@ class ShardDataset:
         return self.card.masks_per_image
 
     def tar_path(self, shard: int) -> Path:
-        return self.root / f"{shard_name(shard)}.tar"
+        return self.root / self._stats[shard].file("tar")
 
 
 def split_keys(dataset: ShardDataset, val_fraction: float, seed: int) -> dict[str, list[str]]:
@@ -259,6 +264,28 @@ def _shuffled(items: Iterable, size: int, rng: np.random.Generator) -> Iterator:
     yield from buffer
 
 
+def _interleave(iterators: Iterable[Iterator], width: int) -> Iterator:
+    """Round-robin over up to ``width`` of ``iterators`` at a time, one item each in turn; an exhausted
+    one is replaced by the next of ``iterators`` (in its place), until all are exhausted. Every iterator
+    is run to its end, so an error it raises at its end (``ShardStream._read``) still surfaces."""
+    waiting = iter(iterators)
+    active = list(itertools.islice(waiting, width))
+    i = 0
+    while active:
+        i %= len(active)
+        try:
+            item = next(active[i])
+        except StopIteration:
+            following = next(waiting, None)
+            if following is None:
+                del active[i]
+            else:
+                active[i] = following
+            continue
+        yield item
+        i += 1
+
+
 def _chunks(items: Iterable, n: int) -> Iterator[list]:
     it = iter(items)
     while chunk := list(itertools.islice(it, n)):
@@ -297,14 +324,19 @@ class ShardStream:
     """Batches ``{"crops" [B,K,3,S,S] float32, "valid" [B,K] bool, "label" [B] int64, "key" list[str]}``
     of ``keys`` for one DDP rank.
 
-    Training: shards shuffled per (seed, epoch) and spread over ranks by sample count, a shuffle
-    buffer, augmentation (``config.augment``), and exactly ``steps_per_epoch()`` full batches per rank:
-    a rank that runs out cycles over its own samples again. Evaluation: shards in order, split over
+    Training: shards shuffled per (seed, epoch) and spread over ranks by sample count; each rank reads
+    ``INTERLEAVE`` of its shards at once, one sample from each in turn (the next shard, in a seeded
+    order, replacing one that ends), through a shuffle buffer; augmentation (``config.augment``), and
+    exactly ``steps_per_epoch()`` full batches per rank: a rank that runs out cycles over its own
+    samples again. The order is fixed by (seed, epoch, rank). Evaluation: shards in order, split over
     ranks whole, every sample once, the last batch may be short and a rank may get none.
     """
 
-    def __init__(self, dataset: ShardDataset, keys: Iterable[str], config: DataConfig, input_size: int,
-                 train: bool, rank: int, world_size: int, seed: int, whole_image: bool = False) -> None:
+    def __init__(self, dataset: ShardDataset, keys: Iterable[str], config: DataConfig, *, input_size: int,
+                 batch_size: int, train: bool, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 whole_image: bool = False) -> None:
+        """``config`` gives the shuffle buffer, augmentation and decoding threads; ``batch_size`` is the
+        images per batch this stream yields (a training step's share of one rank, or an evaluation batch)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         row_of = {r["key"]: r for r in dataset.rows}
@@ -316,13 +348,14 @@ class ShardStream:
             by_shard[row_of[key]["shard"]].append(key)
         self.dataset, self.config, self.input_size = dataset, config, input_size
         self.train, self.rank, self.world_size, self.seed = train, rank, world_size, seed
+        self.batch_size = batch_size
         self.epoch = 0
         self._labels = {k: row_of[k]["label"] for k in wanted}
         self._units: list[Unit] = sorted(by_shard.items())
         self._augment = train and config.augment
         self._whole_image = whole_image
         k = 1 if whole_image else dataset.masks_per_image
-        self._buffers = BatchBuffers((config.batch_size, k, 3, input_size, input_size), config.loader_threads + 2)
+        self._buffers = BatchBuffers((batch_size, k, 3, input_size, input_size), config.loader_threads + 2)
 
     def set_epoch(self, epoch: int) -> None:
         """Training streams reshuffle and reassign shards per epoch."""
@@ -330,7 +363,7 @@ class ShardStream:
 
     def steps_per_epoch(self) -> int:
         """Batches this rank yields per epoch: the same on every rank when training."""
-        b = self.config.batch_size
+        b = self.batch_size
         if self.train:
             return -(-len(self._labels) // (self.world_size * b))
         return -(-sum(len(keys) for _, keys in self._eval_units()) // b)
@@ -352,14 +385,14 @@ class ShardStream:
 
     def _train_samples(self, epoch: int) -> Iterator[tuple[Path, str, dict[str, bytes], int]]:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self._units))  # same on all ranks
-        steps, b = self.steps_per_epoch(), self.config.batch_size
+        steps, b = self.steps_per_epoch(), self.batch_size
         parts = _assign([self._units[i] for i in order], self.world_size, steps * b)
         mine = parts[self.rank] or [u for part in parts for u in part]  # fewer samples than ranks x batch
         rng = np.random.default_rng([self.seed, epoch, self.rank])
 
         def one_pass(salt: int) -> Iterator:
             units = (self._read(mine[i], salt) for i in rng.permutation(len(mine)))
-            return _shuffled(itertools.chain.from_iterable(units), self.config.shuffle_buffer, rng)
+            return _shuffled(_interleave(units, INTERLEAVE), self.config.shuffle_buffer, rng)
 
         return itertools.islice(itertools.chain.from_iterable(map(one_pass, itertools.count())), steps * b)
 
@@ -391,7 +424,7 @@ class ShardStream:
             samples = self._train_samples(epoch)
         else:
             samples = itertools.chain.from_iterable(self._read(u, 0) for u in self._eval_units())
-        chunks = _chunks(samples, self.config.batch_size)
+        chunks = _chunks(samples, self.batch_size)
         if threads == 0:
             for chunk in chunks:
                 yield self._batch(chunk, epoch)

@@ -287,7 +287,7 @@ def run_explain(run_dir: Path, shards: Path, out: Path, keys: list[str] | None =
     """``protomask explain``: the prototype gallery and local explanations (default: first test samples)."""
     from schemas.config import TrainConfig, load_config
     from training.data import split_keys
-    from training.train import load_model
+    from training.export import load_model
 
     model, classes = load_model(run_dir)
     dataset = ShardDataset.open(shards)

@@ -1,15 +1,21 @@
 """The per-worker training loop (runs inside every Ray Train worker), readable top to bottom:
 
-    open shards → split → model → resume from the last checkpoint
-    for each epoch: phase (warm-up | joint | last layer) → [push before the first last-layer epoch]
-                    → train → validate → checkpoint + metrics (ray.train.report)
+    open shards → split → model → micro-batch → resume from the last checkpoint
+    for each epoch: phase (pre-train | warm-up | joint | last layer)
+                    → [place prototypes on crops before the first prototype epoch, push before the first
+                       last-layer epoch] → train → validate → checkpoint + metrics (ray.train.report)
     → test → export (rank 0)
+
+One optimiser step takes ``data.batch_size`` images over all workers, whatever their number: each worker
+reads its share as one batch and runs it as micro-batches (``training.memory``), accumulating gradients.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -21,57 +27,80 @@ from torch import nn
 from schemas.config import TrainConfig
 from schemas.version import FORMAT_VERSION
 from training.data import ShardDataset, ShardStream, split_keys
+from training.export import export_model
 from training.losses import class_weights, total_loss
+from training.memory import plan_micro_batch
 from training.metrics import classification_metrics, compactness, gather_predictions
-from training.model import ProtoMask
-from training.push import prune_prototypes, push_prototypes
+from training.model import LinearHead, Model, ProtoMask, build_model
+from training.push import place_on_crops, prune_prototypes, push_prototypes
 
 CHECKPOINT = "checkpoint.pt"
-PHASE_GROUPS = {  # which parameter groups each phase trains
-    "warmup": ("add_on", "prototypes"),
-    "joint": ("backbone", "add_on", "prototypes"),
-    "last_layer": ("last_layer",),
-}
+PHASES = ("pretrain", "warmup", "joint", "last_layer")
 
 
 def phase_of(epoch: int, config: TrainConfig) -> str:
-    s = config.schedule
-    if epoch < s.warmup_epochs:
-        return "warmup"
-    if epoch < s.warmup_epochs + s.joint_epochs:
+    """Prototype heads: pre-train the backbone, warm up, train jointly, fine-tune the last layer (each
+    phase its number of epochs). The linear head trains everything in every epoch ("joint")."""
+    if config.model.head == "linear":
         return "joint"
+    s = config.schedule
+    end = 0
+    for phase, epochs in zip(PHASES, (s.pretrain_epochs, s.warmup_epochs, s.joint_epochs, s.last_layer_epochs)):
+        end += epochs
+        if epoch < end:
+            return phase
     return "last_layer"
 
 
 def total_epochs(config: TrainConfig) -> int:
     s = config.schedule
-    return s.warmup_epochs + s.joint_epochs + s.last_layer_epochs
+    return s.pretrain_epochs + s.warmup_epochs + s.joint_epochs + s.last_layer_epochs
 
 
-def set_trainable(model: ProtoMask, phase: str, config: TrainConfig) -> None:
-    """Freeze everything but the phase's groups (the add-on stays frozen in parity mode)."""
-    trainable = set(PHASE_GROUPS[phase]) - ({"add_on"} if config.parity.frozen_addon else set())
+def phase_learning_rates(config: TrainConfig) -> dict[str, dict[str, float]]:
+    """Phase → the parameter groups it trains → learning rate (the add-on stays frozen in parity mode)."""
+    s = config.schedule
+    rates = {
+        "pretrain": {"backbone": s.lr_backbone, "classifier": s.lr_addon},
+        "warmup": {"add_on": s.lr_warmup, "prototypes": s.lr_warmup},
+        "joint": {"backbone": s.lr_backbone, "add_on": s.lr_addon, "prototypes": s.lr_prototypes,
+                  "classifier": s.lr_addon},
+        "last_layer": {"last_layer": s.lr_last_layer},
+    }
+    if s.joint_last_layer:
+        rates["joint"]["last_layer"] = s.lr_last_layer
+    if config.parity.frozen_addon:
+        for groups in rates.values():
+            groups.pop("add_on", None)
+    return rates
+
+
+def set_trainable(model: Model, phase: str, config: TrainConfig) -> None:
+    """Freeze everything but the phase's groups."""
+    trainable = phase_learning_rates(config)[phase]
     for name, params in model.parameter_groups().items():
         for p in params:
             p.requires_grad_(name in trainable)
 
 
-def make_optimizers(model: ProtoMask, config: TrainConfig) -> dict[str, torch.optim.Optimizer]:
-    s, g = config.schedule, model.parameter_groups()
-    addon = [] if config.parity.frozen_addon else [{"params": g["add_on"], "lr": s.lr_warmup}]
-    joint_addon = [] if config.parity.frozen_addon else [{"params": g["add_on"], "lr": s.lr_addon}]
-    return {
-        "warmup": torch.optim.Adam(addon + [{"params": g["prototypes"], "lr": s.lr_warmup}]),
-        "joint": torch.optim.Adam(
-            [{"params": g["backbone"], "lr": s.lr_backbone}, *joint_addon, {"params": g["prototypes"], "lr": s.lr_prototypes}]
-        ),
-        "last_layer": torch.optim.Adam(g["last_layer"], lr=s.lr_last_layer),
-    }
+def make_optimizers(model: Model, config: TrainConfig, *, pretrainer: LinearHead | None = None
+                    ) -> dict[str, torch.optim.Optimizer]:
+    """One Adam per phase that has parameters in this model (the pre-training phase: in ``pretrainer``)."""
+    optimizers = {}
+    for phase, rates in phase_learning_rates(config).items():
+        module = pretrainer if phase == "pretrain" else model
+        groups = module.parameter_groups() if module is not None else {}
+        params = [{"params": groups[name], "lr": lr} for name, lr in rates.items() if groups.get(name)]
+        if params:
+            optimizers[phase] = torch.optim.Adam(params)
+    return optimizers
 
 
-def checkpoint_state(model: ProtoMask, optimizers: dict, scheduler, epoch: int, pushed: bool, config: TrainConfig) -> dict:
+def checkpoint_state(model: Model, optimizers: dict, scheduler, epoch: int, config: TrainConfig, *, pushed: bool,
+                     placed: bool = True, pretrainer: LinearHead | None = None) -> dict:
     """A plain dict of tensors and JSON-able values: loadable with ``torch.load(weights_only=True)``."""
     return {
+        **({"pretrain_classifier": pretrainer.classifier.state_dict()} if pretrainer is not None else {}),
         "format_version": FORMAT_VERSION,
         "model": model.state_dict(),
         "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
@@ -79,7 +108,8 @@ def checkpoint_state(model: ProtoMask, optimizers: dict, scheduler, epoch: int, 
         "epoch": epoch,  # epochs completed
         "phase": phase_of(epoch - 1, config) if epoch else "start",  # phase of the last completed epoch
         "pushed": pushed,
-        "num_prototypes": int(model.prototypes.shape[0]),
+        "prototypes_placed": placed,  # schedule.prototype_init done (or not asked for)
+        "num_prototypes": int(model.prototypes.shape[0]) if isinstance(model, ProtoMask) else 0,
         "config": config.model_dump_json(),
     }
 
@@ -98,24 +128,41 @@ def _all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def train_one_epoch(model, net, stream, optimizer, config, phase, weights, device) -> dict[str, float]:
-    """One pass over this worker's part of the train split; returns epoch means over all workers."""
+def train_one_epoch(model: Model, net: nn.Module, stream: ShardStream, optimizer: torch.optim.Optimizer,
+                    config: TrainConfig, phase: str, weights: torch.Tensor | None, device: torch.device,
+                    *, micro_batch: int) -> dict[str, float]:
+    """One pass over this worker's part of the train split; returns epoch means over all workers.
+
+    Each batch of the stream is this worker's share of one optimiser step; it runs as micro-batches of at
+    most ``micro_batch`` images, each loss weighted by its share of the batch, so the accumulated gradient
+    is the batch's (DDP averages it over workers at the last micro-batch only)."""
     model.train()
     sums: dict[str, float] = {}
     correct = seen = 0
+    step_classes = []  # per step: which classes this worker's share holds
     start = time.perf_counter()
     for batch in stream:
-        crops, valid, labels = batch["crops"].to(device), batch["valid"].to(device), batch["label"].to(device)
-        out = net(crops, valid)
-        loss, terms = total_loss(out, labels, model, config.loss, phase, weights, config.parity.detached_diversity)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        n_step = len(batch["label"])
+        step_classes.append(torch.zeros(model.num_classes).index_fill_(0, batch["label"], 1))
+        starts = range(0, n_step, micro_batch)
+        for start_index in starts:
+            part = slice(start_index, start_index + micro_batch)
+            crops, valid = batch["crops"][part].to(device), batch["valid"][part].to(device)
+            labels = batch["label"][part].to(device)
+            last = start_index == starts[-1]
+            with contextlib.nullcontext() if last or net is model else net.no_sync():
+                out = net(crops, valid)
+                loss, terms = total_loss(out, labels, model, config.loss, phase, weights,
+                                         detached_diversity=config.parity.detached_diversity,
+                                         last_layer_l1="last_layer" in phase_learning_rates(config)[phase])
+                (loss * (len(labels) / n_step)).backward()
+            n = len(labels)
+            for k, v in {"loss": float(loss.detach()), **terms}.items():
+                sums[k] = sums.get(k, 0.0) + v * n
+            correct += int((out.logits.argmax(1) == labels).sum())
+            seen += n
         optimizer.step()
-        n = len(labels)
-        for k, v in {"loss": float(loss.detach()), **terms}.items():
-            sums[k] = sums.get(k, 0.0) + v * n
-        correct += int((out.logits.argmax(1) == labels).sum())
-        seen += n
     elapsed = time.perf_counter() - start
     keys = sorted(sums)
     totals = _all_sum([sums[k] for k in keys] + [correct, seen, elapsed], device)
@@ -124,21 +171,28 @@ def train_one_epoch(model, net, stream, optimizer, config, phase, weights, devic
     result = {f"train_{k}": totals[i] / n_all for i, k in enumerate(keys)}
     result["train_accuracy"] = totals[-3] / n_all
     result["images_per_s"] = totals[-2] / max(totals[-1] / world, 1e-9)  # all workers' images per wall second
+    if step_classes:  # distinct classes per optimiser step, over all workers (every worker takes the same steps)
+        presence = torch.stack(step_classes).to(device)
+        if dist.is_initialized():
+            dist.all_reduce(presence, op=dist.ReduceOp.MAX)
+        result["classes_per_step"] = float(presence.sum(1).mean())
     return result
 
 
 @torch.no_grad()
-def predict(model: ProtoMask, stream, device: torch.device) -> dict:
-    """Logits [N, C], similarities [N, P], labels [N] and keys of this worker's part of a split."""
+def predict(model: Model, stream, device: torch.device) -> dict:
+    """Logits [N, C], similarities [N, P] (prototype heads; [N, 0] otherwise), labels [N] and keys of this
+    worker's part of a split."""
     model.eval()
     logits, sims, labels, keys = [], [], [], []
     for batch in stream:
         out = model(batch["crops"].to(device), batch["valid"].to(device))
         logits.append(out.logits.float().cpu())
-        sims.append(out.similarities.float().cpu())
+        if out.similarities is not None:
+            sims.append(out.similarities.float().cpu())
         labels.append(batch["label"])
         keys += batch["key"]
-    c, p = model.num_classes, model.prototypes.shape[0]
+    c, p = model.num_classes, model.prototypes.shape[0] if isinstance(model, ProtoMask) else 0
     return {
         "logits": torch.cat(logits) if logits else torch.zeros(0, c),
         "similarities": torch.cat(sims) if sims else torch.zeros(0, p),
@@ -147,7 +201,7 @@ def predict(model: ProtoMask, stream, device: torch.device) -> dict:
     }
 
 
-def evaluate_stream(model: ProtoMask, stream, device: torch.device) -> dict[str, float]:
+def evaluate_stream(model: Model, stream, device: torch.device) -> dict[str, float]:
     """Classification metrics of one split, gathered over all workers."""
     p = predict(model, stream, device)
     return classification_metrics(*gather_predictions(p["logits"], p["labels"], p["keys"])[:2])
@@ -194,23 +248,36 @@ def train_loop_per_worker(loop_config: dict) -> None:
     counts = [sum(label_of[k] == c for k in splits["train"]) for c in range(dataset.num_classes)]
     weights = class_weights(counts).to(device) if config.loss.class_balanced else None
 
-    def stream(split: str, train: bool) -> ShardStream:
-        return ShardStream(dataset, splits[split], config.data, config.model.input_size, train, rank, world,
-                           config.seed, whole_image=config.model.regions == "patches")
+    model = build_model(config.model, dataset.num_classes)
+    pretrainer = None  # the linear head on the prototype model's own backbone
+    if isinstance(model, ProtoMask) and config.schedule.pretrain_epochs:
+        pretrainer = LinearHead(config.model, dataset.num_classes, trunk=(model.backbone, model.channels))
+    step_share = config.data.batch_size // world  # images per optimiser step on this worker
+    micro_batch = plan_micro_batch(model, config, dataset.masks_per_image, step_share, device,
+                                   workers_on_node=context.get_local_world_size())
 
-    model = ProtoMask(config.model, dataset.num_classes)
+    def stream(split: str, train: bool) -> ShardStream:
+        return ShardStream(dataset, splits[split], config.data, input_size=config.model.input_size,
+                           batch_size=step_share if train else micro_batch, train=train, rank=rank, world_size=world,
+                           seed=config.seed, whole_image=config.model.regions == "patches")
+
     start_epoch, pushed = 0, False
+    placed = not isinstance(model, ProtoMask) or config.schedule.prototype_init == "uniform"
     checkpoint = ray.train.get_checkpoint()
     state = None
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / CHECKPOINT, map_location="cpu", weights_only=True)
-        if state["num_prototypes"] != model.prototypes.shape[0]:  # the run was pruned before this checkpoint
-            model.prune(torch.arange(model.prototypes.shape[0]) < state["num_prototypes"])
+        if isinstance(model, ProtoMask) and state["num_prototypes"] != model.prototypes.shape[0]:
+            model.prune(torch.arange(model.prototypes.shape[0]) < state["num_prototypes"])  # pruned before
         model.load_state_dict(state["model"])
-        start_epoch, pushed = state["epoch"], state["pushed"]
+        if pretrainer is not None:
+            pretrainer.classifier.load_state_dict(state["pretrain_classifier"])
+        start_epoch, pushed, placed = state["epoch"], state["pushed"], state["prototypes_placed"]
     model.to(device)
-    optimizers = make_optimizers(model, config)
+    if pretrainer is not None:
+        pretrainer.to(device)
+    optimizers = make_optimizers(model, config, pretrainer=pretrainer)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizers["joint"], config.schedule.step_size, config.schedule.gamma)
     if state is not None:
         for k, o in optimizers.items():
@@ -220,41 +287,69 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             with (config.run_dir / "events.jsonl").open("a") as f:
                 f.write(json.dumps({"event": "resume", "epoch": start_epoch, "time": time.time()}) + "\n")
+    if rank == 0:
+        print(f"{config.data.batch_size} images per step: {step_share} per worker in micro-batches of "
+              f"{micro_batch}", flush=True)
 
     run_dir = config.run_dir
     log = MetricsLog(run_dir) if rank == 0 else None
     train_stream, val_stream = stream("train", True), stream("val", False)
+    has_prototypes = isinstance(model, ProtoMask)
     net, net_phase = model, None
     for epoch in range(start_epoch, total_epochs(config)):
         phase = phase_of(epoch, config)
+        if phase in ("warmup", "joint") and not placed:
+            placement = place_on_crops(model, pretrainer, dataset, splits["train"], device, batch_size=micro_batch)
+            if rank == 0:
+                (run_dir / "prototype_init.json").write_text(json.dumps(placement, indent=1))
+            placed, net_phase = True, None
         if phase == "last_layer" and not pushed:
             push(model, optimizers, config, stream, device, rank)
             pushed, net_phase = True, None
+        module = pretrainer if phase == "pretrain" else model
         if phase != net_phase:
-            set_trainable(model, phase, config)
-            net, net_phase = _wrap(model, device), phase
+            set_trainable(module, phase, config)
+            net, net_phase = _wrap(module, device), phase
         train_stream.set_epoch(epoch)
-        row = {"epoch": epoch, "phase": phase, **train_one_epoch(model, net, train_stream, optimizers[phase],
-                                                                   config, phase, weights, device)}
+        row = {"epoch": epoch, "phase": phase,
+               **train_one_epoch(module, net, train_stream, optimizers[phase], config, phase, weights, device,
+                                 micro_batch=micro_batch)}
         if phase == "joint":
             scheduler.step()
-        row.update({f"val_{k}": v for k, v in evaluate_stream(model, val_stream, device).items() if k != "n"})
+        row.update({f"val_{k}": v for k, v in evaluate_stream(module, val_stream, device).items() if k != "n"})
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
                 log.write(row)
-                torch.save(checkpoint_state(model, optimizers, scheduler, epoch + 1, pushed, config), Path(d) / CHECKPOINT)
+                torch.save(checkpoint_state(model, optimizers, scheduler, epoch + 1, config, pushed=pushed,
+                                            placed=placed, pretrainer=pretrainer), Path(d) / CHECKPOINT)
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report({k: v for k, v in row.items() if k != "phase"}, checkpoint=ckpt)
 
-    if not pushed:  # no last-layer epochs: push after the joint phase
+    if has_prototypes and not pushed:  # no last-layer epochs: push after the joint phase
         push(model, optimizers, config, stream, device, rank)
     test = evaluate_stream(model, stream("test", False), device)
+    peak = _peak_memory_mib(device)
     if rank == 0:
-        export(model, config, dataset.classes, run_dir)
-        result = {"test": test, "compactness": compactness(model), "epochs": total_epochs(config)}
+        export_model(model, config.model, dataset.classes, run_dir, shards=config.shards)
+        result = {"test": test, "compactness": compactness(model) if has_prototypes else {},
+                  "epochs": total_epochs(config), "micro_batch": micro_batch, "peak_memory_mib": peak}
         (run_dir / "metrics_test.json").write_text(json.dumps(result, indent=1))
         print("test " + " ".join(f"{k}={v:.4g}" for k, v in test.items()), flush=True)
+
+
+def _peak_memory_mib(device: torch.device) -> list[float]:
+    """Every worker's peak memory in MiB, in rank order: the process's resident set size on CPU, the
+    allocator's peak on a GPU. Every rank must call it when distributed."""
+    if device.type == "cuda":
+        mine = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    if not dist.is_initialized():
+        return [round(mine, 1)]
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, round(mine, 1))
+    return every
 
 
 def push(model: ProtoMask, optimizers: dict, config: TrainConfig, stream, device: torch.device, rank: int) -> None:
@@ -266,17 +361,3 @@ def push(model: ProtoMask, optimizers: dict, config: TrainConfig, stream, device
         optimizers["last_layer"] = torch.optim.Adam(model.parameter_groups()["last_layer"], lr=s.lr_last_layer)
     if rank == 0:
         (config.run_dir / "push_log.json").write_text(json.dumps(log, indent=1))
-
-
-def export(model: ProtoMask, config: TrainConfig, classes: list[str], run_dir: Path) -> None:
-    """``model.pt`` (plain state dict) + ``model_config.json`` (what is needed to rebuild it)."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save(state, run_dir / "model.pt")
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "model": config.model.model_dump(mode="json"),
-        "classes": classes,
-        "num_prototypes": int(model.prototypes.shape[0]),
-        "shards": str(config.shards),
-    }
-    (run_dir / "model_config.json").write_text(json.dumps(meta, indent=1))

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from schemas.config import LossConfig
-from training.model import ProtoMask, ProtoOutput
+from training.model import ProtoMask, ModelOutput
 
 
 def cluster_loss(min_distances: torch.Tensor, labels: torch.Tensor, prototype_class: torch.Tensor) -> torch.Tensor:
@@ -51,18 +51,25 @@ def class_weights(counts: list[int]) -> torch.Tensor:
 
 
 def total_loss(
-    out: ProtoOutput, labels: torch.Tensor, model: ProtoMask, config: LossConfig, phase: str,
-    weights: torch.Tensor | None, detached_diversity: bool = False,
+    out: ModelOutput, labels: torch.Tensor, model: ProtoMask, config: LossConfig, phase: str,
+    weights: torch.Tensor | None, *, detached_diversity: bool = False, last_layer_l1: bool | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The phase's training loss and its terms (as floats, for logging)."""
-    ce = F.cross_entropy(out.logits, labels, weight=weights)
+    """The phase's training loss and its terms (as floats, for logging).
+
+    Every term is a plain mean over the batch's images (class-balanced cross-entropy too: the mean of
+    ``w_y · CE``, not PyTorch's ``Σ w_y · CE / Σ w_y``), so micro-batch losses weighted by their share of
+    images add up exactly to the loss of the whole batch, on any number of workers. The linear head has
+    cross-entropy only. ``last_layer_l1``: add the L1 term (default: in the last-layer phase only)."""
+    ce = F.cross_entropy(out.logits, labels, weight=weights, reduction="none").mean()
     terms = {"cross_entropy": ce}
     loss = config.cross_entropy * ce
-    if phase == "last_layer":
+    if out.min_distances is None:  # linear head
+        return loss, {k: float(v.detach()) for k, v in terms.items()}
+    if last_layer_l1 if last_layer_l1 is not None else phase == "last_layer":
         l1 = l1_off_class(model)
         terms["l1"] = l1
         loss = loss + config.l1 * l1
-    else:
+    if phase != "last_layer":
         clst = cluster_loss(out.min_distances, labels, model.prototype_class)
         sep = separation_loss(out.min_distances, labels, model.prototype_class)
         terms.update(cluster=clst, separation=sep)

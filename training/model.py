@@ -1,17 +1,23 @@
-"""The ProtoMask network (spec §1): every crop → shared backbone → 1×1 add-on → global average pool →
-sigmoid embedding; squared L2 to class-specific prototypes; min over the image's *valid* crops; log
-similarity; bias-free last layer."""
+"""The networks, built by ``build_model`` from ``ModelConfig.head``:
+
+- ``prototypes`` (ProtoMask, spec §1): every crop → shared backbone → 1×1 add-on → global average pool →
+  sigmoid embedding; squared L2 to class-specific prototypes; min over the image's *valid* crops; log
+  similarity; bias-free last layer.
+- ``linear`` (the black-box reference): the same backbone, global average pool per crop, element-wise
+  max over the image's valid crops, a linear layer. On whole images (``regions: patches``) it is the
+  plain network the prototype models are measured against.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from schemas.config import ModelConfig
+from training.weights import backbone_state_dict
 
 EPSILON = 1e-4  # log activation: log((d + 1) / (d + eps)), ProtoPNet's similarity
 
@@ -29,8 +35,9 @@ def _convnet(width: int) -> tuple[nn.Module, int]:
     return nn.Sequential(*layers), channels
 
 
-def create_backbone(name: str, weights: Path | None = None, width: int = 32) -> tuple[nn.Module, int]:
-    """A convolutional trunk (no pooling/classifier) and its output channels; never downloads."""
+def create_backbone(name: str, weights: str | None = None, width: int = 32) -> tuple[nn.Module, int]:
+    """A convolutional trunk (no pooling/classifier) and its output channels. ``weights``: a torchvision
+    weights name (``IMAGENET1K_V2``, resolved through torchvision's cache) or a state-dict file."""
     if name == "convnet":
         if weights is not None:
             raise ValueError("model.weights: the convnet backbone has no pretrained weights")
@@ -39,9 +46,7 @@ def create_backbone(name: str, weights: Path | None = None, width: int = 32) -> 
 
     net = getattr(tvm, name)(weights=None)
     if weights is not None:
-        if not Path(weights).is_file():
-            raise FileNotFoundError(f"model.weights: {weights} does not exist (a torchvision state dict .pth)")
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = backbone_state_dict(name, str(weights))
         missing, _ = net.load_state_dict(state, strict=False)
         if missing:
             raise ValueError(f"model.weights: {weights} does not fit {name}: missing {missing[:5]}...")
@@ -56,12 +61,29 @@ def create_backbone(name: str, weights: Path | None = None, width: int = 32) -> 
     return trunk, channels
 
 
+def run_on_crops(network: Callable[[torch.Tensor], torch.Tensor], crops: torch.Tensor, valid: torch.Tensor | None,
+                 input_size: int) -> torch.Tensor:
+    """``network`` on the valid crops of ``crops`` [B, K, 3, S, S] (resized to ``input_size``), as one batch;
+    returns [B, K, ...] with zeros for padded crops. Padded crops never reach the network, so BatchNorm's
+    statistics are those of real crops only, and an image with fewer masks costs less."""
+    b, k = crops.shape[:2]
+    mask = torch.ones(b, k, dtype=torch.bool, device=crops.device) if valid is None else valid.bool()
+    x = crops[mask]
+    if x.shape[-1] != input_size:
+        x = F.interpolate(x, size=input_size, mode="bilinear", align_corners=False)
+    y = network(x)
+    out = y.new_zeros((b, k, *y.shape[1:]))
+    out[mask] = y
+    return out
+
+
 @dataclass
-class ProtoOutput:
+class ModelOutput:
     logits: torch.Tensor  # [B, C]
-    min_distances: torch.Tensor  # [B, P]
-    nearest_mask: torch.Tensor  # [B, P] index of the region (mask, or patch) each prototype matched
-    similarities: torch.Tensor  # [B, P]
+    # prototype heads only (None for the linear head)
+    min_distances: torch.Tensor | None = None  # [B, P]
+    nearest_mask: torch.Tensor | None = None  # [B, P] index of the region (mask, or patch) each prototype matched
+    similarities: torch.Tensor | None = None  # [B, P]
 
 
 class ProtoMask(nn.Module):
@@ -71,10 +93,10 @@ class ProtoMask(nn.Module):
         super().__init__()
         self.config = config
         self.num_classes = num_classes
-        self.backbone, channels = create_backbone(config.backbone, config.weights, config.width)
+        self.backbone, self.channels = create_backbone(config.backbone, config.weights, config.width)
         self.grid = 1 if config.regions == "masks" else config.patch_grid
         self.add_on = nn.Sequential(
-            nn.Conv2d(channels, config.prototype_dim, 1), nn.AdaptiveAvgPool2d(self.grid), nn.Sigmoid()
+            nn.Conv2d(self.channels, config.prototype_dim, 1), nn.AdaptiveAvgPool2d(self.grid), nn.Sigmoid()
         )
         num_prototypes = num_classes * config.prototypes_per_class
         self.prototypes = nn.Parameter(torch.rand(num_prototypes, config.prototype_dim))
@@ -93,16 +115,13 @@ class ProtoMask(nn.Module):
         identity = self.class_identity.T
         self.last_layer.weight.data.copy_(identity + self.config.off_class_weight * (1 - identity))
 
-    def embed(self, crops: torch.Tensor) -> torch.Tensor:
-        """[B, K, 3, S, S] → [B, N, D] sigmoid region embeddings, all crops through the shared backbone.
+    def embed(self, crops: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, K, 3, S, S] → [B, N, D] sigmoid region embeddings, the valid crops (all when ``valid`` is
+        None) through the shared backbone; padded crops get zeros.
 
         N = K (one per mask crop) or K·grid² (patches: K is 1, the whole image)."""
-        b = crops.shape[0]
-        x = crops.flatten(0, 1)
-        if x.shape[-1] != self.config.input_size:
-            x = F.interpolate(x, size=self.config.input_size, mode="bilinear", align_corners=False)
-        z = self.add_on(self.backbone(x))  # [B·K, D, grid, grid]
-        return z.flatten(2).transpose(1, 2).reshape(b, -1, z.shape[1])
+        z = run_on_crops(lambda x: self.add_on(self.backbone(x)), crops, valid, self.config.input_size)
+        return z.flatten(3).transpose(2, 3).flatten(1, 2)  # [B, K, D, g, g] → [B, K·g², D]
 
     def region_valid(self, valid: torch.Tensor) -> torch.Tensor:
         """Validity [B, K] of the inputs → validity [B, N] of the regions ``embed`` returns."""
@@ -113,12 +132,12 @@ class ProtoMask(nn.Module):
         d = (z * z).sum(-1, keepdim=True) - 2 * z @ self.prototypes.T + (self.prototypes**2).sum(-1)
         return d.clamp_min(0)
 
-    def forward(self, crops: torch.Tensor, valid: torch.Tensor) -> ProtoOutput:
-        d = self.distances(self.embed(crops))
+    def forward(self, crops: torch.Tensor, valid: torch.Tensor) -> ModelOutput:
+        d = self.distances(self.embed(crops, valid))
         d = d.masked_fill(~self.region_valid(valid)[..., None], float("inf"))
         min_d, nearest = d.min(dim=1)
         sim = torch.log((min_d + 1) / (min_d + EPSILON))
-        return ProtoOutput(self.last_layer(sim), min_d, nearest, sim)
+        return ModelOutput(self.last_layer(sim), min_d, nearest, sim)
 
     def prune(self, keep: torch.Tensor) -> None:
         """Keep only the prototypes where ``keep`` [P] is True (rows, last-layer columns, class identity)."""
@@ -135,3 +154,39 @@ class ProtoMask(nn.Module):
             "prototypes": [self.prototypes],
             "last_layer": list(self.last_layer.parameters()),
         }
+
+
+class LinearHead(nn.Module):
+    """Black-box reference on the same inputs ``[B, K, 3, S, S]`` and validity ``[B, K]``: backbone →
+    global average pool per crop → element-wise max over the valid crops → linear layer."""
+
+    def __init__(self, config: ModelConfig, num_classes: int, *, trunk: tuple[nn.Module, int] | None = None) -> None:
+        """``trunk``: an existing backbone and its channels to share (pre-training a prototype model's)."""
+        super().__init__()
+        self.config = config
+        self.num_classes = num_classes
+        self.backbone, channels = trunk or create_backbone(config.backbone, config.weights, config.width)
+        self.classifier = nn.Linear(channels, num_classes)
+
+    def forward(self, crops: torch.Tensor, valid: torch.Tensor) -> ModelOutput:
+        z = run_on_crops(lambda x: self.backbone(x).mean((2, 3)), crops, valid, self.config.input_size)
+        z = z.masked_fill(~valid.bool()[..., None], float("-inf")).amax(1)
+        return ModelOutput(self.classifier(z))
+
+    def region_logits(self, crops: torch.Tensor, valid: torch.Tensor, grid: int) -> torch.Tensor:
+        """[B, K·grid², C]: the classifier applied to each region's pooled features, the regions of a
+        prototype model with that ``grid`` (1: one per crop; patches: the cells of the whole image)."""
+        f = run_on_crops(lambda x: F.adaptive_avg_pool2d(self.backbone(x), grid), crops, valid, self.config.input_size)
+        return self.classifier(f.flatten(3).transpose(2, 3).flatten(1, 2))
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"backbone": list(self.backbone.parameters()), "classifier": list(self.classifier.parameters())}
+
+
+HEADS: dict[str, type[nn.Module]] = {"prototypes": ProtoMask, "linear": LinearHead}
+Model = ProtoMask | LinearHead
+
+
+def build_model(config: ModelConfig, num_classes: int) -> Model:
+    """The network of ``config.head``."""
+    return HEADS[config.head](config, num_classes)

@@ -12,18 +12,25 @@ Pruning (spec §3.2, class identity kept as a buffer): per prototype the k neare
 (min over the image's valid crops) over all ranks; prune j when fewer than ``threshold`` of them
 belong to j's class.
 
-Both functions run a forward pass only (``torch.no_grad``, ``eval`` mode, restored afterwards), take a
+Placement (``place_on_crops``, ``schedule.prototype_init: crops``): after the backbone's pre-training,
+each prototype starts on the embedding of a training region (mask crop, or patch) of its class that the
+pre-trained linear classifier scores highest for that class, instead of the paper's U[0, 1) draw.
+
+All three run a forward pass only (``torch.no_grad``, ``eval`` mode, restored afterwards), take a
 plain or DDP-wrapped model, and must be called by every rank (they hold collective calls).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
 
-from training.model import ProtoMask
+from schemas.config import DataConfig
+from training.data import ShardDataset, ShardStream
+from training.model import LinearHead, ProtoMask
 
 INF = float("inf")
 
@@ -100,7 +107,7 @@ def push_prototypes(
             crops, valid, labels, keys = _batch_tensors(batch, device)
             if crops.shape[0] == 0 or crops.shape[1] == 0:
                 continue
-            z = net.embed(crops)  # [B, N, D]: one embedding per region (mask crop or patch)
+            z = net.embed(crops, valid)  # [B, N, D]: one embedding per region (mask crop or patch)
             valid = net.region_valid(valid)
             d = net.distances(z).float()  # [B, N, P]
             allowed = valid[:, :, None] & (labels[:, None, None] == proto_class[None, None, :])
@@ -185,7 +192,7 @@ def prune_prototypes(model: ProtoMask, batches: Iterable[dict], device: torch.de
             b = crops.shape[0]
             if b == 0 or crops.shape[1] == 0:
                 continue
-            d = net.distances(net.embed(crops)).float()  # [B, N, P]
+            d = net.distances(net.embed(crops, valid)).float()  # [B, N, P]
             valid = net.region_valid(valid)
             image_d = d.masked_fill(~valid[:, :, None], INF).min(dim=1).values.cpu()  # [B, P]
             key_idx = torch.arange(len(keys_seen), len(keys_seen) + b)
@@ -230,3 +237,39 @@ def prune_prototypes(model: ProtoMask, batches: Iterable[dict], device: torch.de
     keep = own >= threshold
     net.prune(keep.to(net.prototypes.device))
     return {"pruned": torch.nonzero(~keep).flatten().tolist(), "kept": int(keep.sum())}
+
+
+def place_on_crops(model: ProtoMask, scorer: LinearHead, dataset: ShardDataset, keys: Iterable[str],
+                   device: torch.device, *, batch_size: int) -> list[dict]:
+    """Put the prototypes of every class c on the training regions that ``scorer`` (the pre-trained linear
+    head on the model's own backbone) scores highest for c: each image of c offers its best region, and
+    the class's best images (ties: smaller key), one per prototype, again from the best when c has fewer
+    images than prototypes. Every rank reads all ``keys`` and computes the same result, without
+    collectives. Returns one ``{"prototype", "class", "key", "mask_index", "score"}`` per placed prototype
+    (a class without training images keeps its prototypes)."""
+    net: ProtoMask = getattr(model, "module", model)
+    stream = ShardStream(dataset, keys, DataConfig(loader_threads=0), input_size=net.config.input_size,
+                         batch_size=batch_size, train=False, whole_image=net.config.regions == "patches")
+    offers: dict[int, list[tuple[float, str, int, torch.Tensor]]] = defaultdict(list)  # class -> its images' best
+    with _EvalMode(net), _EvalMode(scorer):
+        for batch in stream:
+            crops, valid, labels, keys_b = _batch_tensors(batch, device)
+            z = net.embed(crops, valid).float().cpu()
+            scores = scorer.region_logits(crops, valid, net.grid)  # [B, N, C]
+            own = scores.gather(2, labels[:, None, None].expand(-1, scores.shape[1], 1))[..., 0]
+            best, region = own.masked_fill(~net.region_valid(valid), -INF).float().cpu().max(dim=1)
+            for i, key in enumerate(keys_b):
+                offers[int(labels[i])].append((float(best[i]), key, int(region[i]), z[i, region[i]]))
+    for c in offers:
+        offers[c].sort(key=lambda offer: (-offer[0], offer[1]))
+    taken: dict[int, int] = defaultdict(int)
+    log = []
+    with torch.no_grad():
+        for j, c in enumerate(net.prototype_class.tolist()):
+            if not offers.get(c):
+                continue
+            score, key, region, z = offers[c][taken[c] % len(offers[c])]
+            taken[c] += 1
+            net.prototypes.data[j] = z.to(net.prototypes.device, net.prototypes.dtype)
+            log.append({"prototype": j, "class": c, "key": key, "mask_index": region, "score": score})
+    return log

@@ -11,13 +11,14 @@ import torch
 from pipeline.job import init_ray
 from pipeline.manifest import shard_problems
 from pipeline.shards import ShardError
-from schemas.config import DataConfig, ModelConfig, TrainConfig, write_config
+from schemas.config import DataConfig, TrainConfig, write_config
 from training import TrainError
 from training.data import ShardDataset, ShardStream, split_keys
 from training.explain import part_metrics
+from training.export import load_model
+from training.model import ProtoMask
 from training.loop import predict, train_loop_per_worker
 from training.metrics import classification_metrics, compactness, contrastivity
-from training.model import ProtoMask
 
 
 TOP_K = 5  # prototypes per image for the contrastivity metrics (spec §7)
@@ -52,29 +53,28 @@ def run_train(config: TrainConfig, address: str | None = None) -> dict:
     )
     result = trainer.fit()
     if result.error is not None:
+        if out_of_memory(result.error):
+            raise TrainError(
+                f"a training worker ran out of memory ({config.num_workers} workers, {config.data.batch_size} "
+                f"images per step, micro-batch {config.data.micro_batch or 'from the memory budget'}); lower "
+                "data.memory_gb or data.micro_batch, model.input_size or num_workers per node, or use a configs/ "
+                "file for a smaller machine") from None
         raise TrainError(f"training failed: {result.error}") from result.error
     return json.loads((run_dir / "metrics_test.json").read_text())
 
 
-def load_model(run_dir: Path) -> tuple[ProtoMask, list[str]]:
-    """Rebuild the exported model (``model.pt`` + ``model_config.json``) with ``weights_only=True``."""
-    meta_path, weights_path = run_dir / "model_config.json", run_dir / "model.pt"
-    for path in (meta_path, weights_path):
-        if not path.is_file():
-            raise TrainError(f"{path}: missing (has training in {run_dir} finished?)")
-    meta = json.loads(meta_path.read_text())
-    model = ProtoMask(ModelConfig.model_validate(meta["model"]), len(meta["classes"]))
-    try:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling refused, corrupt file
-        raise TrainError(f"{weights_path}: cannot load as a plain state dict: {exc}") from exc
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise TrainError(f"{weights_path}: non-finite values in {bad}")
-    if meta["num_prototypes"] != model.prototypes.shape[0]:
-        model.prune(torch.arange(model.prototypes.shape[0]) < meta["num_prototypes"])
-    model.load_state_dict(state)
-    return model.eval(), meta["classes"]
+OOM_SIGNS = ("OutOfMemoryError", "out of memory", "OOM killer", "low on memory", "Cannot allocate memory")
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether a training failure (or anything in its cause chain) was a worker out of memory: a CUDA or
+    CPU allocation failure, Ray's memory monitor, or the kernel's OOM killer."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, MemoryError) or any(sign in str(seen) for sign in OOM_SIGNS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def run_evaluate(run_dir: Path, shards: Path, split: str = "test", batch_size: int = 32) -> dict:
@@ -85,17 +85,16 @@ def run_evaluate(run_dir: Path, shards: Path, split: str = "test", batch_size: i
         raise TrainError(f"{shards}: classes differ from the model's ({len(dataset.classes)} vs {len(classes)})")
     train_config = TrainConfig.model_validate(_yaml(run_dir / "train_config.yaml"))
     keys = split_keys(dataset, train_config.data.val_fraction, train_config.seed)[split]
-    data = DataConfig(batch_size=batch_size, loader_threads=min(2, os.cpu_count() or 1))
-    stream = ShardStream(dataset, keys, data, model.config.input_size, False, 0, 1, 0,
+    data = DataConfig(loader_threads=min(2, os.cpu_count() or 1))
+    stream = ShardStream(dataset, keys, data, input_size=model.config.input_size, batch_size=batch_size, train=False,
                          whole_image=model.config.regions == "patches")
     p = predict(model, stream, torch.device("cpu"))
-    top = p["similarities"].topk(min(TOP_K, model.prototypes.shape[0]), dim=1).indices
-    result = {
-        "split": split, "regions": model.config.regions,
-        **classification_metrics(p["logits"], p["labels"]), **compactness(model),
-        **contrastivity(model.prototypes, top, p["labels"]),
-    }
-    result.update(part_metrics(model, dataset, keys, TOP_K))  # zeros when the shards carry no parts
+    result = {"split": split, "regions": model.config.regions, "head": model.config.head,
+              **classification_metrics(p["logits"], p["labels"])}
+    if isinstance(model, ProtoMask):
+        top = p["similarities"].topk(min(TOP_K, model.prototypes.shape[0]), dim=1).indices
+        result.update(**compactness(model), **contrastivity(model.prototypes, top, p["labels"]))
+        result.update(part_metrics(model, dataset, keys, TOP_K))  # zeros when the shards carry no parts
     (run_dir / f"eval_{split}.json").write_text(json.dumps(result, indent=1))
     return result
 

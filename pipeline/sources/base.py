@@ -15,7 +15,7 @@ class SourceItem:
     path: str  # posix path relative to the source root
     label: int  # index into the source's class list
     class_name: str
-    split: str  # "train" | "val" | "test"
+    split: str | None  # "train" | "val" | "test"; None: the source says nothing (the plan draws a test share)
     parts_path: str | None = None  # ground-truth part label map, relative to the root
     extra: dict = field(default_factory=dict)  # JSON-able source metadata
 

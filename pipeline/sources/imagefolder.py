@@ -1,12 +1,15 @@
-"""ImageFolder layout: ``root/<class>/<image>``, or the same under ``root/{train,val,test}/``."""
+"""ImageFolder layout: ``root/<class>/<image>``, or the same under ``root/{train,val,test}/``.
+
+Without split folders the items carry no split (``None``): the plan draws a test share
+(``SegmentConfig.test_fraction``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from pipeline.sources.base import SourceError, SourceItem, SourceListing, inside_root
+from schemas.manifest import SPLITS
 
-SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
@@ -19,11 +22,11 @@ def _images(class_dir: Path, root: Path) -> list[str]:
 
 
 def list_items(root: Path) -> SourceListing:
-    """Classes are the sorted sub-folder names; split folders are used when present, else all is train."""
+    """Classes are the sorted sub-folder names; split folders are used when present, else no item has a split."""
     if not root.is_dir():
         raise SourceError(f"{root}: not a directory")
     split_dirs = [s for s in SPLITS if (root / s).is_dir()]
-    groups = [(s, root / s) for s in split_dirs] or [("train", root)]
+    groups: list[tuple[str | None, Path]] = [(s, root / s) for s in split_dirs] or [(None, root)]
     classes = sorted({d.name for _, g in groups for d in g.iterdir() if d.is_dir() and not d.name.startswith(".")})
     if not classes:
         raise SourceError(f"{root}: no class sub-folders found (expected root/<class>/<image>)")

@@ -1,5 +1,6 @@
 """A listing file (CSV or Parquet) with columns ``path``, ``label`` and optionally ``split``; paths are
-relative to the root and may not leave it."""
+relative to the root and may not leave it. Rows without a split (no column, or an empty value) carry
+``None``: the plan draws a test share from them (``SegmentConfig.test_fraction``)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.sources.base import SourceError, SourceItem, SourceListing, inside_root
-
-SPLITS = {"train", "val", "test"}
+from schemas.manifest import SPLITS
 
 
 def list_items(root: Path, listing: Path) -> SourceListing:
@@ -32,11 +32,12 @@ def list_items(root: Path, listing: Path) -> SourceListing:
     items = []
     for number, row in enumerate(rows, start=2 if listing.suffix.lower() != ".parquet" else 1):
         where = f"{listing} row {number}"
-        path, split = row["path"], str(row.get("split") or "train")
+        path, split = row["path"], row.get("split")
+        split = (str(split).strip() or None) if split is not None else None
         if not isinstance(path, str) or not path:
             raise SourceError(f"{where}: empty path")
-        if split not in SPLITS:
-            raise SourceError(f"{where}: split {split!r} is not one of {sorted(SPLITS)}")
+        if split is not None and split not in SPLITS:
+            raise SourceError(f"{where}: split {split!r} is not one of {sorted(SPLITS)} (or empty)")
         inside_root(root, path, where)
         label = str(row["label"])
         items.append(SourceItem(path=Path(path).as_posix(), label=index[label], class_name=label, split=split))

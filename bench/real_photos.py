@@ -1,0 +1,152 @@
+"""Real-photo benchmark: segment cub_dev (1,770 CUB photos of 30 species) once, then train ProtoMask,
+the patch baseline and the two black-boxes on the same shards with one config (default: the
+small-machine config, configs/small-cpu.yaml, on 2 workers), evaluate each on the test split and write
+docs/results.md.
+
+    make bench-real                      # or: .venv/bin/python bench/real_photos.py [--config NAME] [--models ...]
+
+Rows: ProtoMask (prototypes on the mask crops), the patch baseline (prototypes on a grid of the whole
+image), the black-box on the whole image and the black-box on the same crops (the linear head: global
+pool per crop, max over crops). Same backbone, input size and epochs for all four. Balanced accuracy is
+the paper's "accuracy" (mean per-class recall).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as bench/real_photos.py or python -m bench...
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from bench.common import REPO, machine, print_table
+from pipeline.job import run_segment
+from protomask.cli import config_file
+from schemas.config import SegmentConfig, TrainConfig, load_config
+from training.train import run_evaluate, run_train
+
+CUB_DEV = Path(os.environ.get("PROTOMASK_CUB_DEV", REPO.parent / "shared" / "data" / "cub_dev"))
+BEGIN, END = "<!-- measured by bench/real_photos.py: begin -->", "<!-- measured by bench/real_photos.py: end -->"
+MODELS = {  # row name -> model fields
+    "ProtoMask": {"head": "prototypes", "regions": "masks"},
+    "patch baseline": {"head": "prototypes", "regions": "patches"},
+    "black-box, whole image": {"head": "linear", "regions": "patches"},
+    "black-box, crops": {"head": "linear", "regions": "masks"},
+}
+
+
+def segment(root: Path, out: Path, workers: int) -> float:
+    """Superpixel masks, K = 8, shards of 128; rerunning skips finished shards. Returns the wall seconds."""
+    config = SegmentConfig(source="cub", root=root, out=out, masks_per_image=8, shard_size=128,
+                           num_workers=workers, cpus_per_worker=2 / workers)
+    start = time.perf_counter()
+    run_segment(config, progress=False)
+    return time.perf_counter() - start
+
+
+def train_and_evaluate(name: str, model: dict, config_path: Path, shards: Path, run_dir: Path, workers: int) -> dict:
+    config = load_config(TrainConfig, config_path, {
+        **{f"model.{k}": v for k, v in model.items()}, "shards": shards, "run_dir": run_dir,
+        "num_workers": workers, "cpus_per_worker": 2 / workers})
+    start = time.perf_counter()
+    trained = run_train(config)
+    wall = time.perf_counter() - start
+    test = run_evaluate(run_dir, shards, "test")
+    with (run_dir / "metrics.csv").open() as f:
+        epochs = list(csv.DictReader(f))
+    rate = [float(e["images_per_s"]) for e in epochs]
+    classes = [float(e["classes_per_step"]) for e in epochs if e.get("classes_per_step")]
+    return {
+        "model": name, "head": model["head"], "regions": model["regions"],
+        "balanced_accuracy": test["balanced_accuracy"], "top3": test["top3"], "accuracy": test["accuracy"],
+        "train_accuracy": float(epochs[-1]["train_accuracy"]), "wall_min": wall / 60,
+        "images_per_s": sum(rate) / len(rate), "peak_memory_mib": max(trained["peak_memory_mib"]),
+        "micro_batch": trained["micro_batch"], "classes_per_step": sum(classes) / len(classes),
+        "batch_size": config.data.batch_size, "epochs": len(epochs), "n_test": test["n"],
+    }
+
+
+def write_results(path: Path, rows: list[dict], info: dict) -> None:
+    by_name = {r["model"]: r for r in rows}
+    lines = [
+        "# Real-photo results", "",
+        f"Produced by `{info['command']}` on {info['date']} ({info['machine']}), {info['wall_min']:.0f} min in all.",
+        f"Data: {info['data']}. Segmentation: {info['segmentation']}.",
+        f"Training: `{info['config']}` on {info['workers']} Ray workers: {info['config_summary']}.", "",
+        "| model | test balanced accuracy | top-3 | train accuracy (last epoch) | wall time | images/s | "
+        "peak memory per worker | classes per step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['balanced_accuracy']:.1%} | {r['top3']:.1%} | {r['train_accuracy']:.1%} | "
+                     f"{r['wall_min']:.1f} min | {r['images_per_s']:.1f} | {r['peak_memory_mib'] / 1024:.2f} GiB | "
+                     f"{r['classes_per_step']:.1f} of {r['batch_size']} images |")
+    lines += ["", "Balanced accuracy is the mean per-class recall on the test split "
+              f"({rows[0]['n_test']} photos), the paper's \"accuracy\". Images/s counts training images over all "
+              "workers per second of the training epochs (validation excluded), averaged over the epochs."]
+    if "ProtoMask" in by_name:
+        ours = by_name["ProtoMask"]["balanced_accuracy"]
+        for ref in ("black-box, whole image", "black-box, crops", "patch baseline"):
+            if ref in by_name:
+                lines.append(f"- ProtoMask ÷ {ref}: {ours / by_name[ref]['balanced_accuracy']:.2f}")
+    table = "\n".join([BEGIN, *lines[2:], END])
+    text = path.read_text() if path.is_file() else ""
+    if BEGIN in text and END in text:  # keep the prose around the measured part
+        text = text[:text.index(BEGIN)] + table + text[text.index(END) + len(END):]
+    else:
+        text = lines[0] + "\n\n" + table + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", type=Path, default=CUB_DEV, help="a CUB-200-2011 layout folder (default: cub_dev)")
+    p.add_argument("--work", type=Path, default=Path("/tmp/protomask-bench-real"), help="shards and runs")
+    p.add_argument("--config", default="small-cpu", help="training config file or name in configs/")
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "results.md")
+    args = p.parse_args()
+    if not (args.root / "images.txt").is_file() and not (args.root / "CUB_200_2011" / "images.txt").is_file():
+        sys.exit(f"{args.root}: not a CUB-200-2011 layout folder (set --root or PROTOMASK_CUB_DEV)")
+    config_path = config_file(args.config)
+    start = time.perf_counter()
+    shards = args.work / "shards"
+    seg_s = segment(args.root, shards, args.num_workers)
+    rows = []
+    for name in args.models:
+        run_dir = args.work / "runs" / name.replace(", ", "-").replace(" ", "-")
+        rows.append(train_and_evaluate(name, MODELS[name], config_path, shards, run_dir, args.num_workers))
+        print(json.dumps(rows[-1]), flush=True)
+    print_table("real photos", [{k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows])
+    config = load_config(TrainConfig, config_path, {"shards": shards, "run_dir": args.work})
+    m, s = config.model, config.schedule
+    info = {
+        "command": " ".join(["python", "bench/real_photos.py", *sys.argv[1:]]),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "machine": f"{machine()['cpus']} CPUs, {machine()['memory_gib']} GiB, {platform.machine()}, no GPU",
+        "data": f"{args.root.name}", "wall_min": (time.perf_counter() - start) / 60,
+        "segmentation": f"superpixel masks, K = 8, {seg_s / 60:.1f} min on {args.num_workers} workers",
+        "config": str(config_path.relative_to(REPO)) if config_path.is_relative_to(REPO) else str(config_path),
+        "workers": args.num_workers,
+        "config_summary": f"{m.backbone} width {m.width}, {m.input_size} px, {m.prototypes_per_class} prototypes "
+                          f"per class of dimension {m.prototype_dim}, epochs: {s.pretrain_epochs} pre-training + "
+                          f"{s.warmup_epochs} warm-up + {s.joint_epochs} joint + {s.last_layer_epochs} last layer "
+                          f"(the black-boxes train all {s.pretrain_epochs + s.warmup_epochs + s.joint_epochs + s.last_layer_epochs} "
+                          f"epochs end to end), {config.data.batch_size} images per step",
+    }
+    write_results(args.out, rows, info)
+    (args.work / "results.json").write_text(json.dumps({"rows": rows, "info": info}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

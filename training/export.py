@@ -1,0 +1,51 @@
+"""The exported model, saved and loaded side by side: ``model.pt`` (a plain state dict, loadable with
+``torch.load(weights_only=True)``) and ``model_config.json`` (what is needed to rebuild the network)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from schemas.config import ModelConfig
+from schemas.version import FORMAT_VERSION
+from training import TrainError
+from training.model import Model, ProtoMask, build_model
+
+WEIGHTS, META = "model.pt", "model_config.json"
+
+
+def export_model(model: Model, config: ModelConfig, classes: list[str], run_dir: Path, *, shards: Path) -> None:
+    """Write ``model.pt`` and ``model_config.json`` into ``run_dir``."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save(state, run_dir / WEIGHTS)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model": config.model_dump(mode="json"),
+        "classes": classes,
+        "num_prototypes": int(model.prototypes.shape[0]) if isinstance(model, ProtoMask) else 0,
+        "shards": str(shards),
+    }
+    (run_dir / META).write_text(json.dumps(meta, indent=1))
+
+
+def load_model(run_dir: Path) -> tuple[Model, list[str]]:
+    """Rebuild the exported model (``model.pt`` + ``model_config.json``) with ``weights_only=True``."""
+    meta_path, weights_path = run_dir / META, run_dir / WEIGHTS
+    for path in (meta_path, weights_path):
+        if not path.is_file():
+            raise TrainError(f"{path}: missing (has training in {run_dir} finished?)")
+    meta = json.loads(meta_path.read_text())
+    model = build_model(ModelConfig.model_validate(meta["model"]), len(meta["classes"]))
+    try:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling refused, corrupt file
+        raise TrainError(f"{weights_path}: cannot load as a plain state dict: {exc}") from exc
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise TrainError(f"{weights_path}: non-finite values in {bad}")
+    if isinstance(model, ProtoMask) and meta["num_prototypes"] != model.prototypes.shape[0]:
+        model.prune(torch.arange(model.prototypes.shape[0]) < meta["num_prototypes"])
+    model.load_state_dict(state)
+    return model.eval(), meta["classes"]
