@@ -18,6 +18,7 @@ import csv
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -52,10 +53,29 @@ def segment(root: Path, out: Path, workers: int) -> float:
     return time.perf_counter() - start
 
 
-def train_and_evaluate(name: str, model: dict, config_path: Path, shards: Path, run_dir: Path, workers: int) -> dict:
-    config = load_config(TrainConfig, config_path, {
+def model_config(model: dict, config_path: Path, shards: Path, run_dir: Path, workers: int) -> TrainConfig:
+    return load_config(TrainConfig, config_path, {
         **{f"model.{k}": v for k, v in model.items()}, "shards": shards, "run_dir": run_dir,
         "num_workers": workers, "cpus_per_worker": 2 / workers})
+
+
+def identity(config: TrainConfig) -> str:
+    """What a row's figures depend on: the config without paths, and without the prototype settings
+    when the head has no prototypes (a linear-head row stays valid when only those change)."""
+    data = config.model_dump(mode="json", exclude={"shards", "run_dir"})
+    if config.model.head == "linear":
+        for key in ("prototypes_per_class", "prototype_dim", "patch_grid", "off_class_weight"):
+            data["model"].pop(key)
+        data.pop("loss"), data.pop("parity")
+        s = config.schedule  # all the linear head reads: its epochs (every phase is joint), 2 rates, the StepLR
+        data["schedule"] = {"epochs": s.pretrain_epochs + s.warmup_epochs + s.joint_epochs + s.last_layer_epochs,
+                            "lr_backbone": s.lr_backbone, "lr_addon": s.lr_addon, "step_size": s.step_size,
+                            "gamma": s.gamma}
+    return json.dumps(data, sort_keys=True)
+
+
+def train_and_evaluate(name: str, config: TrainConfig) -> dict:
+    model, run_dir, shards = config.model, config.run_dir, config.shards
     start = time.perf_counter()
     trained = run_train(config)
     wall = time.perf_counter() - start
@@ -65,7 +85,8 @@ def train_and_evaluate(name: str, model: dict, config_path: Path, shards: Path, 
     rate = [float(e["images_per_s"]) for e in epochs]
     classes = [float(e["classes_per_step"]) for e in epochs if e.get("classes_per_step")]
     return {
-        "model": name, "head": model["head"], "regions": model["regions"],
+        "model": name, "head": model.head, "regions": model.regions, "config": identity(config),
+        "measured": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "balanced_accuracy": test["balanced_accuracy"], "top3": test["top3"], "accuracy": test["accuracy"],
         "train_accuracy": float(epochs[-1]["train_accuracy"]), "wall_min": wall / 60,
         "images_per_s": sum(rate) / len(rate), "peak_memory_mib": max(trained["peak_memory_mib"]),
@@ -82,13 +103,13 @@ def write_results(path: Path, rows: list[dict], info: dict) -> None:
         f"Data: {info['data']}. Segmentation: {info['segmentation']}.",
         f"Training: `{info['config']}` on {info['workers']} Ray workers: {info['config_summary']}.", "",
         "| model | test balanced accuracy | top-3 | train accuracy (last epoch) | wall time | images/s | "
-        "peak memory per worker | classes per step |",
-        "|---|---|---|---|---|---|---|---|",
+        "peak memory per worker | classes per step | measured |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['model']} | {r['balanced_accuracy']:.1%} | {r['top3']:.1%} | {r['train_accuracy']:.1%} | "
                      f"{r['wall_min']:.1f} min | {r['images_per_s']:.1f} | {r['peak_memory_mib'] / 1024:.2f} GiB | "
-                     f"{r['classes_per_step']:.1f} of {r['batch_size']} images |")
+                     f"{r['classes_per_step']:.1f} of {r['batch_size']} images | {r['measured']} |")
     lines += ["", "Balanced accuracy is the mean per-class recall on the test split "
               f"({rows[0]['n_test']} photos), the paper's \"accuracy\". Images/s counts training images over all "
               "workers per second of the training epochs (validation excluded), averaged over the epochs."]
@@ -112,7 +133,9 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/protomask-bench-real"), help="shards and runs")
     p.add_argument("--config", default="small-cpu", help="training config file or name in configs/")
     p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
+                   help="train these; the others' rows are kept from the last run in --work when their config "
+                        "is unchanged (a linear-head row ignores the prototype settings)")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results.md")
     args = p.parse_args()
     if not (args.root / "images.txt").is_file() and not (args.root / "CUB_200_2011" / "images.txt").is_file():
@@ -121,12 +144,22 @@ def main() -> None:
     start = time.perf_counter()
     shards = args.work / "shards"
     seg_s = segment(args.root, shards, args.num_workers)
+    saved = args.work / "results.json"
+    earlier = {r["model"]: r for r in json.loads(saved.read_text())["rows"]} if saved.is_file() else {}
     rows = []
-    for name in args.models:
+    for name, model in MODELS.items():
         run_dir = args.work / "runs" / name.replace(", ", "-").replace(" ", "-")
-        rows.append(train_and_evaluate(name, MODELS[name], config_path, shards, run_dir, args.num_workers))
+        config = model_config(model, config_path, shards, run_dir, args.num_workers)
+        if name not in args.models:  # kept from an earlier run only if measured with the same config
+            if earlier.get(name, {}).get("config") == identity(config):
+                rows.append(earlier[name])
+            continue
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # a fresh run, not a resumed one
+        rows.append(train_and_evaluate(name, config))
         print(json.dumps(rows[-1]), flush=True)
-    print_table("real photos", [{k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows])
+    print_table("real photos", [{k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in r.items() if k != "config"}
+                                for r in rows])
     config = load_config(TrainConfig, config_path, {"shards": shards, "run_dir": args.work})
     m, s = config.model, config.schedule
     info = {
@@ -134,7 +167,8 @@ def main() -> None:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "machine": f"{machine()['cpus']} CPUs, {machine()['memory_gib']} GiB, {platform.machine()}, no GPU",
         "data": f"{args.root.name}", "wall_min": (time.perf_counter() - start) / 60,
-        "segmentation": f"superpixel masks, K = 8, {seg_s / 60:.1f} min on {args.num_workers} workers",
+        "segmentation": f"superpixel masks, K = 8, on {args.num_workers} workers ({seg_s:.0f} s in this run; a rerun "
+                        "reuses the finished shards)",
         "config": str(config_path.relative_to(REPO)) if config_path.is_relative_to(REPO) else str(config_path),
         "workers": args.num_workers,
         "config_summary": f"{m.backbone} width {m.width}, {m.input_size} px, {m.prototypes_per_class} prototypes "
