@@ -49,12 +49,23 @@ def start_cluster(pin: bool):
     return cluster, pin
 
 
+def add_cluster_options(p) -> None:
+    """The options of a benchmark on the simulated cluster (P2, P7): its inputs and the core pinning."""
+    p.add_argument("--passes", type=int, default=8, help="times the 60 cub_mini photos are listed (default 8)")
+    p.add_argument("--no-pin", dest="pin", action="store_false", help="let both nodes use every core")
+    p.add_argument("--root", type=Path, default=CUB_MINI, help="a CUB-200-2011 folder")
+
+
+def cluster_args(passes: int, rounds: int, pin: bool, root: Path) -> list[str]:
+    """``add_cluster_options`` and ``--rounds`` as command-line arguments, for ``in_child``."""
+    return ["--passes", str(passes), "--rounds", str(rounds), "--root", str(root), *([] if pin else ["--no-pin"])]
+
+
 def measure(passes: int, shard_size: int, rounds: int, pin: bool = True, root: Path = CUB_MINI) -> Figure:
     import ray
 
     if ray.is_initialized():  # a Cluster needs a process of its own: measure in a child process
-        return in_child(__file__, ["--passes", str(passes), "--shard-size", str(shard_size), "--rounds", str(rounds),
-                                   "--root", str(root), *([] if pin else ["--no-pin"])])
+        return in_child(__file__, ["--shard-size", str(shard_size), *cluster_args(passes, rounds, pin, root)])
     cluster, pinned = start_cluster(pin)
     end_to_end: dict[int, list[float]] = {1: [], 2: []}
     try:
@@ -93,11 +104,9 @@ def measure(passes: int, shard_size: int, rounds: int, pin: bool = True, root: P
 
 def main() -> None:
     p = parser(__doc__, rounds=3)
-    p.add_argument("--passes", type=int, default=8, help="times the 60 cub_mini photos are listed (default 8)")
+    add_cluster_options(p)
     p.add_argument("--shard-size", type=int, default=15, help="small shards: the steady-state window ends when "
                    "the last shard does, so a worker idle behind the other's last shard costs at most one shard")
-    p.add_argument("--no-pin", dest="pin", action="store_false", help="let both nodes use every core")
-    p.add_argument("--root", type=Path, default=CUB_MINI, help="a CUB-200-2011 folder")
     args = p.parse_args()
     report(measure(args.passes, args.shard_size, args.rounds, args.pin, args.root), args.json)
 

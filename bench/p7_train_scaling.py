@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as bench/p7_... or python -m bench.p7_...
 
 from bench.common import CUB_MINI, Figure, in_child, median, parser, report, side_by_side, write_listing
-from bench.p2_scaling import start_cluster
+from bench.p2_scaling import add_cluster_options, cluster_args, start_cluster
 
 TARGET = ">= 1.7"
 PROBE = "p7_worker{rank}.json"
@@ -70,8 +70,7 @@ def measure(passes: int, epochs: int, rounds: int, pin: bool = True, root: Path 
     import ray
 
     if ray.is_initialized():  # a Cluster needs a process of its own: measure in a child process
-        return in_child(__file__, ["--passes", str(passes), "--epochs", str(epochs), "--rounds", str(rounds),
-                                   "--root", str(root), *([] if pin else ["--no-pin"])])
+        return in_child(__file__, ["--epochs", str(epochs), *cluster_args(passes, rounds, pin, root)])
     import training.train
     from pipeline.job import run_segment
     from protomask.cli import CONFIGS
@@ -145,10 +144,8 @@ def measure(passes: int, epochs: int, rounds: int, pin: bool = True, root: Path 
 
 def main() -> None:
     p = parser(__doc__, rounds=3)
-    p.add_argument("--passes", type=int, default=8, help="times the 60 cub_mini photos are listed (default 8)")
+    add_cluster_options(p)
     p.add_argument("--epochs", type=int, default=3, help="joint epochs per trial, the first not timed (default 3)")
-    p.add_argument("--no-pin", dest="pin", action="store_false", help="let both nodes use every core")
-    p.add_argument("--root", type=Path, default=CUB_MINI, help="a CUB-200-2011 folder")
     args = p.parse_args()
     report(measure(args.passes, args.epochs, args.rounds, args.pin, args.root), args.json)
 

@@ -137,6 +137,7 @@ def train_one_epoch(model: Model, net: nn.Module, stream: ShardStream, optimizer
     most ``micro_batch`` images, each loss weighted by its share of the batch, so the accumulated gradient
     is the batch's (DDP averages it over workers at the last micro-batch only)."""
     model.train()
+    last_layer_l1 = "last_layer" in phase_learning_rates(config)[phase]  # L1 whenever the last layer trains
     sums: dict[str, float] = {}
     correct = seen = 0
     step_classes = []  # per step: which classes this worker's share holds
@@ -155,7 +156,7 @@ def train_one_epoch(model: Model, net: nn.Module, stream: ShardStream, optimizer
                 out = net(crops, valid)
                 loss, terms = total_loss(out, labels, model, config.loss, phase, weights,
                                          detached_diversity=config.parity.detached_diversity,
-                                         last_layer_l1="last_layer" in phase_learning_rates(config)[phase])
+                                         last_layer_l1=last_layer_l1)
                 (loss * (len(labels) / n_step)).backward()
             n = len(labels)
             for k, v in {"loss": float(loss.detach()), **terms}.items():
