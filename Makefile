@@ -5,9 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-$(STAMP): pyproject.toml
+# pyproject.toml: lower bounds; constraints.txt: the exact tested set
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
 .PHONY: install demo test test-fast browser bench bench-real
@@ -26,7 +27,7 @@ test: $(STAMP) browser
 
 # the performance figures of docs/performance.md (about 5 minutes on 2 cores)
 bench: $(STAMP)
-	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[bench]"
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m bench.run_all
 
 # docs/results.md: cub_dev segmented once, ProtoMask, the patch baseline and both black-boxes trained with

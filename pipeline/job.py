@@ -12,34 +12,35 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from collections import deque
 from pathlib import Path
 
 import pyarrow as pa
 
-from pipeline.manifest import MANIFEST, build_card
+from cluster.connect import init_ray
+from pipeline.manifest import build_card
 from pipeline.plan import make_plan, plan_hash, shard_splits, write_plan
 from pipeline.shards import read_stats
 from pipeline.sources import list_source
 from schemas.config import SegmentConfig, stable_hash, write_config
-from schemas.manifest import SHARD_FILE, SHARD_TMP, DatasetCard, SegmenterInfo, ShardStats, shard_stem
+from schemas.files import atomic_write
+from schemas.manifest import (CONFIG_FILE, JOB_DIR, JOB_FILE, MANIFEST, PLAN_FILE, SHARD_FILE, SHARD_TMP, DatasetCard,
+                              SegmenterInfo, ShardStats, shard_stem)
 
 log = logging.getLogger("protomask.segment")
 
-JOB_FILE = "job.json"
-CONFIG_FILE = "segment_config.yaml"
-PLAN_FILE = "plan.parquet"
 SHARDS_IN_FLIGHT = 2  # per worker
 PROGRESS_INTERVAL_S = 0.5  # how often a worker reports its images to the progress bar
 # what --overwrite removes: the shard files (schemas.manifest.SHARD_FILE, which also knows format 3's names),
-# the files below and temp files; SHARD_TMP: a shard write cut short
-OTHER_FILES = re.compile(r"^(manifest\.json|job\.json|plan\.parquet|segment_config\.yaml|\..*\.tmp)$")
+# the manifest, the config, the job's folder and temp files; SHARD_TMP: a shard write cut short
+OTHER_FILES = re.compile(rf"^({re.escape(MANIFEST)}|{re.escape(CONFIG_FILE)}|\..*\.tmp)$")
 
 
-def is_ours(name: str) -> bool:
-    """A file this tool writes into a shard directory."""
-    return bool(SHARD_FILE.match(name) or OTHER_FILES.match(name))
+def is_ours(path: Path) -> bool:
+    """A file (or the job's folder) this tool writes into a shard directory."""
+    return path.name == JOB_DIR and path.is_dir() or bool(SHARD_FILE.match(path.name) or OTHER_FILES.match(path.name))
 
 
 class JobError(RuntimeError):
@@ -52,7 +53,7 @@ def _prepare_out(config: SegmentConfig, job_hash: str) -> None:
     job_file = out / JOB_FILE
     if out.exists() and not out.is_dir():
         raise JobError(f"{out}: exists and is not a directory")
-    ours = [p for p in out.iterdir() if is_ours(p.name)] if out.is_dir() else []
+    ours = [p for p in out.iterdir() if is_ours(p)] if out.is_dir() else []
     if ours and not config.overwrite:
         previous = json.loads(job_file.read_text()).get("job_hash") if job_file.is_file() else None
         if previous != job_hash:
@@ -62,7 +63,7 @@ def _prepare_out(config: SegmentConfig, job_hash: str) -> None:
             )
     if config.overwrite:
         for path in ours:
-            path.unlink()
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-probe-{os.getpid()}.tmp"
@@ -110,17 +111,6 @@ def _resources(config: SegmentConfig) -> tuple[int, dict]:
     return config.num_workers or default_workers, per_worker
 
 
-def init_ray(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, log_to_driver=True)  # an existing cluster (ray job submit sets RAY_ADDRESS)
-    else:
-        ray.init(address="local", include_dashboard=False)  # a laptop: start Ray for this process
-
-
 def run_segment(config: SegmentConfig, address: str | None = None, progress: bool = True) -> DatasetCard:
     """Segment every input of ``config`` into shards under ``config.out``; return the dataset card."""
     listing = list_source(config)
@@ -130,9 +120,10 @@ def run_segment(config: SegmentConfig, address: str | None = None, progress: boo
     _prepare_out(config, job_hash)
     out = config.out
     write_config(config, out / CONFIG_FILE)
+    (out / JOB_DIR).mkdir(exist_ok=True)
     if not (out / PLAN_FILE).is_file():
         write_plan(plan, listing.classes, out / PLAN_FILE)
-    (out / JOB_FILE).write_text(json.dumps({"job_hash": job_hash, "config_hash": config.output_hash()}, indent=1))
+    atomic_write(out / JOB_FILE, json.dumps({"job_hash": job_hash, "config_hash": config.output_hash()}, indent=1))
 
     split_of = shard_splits(plan)
     shards = sorted(split_of)
@@ -215,7 +206,8 @@ def _dispatch(
     later: list = []  # (time, worker): ping again then (its last ping failed)
     waiting = False  # every worker lost (warned once)
     total = sum(len(rows_by_shard[s]) for s in todo)
-    bar = tqdm(total=total, unit="img", disable=not progress, smoothing=0.1, desc="segment")
+    bar = tqdm(total=total, unit="img", disable=None if progress else True, smoothing=0.1, desc="segment",
+               leave=False)  # None: a bar on a terminal only
     seen = 0
     while queue or running:
         while queue and idle:

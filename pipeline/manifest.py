@@ -11,11 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.shards import ShardError, iter_samples, scan_tar, sha256_file
-from schemas.manifest import DatasetCard, SegmenterInfo, ShardStats
+from schemas.files import atomic_write
+from schemas.manifest import MANIFEST, DatasetCard, SegmenterInfo, ShardStats
 from schemas.shard import MASKS_MEMBER, SampleRecord, crop_member
 from schemas.version import CODE_VERSION
 
-MANIFEST = "manifest.json"
 
 
 def read_rows(out: Path, shards: list[ShardStats]) -> pa.Table:
@@ -55,9 +55,7 @@ def build_card(
         masks_hist=dict(sorted(hist.items())),
         total_bytes=sum(s.tar_bytes for s in shards),
     )
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(card.model_dump_json(indent=1))
-    tmp.replace(out / MANIFEST)
+    atomic_write(out / MANIFEST, card.model_dump_json(indent=1))
     return card
 
 

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from pipeline.sources import SourceItem, SourceListing
 from schemas.config import stable_hash
+from schemas.files import atomic_write
 from schemas.manifest import PLAN_SCHEMA, SHARD_DIGITS, SPLITS
 
 log = logging.getLogger("protomask.segment")
@@ -101,9 +102,7 @@ def plan_hash(plan: pa.Table, classes: list[str]) -> str:
 
 def write_plan(plan: pa.Table, classes: list[str], path: Path) -> None:
     schema = plan.schema.with_metadata({**plan.schema.metadata, b"classes": json.dumps(classes).encode()})
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(plan.cast(schema), tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda f: pq.write_table(plan.cast(schema), f))
 
 
 def read_plan(path: Path) -> tuple[pa.Table, list[str]]:

@@ -9,7 +9,6 @@ import json
 import mmap
 import os
 import tarfile
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.masks import MaskSet, crop_boxes, encode_masks
+from schemas.files import atomic_write
 from schemas.manifest import ROW_SCHEMA, ShardStats, shard_file, shard_stem
 from schemas.shard import MASKS_MEMBER, SampleRecord, crop_member
 
@@ -70,23 +70,6 @@ def encode_sample(
     if parts is not None:
         members["parts.png"] = _png(parts)
     return EncodedSample(key=record.key, members=members)
-
-
-def _atomic_write(path: Path, write) -> None:
-    # the temp name is what schemas.manifest.SHARD_TMP recognises: ".<name>.<random>.tmp"
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    except OSError as exc:  # e.g. a full disk: say which file could not be written
-        if exc.filename is None and exc.errno is not None:
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def sha256_file(path: Path) -> str:
@@ -173,9 +156,9 @@ def write_shard(
     split = splits[0]
     name = shard_stem(split, shard)
     tar_path, parquet_path = out / shard_file(split, shard, "tar"), out / shard_file(split, shard, "parquet")
-    _atomic_write(tar_path, lambda f: _write_tar(f, samples))
+    atomic_write(tar_path, lambda f: _write_tar(f, samples))
     table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["key"]), schema=ROW_SCHEMA)
-    _atomic_write(parquet_path, lambda f: pq.write_table(table, f, compression="zstd"))
+    atomic_write(parquet_path, lambda f: pq.write_table(table, f, compression="zstd"))
     ok = sum(r["status"] == "ok" for r in rows)
     stats = ShardStats(
         shard=shard,
@@ -192,7 +175,7 @@ def write_shard(
         config_hash=config_hash,
     )
     payload = json.dumps(stats.model_dump(), indent=1).encode()
-    _atomic_write(out / stats.file("stats"), lambda f: f.write(payload))
+    atomic_write(out / stats.file("stats"), lambda f: f.write(payload))
     return stats
 
 

@@ -1,16 +1,24 @@
-"""``protomask`` console script. Each subcommand parses flags, merges them over ``--config`` (flags
-win), and calls the library function of its stage."""
+"""``protomask``: segment images into shards, inspect and verify them, train, evaluate, explain and report.
+
+Every subcommand reads its settings from one pydantic config (schemas.config): ``--config FILE|NAME``,
+then ``--set a.b=value``, then its flags, later ones winning. Folders are always flags: ``--shards``,
+``--run-dir``, ``--out``. Errors print one line (exit 2: usage or config, 1: a failed job); ``-v`` shows
+Ray's own output and tracebacks.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from schemas.config import ConfigError, SegmentConfig, TrainConfig, load_config
+from protomask.flags import Flag, add_flags, overrides
+from schemas.config import (ConfigError, DemoConfig, EvaluateConfig, ExplainConfig, ManifestConfig, ReportConfig,
+                            SegmentConfig, Strict, TrainConfig, load_config)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # named configs: --config small-cpu
 
@@ -39,172 +47,119 @@ def settings(pairs: list[str]) -> dict[str, object]:
     return out
 
 
-# flag dest -> dotted config key
-SEGMENT_FLAGS = {
-    "source": "source", "root": "root", "out": "out", "listing": "listing",
-    "segmenter": "segmenter.name", "checkpoint": "segmenter.checkpoint", "model_type": "segmenter.model_type",
-    "device": "segmenter.device", "masks_per_image": "masks_per_image", "crop_size": "crop_size",
-    "shard_size": "shard_size", "max_side": "max_side", "num_workers": "num_workers",
-    "cpus_per_worker": "cpus_per_worker", "overwrite": "overwrite",
-}
+# --- the commands: each declares its config, its flags and what it adds by hand ------------------------------
+
+SEGMENT_FLAGS: list[Flag] = [
+    "source", "root", "out", "listing", ("segmenter", "segmenter.name"), "segmenter.checkpoint",
+    "segmenter.model_type", "segmenter.device", "masks_per_image", "crop_size", "shard_size", "shuffle_seed",
+    "test_fraction", "max_side", "num_workers", "cpus_per_worker", "overwrite",
+]
+TRAIN_FLAGS: list[Flag] = [
+    "shards", "run_dir", "model.head", "model.regions", "model.backbone", "model.weights", "model.width",
+    "model.input_size", "model.prototypes_per_class", "model.prototype_dim", "schedule.pretrain_epochs",
+    "schedule.warmup_epochs", "schedule.joint_epochs", "schedule.last_layer_epochs", "schedule.prototype_init",
+    "schedule.lr_backbone", "schedule.lr_addon", "schedule.lr_prototypes", "schedule.lr_last_layer",
+    "data.batch_size", "data.micro_batch", "data.memory_gb", "data.augment", "num_workers", "cpus_per_worker",
+    "use_gpu", "seed",
+]
 
 
-def _add_segment(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("segment", help="images -> masks -> WebDataset shards + manifests (a Ray job)")
-    p.add_argument("--config", type=Path, help="YAML/JSON SegmentConfig; flags override it")
-    p.add_argument("--source", choices=["synthetic", "cub", "imagefolder", "listing"])
-    p.add_argument("--root", type=Path, help="dataset root (synthetic: where the images are generated)")
-    p.add_argument("--out", type=Path, help="shard directory")
-    p.add_argument("--listing", type=Path, help="CSV/Parquet with path,label[,split] (source=listing)")
-    p.add_argument("--segmenter", choices=["superpixel", "sam", "grid"])
-    p.add_argument("--checkpoint", type=Path, help="SAM checkpoint .pth (segmenter=sam)")
-    p.add_argument("--model-type", choices=["vit_b", "vit_l", "vit_h"])
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--masks-per-image", type=int, help="K: masks kept per image")
-    p.add_argument("--crop-size", type=int, help="also store each crop as a JPEG of this size (default: none; "
-                                                 "readers cut crops from the image at the boxes)")
-    p.add_argument("--shard-size", type=int, help="images per shard")
-    p.add_argument("--max-side", type=int)
-    p.add_argument("--num-workers", type=int, help="segmenter workers (default: GPUs, else CPUs)")
-    p.add_argument("--cpus-per-worker", type=float)
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace shards of another config")
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--no-progress", action="store_true")
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
-def cmd_segment(args: argparse.Namespace) -> int:
+def cmd_segment(config: SegmentConfig, args: argparse.Namespace) -> int:
     from pipeline.job import run_segment
     from pipeline.manifest import format_inspect, inspect
 
-    overrides = {key: getattr(args, dest) for dest, key in SEGMENT_FLAGS.items()}
-    config = load_config(SegmentConfig, args.config, overrides)
-    card = run_segment(config, address=args.address, progress=not args.no_progress)
+    card = run_segment(config, address=args.address, progress=args.progress)
     print(format_inspect(inspect(config.out)))
     return 0 if card.counts["ok"] else 1
 
 
-def cmd_manifest(args: argparse.Namespace) -> int:
+def cmd_manifest(config: ManifestConfig, args: argparse.Namespace) -> int:
+    import json
+
     from pipeline.manifest import format_inspect, inspect, verify
 
     if args.action == "inspect":
-        summary = inspect(args.dir)
-        print(json.dumps(summary, indent=1) if args.json else format_inspect(summary))
+        summary = inspect(config.shards)
+        print(json.dumps(summary, indent=1) if config.as_json else format_inspect(summary))
         return 0
-    problems = verify(args.dir)
+    problems = verify(config.shards)
     for line in problems:
         print(line)
-    print(f"{args.dir}: {'FAILED, ' + str(len(problems)) + ' problem(s)' if problems else 'OK'}")
+    print(f"{config.shards}: {'FAILED, ' + str(len(problems)) + ' problem(s)' if problems else 'OK'}")
     return 1 if problems else 0
 
 
-TRAIN_FLAGS = {
-    "shards": "shards", "run_dir": "run_dir", "epochs_warmup": "schedule.warmup_epochs",
-    "epochs_joint": "schedule.joint_epochs", "epochs_last_layer": "schedule.last_layer_epochs",
-    "backbone": "model.backbone", "weights": "model.weights", "batch_size": "data.batch_size",
-    "num_workers": "num_workers", "cpus_per_worker": "cpus_per_worker", "use_gpu": "use_gpu", "seed": "seed",
-}
+def cmd_train(config: TrainConfig, args: argparse.Namespace) -> int:
+    from training.train import run_train
+
+    start = time.perf_counter()
+    result = run_train(config, address=args.address, progress=args.progress)
+    print(train_summary(config.run_dir, result["test"], time.perf_counter() - start))
+    return 0
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train ProtoMask on cached shards with Ray Train (rerun = resume)")
-    p.add_argument("--config", help="YAML/JSON TrainConfig, or a name from configs/ (small-cpu, cub-gpu, demo); "
-                                     "flags override it")
-    p.add_argument("--shards", type=Path, help="shard directory written by `protomask segment`")
-    p.add_argument("--run-dir", type=Path, help="checkpoints, metrics, exported model")
-    p.add_argument("--epochs-warmup", type=int)
-    p.add_argument("--epochs-joint", type=int)
-    p.add_argument("--epochs-last-layer", type=int)
-    p.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50", "vgg16", "densenet121", "convnet"])
-    p.add_argument("--weights", help="pretrained backbone: a torchvision weights name (IMAGENET1K_V2, DEFAULT) "
-                                      "or a state-dict file")
-    p.add_argument("--batch-size", type=int, help="images per worker step")
-    p.add_argument("--num-workers", type=int, help="Ray Train workers")
-    p.add_argument("--cpus-per-worker", type=float)
-    p.add_argument("--use-gpu", action="store_true", default=None)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
-                   help="any config field by its dotted name, e.g. --set model.head=linear (repeatable; the value "
-                        "is read as YAML)")
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    e = sub.add_parser("evaluate", help="metrics of a trained model on one split of a shard directory")
-    e.add_argument("--run-dir", type=Path, required=True)
-    e.add_argument("--shards", type=Path, required=True)
-    e.add_argument("--split", default="test", choices=["train", "val", "test"])
-    r = sub.add_parser("report", help="self-contained HTML report of one run, or several side by side")
-    r.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
-    r.add_argument("--out", type=Path, help="default: RUN_DIR/report of the first run")
-    r.add_argument("--names", nargs="+", help="a column name per run (default: the directory names)")
-    x = sub.add_parser("explain", help="prototype gallery and per-image explanations (PNGs + JSON)")
-    x.add_argument("--run-dir", type=Path, required=True)
-    x.add_argument("--shards", type=Path, required=True)
-    x.add_argument("--out", type=Path, required=True)
-    x.add_argument("--keys", nargs="+", help="sample keys to explain (default: the first test samples)")
-    x.add_argument("--top-k", type=int, default=3, help="prototypes shown per image")
-    x.add_argument("--limit", type=int, default=8, help="test samples explained when no --keys")
-    x.add_argument("--relevance", action="store_true",
-                   help="gradient x input inside the matched mask instead of the binary mask")
+def train_summary(run_dir: Path, test: dict, seconds: float) -> str:
+    return (f"trained in {seconds / 60:.1f} min: test balanced accuracy {test['balanced_accuracy']:.1%}, top-3 "
+            f"{test['top3']:.1%} ({test['n']} images); model {run_dir / 'model.pt'}, metrics "
+            f"{run_dir / 'metrics_test.json'}; report: protomask report --run-dir {run_dir}")
 
 
-def cmd_explain(args: argparse.Namespace) -> int:
+def cmd_evaluate(config: EvaluateConfig, args: argparse.Namespace) -> int:
+    from training.evaluate import metrics_file
+    from training.train import run_evaluate
+
+    result = run_evaluate(config.run_dir, config.shards, config.split, batch_size=config.batch_size)
+    print(format_side_by_side({"model": result}, config.split))
+    print(f"written to {metrics_file(config.run_dir, config.split)}")
+    return 0
+
+
+def cmd_explain(config: ExplainConfig, args: argparse.Namespace) -> int:
     from training.explain import run_explain
 
-    summary = run_explain(args.run_dir, args.shards, args.out, args.keys, args.top_k, args.limit, args.relevance)
+    out = config.out or config.run_dir / "explain"
+    summary = run_explain(config.run_dir, config.shards, out, keys=config.keys, k=config.top_k, limit=config.limit,
+                          relevance=config.relevance == "gradient")
     for record in summary["explanations"]:
         best = record["evidence"][0]
         print(f"{record['key']}: true {record['label']}, predicted {record['predicted']}; top prototype "
               f"p{best['prototype']} on mask {best['mask_index']} (+{best['contribution']:.2f})  {record['png']}")
-    print(f"gallery: {', '.join(summary['gallery'])}  in {args.out}")
+    print(f"gallery: {', '.join(summary['gallery'])}  in {out}")
     return 0
 
 
-def cmd_report(args: argparse.Namespace) -> int:
+def cmd_report(config: ReportConfig, args: argparse.Namespace) -> int:
     from training.report import write_report
 
-    names = args.names or [d.name for d in args.run_dirs]
-    if len(names) != len(args.run_dirs):
-        raise ConfigError(f"--names: {len(names)} names for {len(args.run_dirs)} run directories")
-    path = write_report(dict(zip(names, args.run_dirs)), args.out or args.run_dirs[0] / "report")
+    names = config.names or [d.name for d in config.run_dir]
+    path = write_report(dict(zip(names, config.run_dir)), config.out or config.run_dir[0] / "report")
     print(f"report: {path}")
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from training.train import run_train
-
-    overrides = {**settings(args.settings), **{key: getattr(args, dest) for dest, key in TRAIN_FLAGS.items()}}
-    config = load_config(TrainConfig, config_file(args.config), overrides)
-    result = run_train(config, address=args.address)
-    print(format_side_by_side({"model": result["test"]}, "test"))
-    return 0
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from training.train import run_evaluate
-
-    print(format_side_by_side({"model": run_evaluate(args.run_dir, args.shards, args.split)}, args.split))
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_demo(config: DemoConfig, args: argparse.Namespace) -> int:
     """The embedded default end to end: synthetic images → superpixel masks → shards → train → evaluate."""
     from pipeline.job import run_segment
     from pipeline.manifest import format_inspect, inspect, verify
     from training.report import write_report
-    from training.train import run_evaluate, run_train
+    from training.train import run_train
 
-    workers = args.num_workers
+    workers, out = config.num_workers, config.out
     segment = SegmentConfig(
-        source="synthetic", root=args.out / "synthetic", out=args.out / "shards", masks_per_image=6,
+        source="synthetic", root=out / "synthetic", out=out / "shards", masks_per_image=6,
         shard_size=32, num_workers=workers, cpus_per_worker=2 / workers,
     )
     t0 = time.perf_counter()
-    card = run_segment(segment, progress=not args.no_progress)
+    card = run_segment(segment, progress=args.progress)
     t_segment = time.perf_counter() - t0
     print(format_inspect(inspect(segment.out)))
     problems = verify(segment.out)
-    print(f"\nsegmented {card.counts['inputs']} images in {t_segment:.1f} s "
-          f"({card.counts['inputs'] / t_segment:.1f} images/s, Ray start-up included); verify: "
-          f"{'OK' if not problems else problems}\n")
+    print(f"\nverify: {'OK' if not problems else problems} (segmentation {t_segment:.1f} s, Ray start-up included)")
     if problems:
         return 1
     results = {}
@@ -212,15 +167,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for name, model in (("protomask", {"regions": "masks"}), ("patch baseline", {"regions": "patches", "input_size": 112})):
         train = load_config(TrainConfig, CONFIGS / "demo.yaml", {
             **{f"model.{k}": v for k, v in model.items()}, "shards": segment.out,
-            "run_dir": args.out / f"run_{model['regions']}", "num_workers": workers, "cpus_per_worker": 1 / workers,
+            "run_dir": out / f"run_{model['regions']}", "num_workers": workers, "cpus_per_worker": 1 / workers,
         })
+        print(f"\n{name}: training on {workers} workers")
         t1 = time.perf_counter()
-        run_train(train)
-        print(f"\n{name}: trained with {workers} workers in {time.perf_counter() - t1:.1f} s\n")
-        results[name] = run_evaluate(train.run_dir, segment.out, "test")
+        results[name] = run_train(train, progress=args.progress)["test"]
+        print(train_summary(train.run_dir, results[name], time.perf_counter() - t1))
+    print()
     print(format_side_by_side(results, "test"))
-    report = write_report({"protomask": args.out / "run_masks", "patch baseline": args.out / "run_patches"},
-                          args.out / "report")
+    report = write_report({"protomask": out / "run_masks", "patch baseline": out / "run_patches"}, out / "report")
     best = results["protomask"]
     print(f"\nProtoMask test accuracy {best['accuracy']:.1%} (chance {1 / len(card.classes):.0%}), part hit rate "
           f"{best['part_hit_rate']:.1%}; report: {report}")
@@ -235,6 +190,123 @@ def format_side_by_side(results: dict[str, dict], split: str) -> str:
     return "\n".join(lines)
 
 
+Handler = Callable[[Strict, argparse.Namespace], int]
+# name -> (help, config, flags, handler, extra options)
+COMMANDS: dict[str, tuple[str, type[Strict], list[Flag], Handler, Callable[[argparse.ArgumentParser], None] | None]] = {
+    "segment": ("images -> masks -> WebDataset shards + manifests (a Ray job; a rerun skips finished shards)",
+                SegmentConfig, SEGMENT_FLAGS, cmd_segment, _run_options),
+    "manifest": ("inspect or verify a shard directory", ManifestConfig, ["shards", ("json", "as_json")], cmd_manifest,
+                 lambda p: p.add_argument("action", choices=["inspect", "verify"])),
+    "train": ("train on cached shards with Ray Train (a rerun with the same --run-dir resumes)",
+              TrainConfig, TRAIN_FLAGS, cmd_train, _run_options),
+    "evaluate": ("every metric of a trained model on one split, into RUN_DIR/metrics_<split>.json",
+                 EvaluateConfig, ["run_dir", "shards", "split", "batch_size"], cmd_evaluate, None),
+    "explain": ("prototype gallery and per-image explanations (PNGs + JSON)", ExplainConfig,
+                ["run_dir", "shards", "out", "keys", "top_k", "limit", "relevance"], cmd_explain, None),
+    "report": ("self-contained HTML report of one run, or several side by side", ReportConfig,
+               ["run_dir", "out", "names"], cmd_report, None),
+    "demo": ("the whole job on the embedded synthetic dataset (no downloads, no GPU)", DemoConfig,
+             ["out", "num_workers"], cmd_demo, lambda p: p.add_argument(
+                 "--no-progress", dest="progress", action="store_false", help="no progress bars")),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from schemas.version import CODE_VERSION, FORMAT_VERSION
+
+    parser = argparse.ArgumentParser(prog="protomask", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"protomask {CODE_VERSION} (format {FORMAT_VERSION})")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Ray's own output, and tracebacks on errors")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--config", metavar="FILE|NAME", help=(
+        "YAML/JSON config file, or a name from configs/ (" + ", ".join(sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+        + "); --set and flags override it"))
+    common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                        help="any config field by its dotted name, e.g. --set model.head=linear (repeatable; the value "
+                             "is read as YAML)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, model, flags, handler, extra) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           parents=[common])
+        if extra is not None:
+            extra(p)
+        p.set_defaults(handler=handler, model=model, dests=add_flags(p, model, flags), progress=True)
+    return parser
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (tests swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self):  # noqa: ANN201 - logging's own attribute
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it
+        pass
+
+
+class _ConsoleFormatter(logging.Formatter):
+    """Our INFO lines as plain text; warnings and errors prefixed with their level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+def configure_logging(verbose: bool) -> None:
+    """Our loggers (``protomask.*``) at INFO, everything else at WARNING; all at DEBUG with ``-v``
+    (which ``cluster.connect`` reads to let Ray's own output through)."""
+    handler = _StderrHandler()
+    handler.setFormatter(_ConsoleFormatter("%(name)s: %(message)s" if verbose else "%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    logging.getLogger("protomask").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:  # printed on every Ray start; the stack runs with token auth on (docs)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    from pipeline.job import JobError
+    from pipeline.shards import ShardError
+    from pipeline.sources import SourceError
+    from training import TrainError
+    from training.weights import WeightsError
+
+    where = f"protomask {args.command}"
+    try:
+        config = load_config(args.model, config_file(args.config),
+                             {**settings(args.settings), **overrides(args, args.dests)})
+        return args.handler(config, args)
+    except ConfigError as exc:
+        print(f"{where}: error: {exc}", file=sys.stderr)
+        return 2
+    except (JobError, ShardError, SourceError, TrainError, WeightsError, OSError) as exc:
+        if args.verbose:
+            raise
+        if isinstance(exc, BrokenPipeError):  # `protomask ... | head`: the reader is gone; stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        print(f"{where}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{where}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, or a failure we do not know yet: one line, the traceback with -v
+        if args.verbose:
+            raise
+        print(f"{where}: error: {type(exc).__name__}: {exc} (rerun with -v for the traceback)", file=sys.stderr)
+        return 1
+
+
 def cluster_entry(command: str, argv: list[str]) -> int:
     """``ray submit`` entry scripts: run ``command`` attached to the running cluster (``--address auto``;
     a later ``--address`` in ``argv`` wins)."""
@@ -242,36 +314,6 @@ def cluster_entry(command: str, argv: list[str]) -> int:
     if args[:1] == ["--"]:  # tolerate a forwarded "--" separator
         args = args[1:]
     return main([command, "--address", "auto", *args])
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="protomask", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_segment(sub)
-    _add_train(sub)
-    m = sub.add_parser("manifest", help="inspect or verify a shard directory")
-    m.add_argument("action", choices=["inspect", "verify"])
-    m.add_argument("dir", type=Path)
-    m.add_argument("--json", action="store_true", help="inspect: print JSON")
-    d = sub.add_parser("demo", help="run the whole job on the embedded synthetic dataset (no downloads, no GPU)")
-    d.add_argument("--out", type=Path, default=Path("demo"))
-    d.add_argument("--num-workers", type=int, default=2)
-    d.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"segment": cmd_segment, "manifest": cmd_manifest, "demo": cmd_demo, "train": cmd_train,
-                "evaluate": cmd_evaluate, "explain": cmd_explain, "report": cmd_report}
-    from pipeline.job import JobError
-    from pipeline.shards import ShardError
-    from pipeline.sources import SourceError
-    from training import TrainError
-
-    try:
-        return handlers[args.command](args)
-    except (ConfigError, JobError, ShardError, SourceError, TrainError) as exc:
-        print(f"protomask {args.command}: error: {exc}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from schemas.files import atomic_write
 from schemas.version import FORMAT_VERSION
 
 
@@ -154,7 +155,7 @@ def load_config(model: type[Strict], file: Path | None, overrides: dict[str, Any
 
 def write_config(config: Strict, path: Path) -> None:
     """Write the resolved config as YAML beside an output."""
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    atomic_write(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
 class ModelConfig(Strict):
@@ -245,8 +246,16 @@ class DataConfig(Strict):
         "workers (CPU), or 80 % of the GPU's"))
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="stratified share of train held out")
     shuffle_buffer: int = Field(256, ge=1)
-    augment: bool = True
+    augment: Literal["reference", "flip", "none"] = Field("reference", description=(
+        "training augmentation per crop: the reference's (flip, perspective, rotation, shear, colour jitter), "
+        "horizontal flips only (short schedules from scratch learn faster), or none; true/false mean "
+        "reference/none"))
     loader_threads: int = Field(2, ge=0, description="decoding threads per worker")
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_from_bool(cls, value: Any) -> Any:
+        return {True: "reference", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
 
 class TrainConfig(Strict):
@@ -272,3 +281,53 @@ class TrainConfig(Strict):
             raise ValueError(f"data.batch_size: {self.data.batch_size} images per step do not split evenly over "
                              f"num_workers={self.num_workers}; use a multiple of {self.num_workers}")
         return self
+
+
+class EvaluateConfig(Strict):
+    """``protomask evaluate``: every metric of a trained model on one split, into ``metrics_<split>.json``."""
+
+    run_dir: Path = Field(description="run directory written by `protomask train`")
+    shards: Path | None = Field(None, description="shard directory; default: the one the model was trained on")
+    split: Literal["train", "val", "test"] = "test"
+    batch_size: int = Field(32, ge=1, description="images per forward pass")
+
+
+class ExplainConfig(Strict):
+    """``protomask explain``: the prototype gallery and local explanations of test images."""
+
+    run_dir: Path = Field(description="run directory written by `protomask train`")
+    shards: Path | None = Field(None, description="shard directory; default: the one the model was trained on")
+    out: Path | None = Field(None, description="output folder; default: RUN_DIR/explain")
+    keys: list[str] | None = Field(None, description="sample keys to explain; default: the first test samples")
+    top_k: int = Field(3, ge=1, description="prototypes shown per image")
+    limit: int = Field(8, ge=1, description="test samples explained when no keys are given")
+    relevance: Literal["mask", "gradient"] = Field("mask", description=(
+        "saliency inside the matched mask: the binary mask, or gradient x input of the prototype's similarity"))
+
+
+class ReportConfig(Strict):
+    """``protomask report``: one self-contained HTML report of one run, or several side by side."""
+
+    run_dir: list[Path] = Field(min_length=1, description="run directories written by `protomask train`")
+    out: Path | None = Field(None, description="report folder; default: RUN_DIR/report of the first run")
+    names: list[str] | None = Field(None, description="a column name per run; default: the folder names")
+
+    @model_validator(mode="after")
+    def _a_name_per_run(self) -> ReportConfig:
+        if self.names is not None and len(self.names) != len(self.run_dir):
+            raise ValueError(f"names: {len(self.names)} names for {len(self.run_dir)} run directories")
+        return self
+
+
+class ManifestConfig(Strict):
+    """``protomask manifest inspect|verify``: a shard directory's summary, or a check of every shard."""
+
+    shards: Path = Field(description="shard directory written by `protomask segment`")
+    as_json: bool = Field(False, description="inspect: print the summary as JSON")
+
+
+class DemoConfig(Strict):
+    """``protomask demo``: the embedded synthetic dataset end to end (no downloads, no GPU)."""
+
+    out: Path = Field(Path("demo"), description="folder of the images, shards, runs and report")
+    num_workers: int = Field(2, ge=1, description="segmentation and training workers")

@@ -1,7 +1,8 @@
 """Manifests of a shard directory.
 
-Files in a shard directory (format 4: every shard holds one split, and its files are named by it, so
-a glob such as ``train-*.tar`` picks one split)::
+Files in a shard directory (format 5: every shard holds one split, and its files are named by it, so
+a glob such as ``train-*.tar`` picks one split; the job's own files sit in ``_job/``, which dataset
+readers skip, so ``pyarrow.dataset``, pandas, duckdb and Ray Data see one parquet row per input)::
 
     train-00000.tar         WebDataset shard (see schemas.shard)
     train-00000.parquet     one row per input of the shard, failures included (ROW_SCHEMA)
@@ -10,7 +11,8 @@ a glob such as ``train-*.tar`` picks one split)::
     test-00004.tar
     manifest.json           DatasetCard, written when every shard is finished
     segment_config.yaml     the resolved SegmentConfig
-    plan.parquet            the work plan (PLAN_SCHEMA): which input goes to which key and shard
+    _job/plan.parquet       the work plan (PLAN_SCHEMA): which input goes to which key and shard
+    _job/job.json           the job hash that guards the directory against a different config
 
 ``shard_file`` makes these names and ``SHARD_FILE`` / ``SHARD_TMP`` recognise them: every reader and
 writer goes through them. Format 3 directories named shards ``00000.tar`` (no split); their
@@ -27,6 +29,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.version import FORMAT_VERSION
 
+MANIFEST = "manifest.json"
+CONFIG_FILE = "segment_config.yaml"
+JOB_DIR = "_job"  # "_": skipped by pyarrow.dataset and Ray Data; a folder: not matched by a *.parquet glob
+PLAN_FILE = f"{JOB_DIR}/plan.parquet"
+JOB_FILE = f"{JOB_DIR}/job.json"
 SPLITS = ("train", "val", "test")  # also the order of the splits' shards in a plan
 SHARD_DIGITS = 5  # of the shard number, in file names and at the start of every key
 ShardPart = Literal["tar", "parquet", "stats"]

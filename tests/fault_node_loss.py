@@ -30,7 +30,7 @@ from pipeline.job import ShardWorker, run_segment
 from pipeline.manifest import read_rows, verify
 from pipeline.plan import read_plan, shard_splits
 from schemas.config import SegmentConfig
-from schemas.manifest import SHARD_FILE, shard_file, shard_glob
+from schemas.manifest import PLAN_FILE, SHARD_FILE, shard_file, shard_glob
 
 TOTAL_SHARDS = 16
 
@@ -99,7 +99,7 @@ def main(tmp: Path, retries: int, replace: bool) -> None:
             (tmp / "outcome.json").write_text(json.dumps({"error": result.get("error", "the job did not finish in 240 s")}))
             return
         card = result["card"]
-        plan, _ = read_plan(config.out / "plan.parquet")
+        plan, _ = read_plan(config.out / PLAN_FILE)
         keys = read_rows(config.out, card.shards).column("key").to_pylist()
         trace = starts(Path(TRACE))
         (tmp / "outcome.json").write_text(json.dumps({

@@ -53,12 +53,18 @@ def test_segment_inspect_verify_cli(ray_local, tmp_path: Path, capsys) -> None:
     assert "12 ok, 0 failed, 12 inputs" in printed and "red_circle" in printed
     assert "masks_per_image: 8" in (out / "segment_config.yaml").read_text()
 
-    assert main(["manifest", "inspect", str(out), "--json"]) == 0
+    assert main(["manifest", "inspect", "--shards", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["shards"] == 3 and summary["per_split"]["train"]["ok"] == 8
 
-    assert main(["manifest", "verify", str(out)]) == 0
+    assert main(["manifest", "verify", "--shards", str(out)]) == 0
     assert capsys.readouterr().out.strip().endswith("OK")
+    # a reader that stops early (`| head`): the pipe is closed before anything is written; no traceback
+    exe = Path(sys.executable).with_name("protomask")
+    proc = subprocess.Popen([str(exe), "manifest", "inspect", "--shards", str(out), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 0 and proc.stderr.read() == ""
 
     # corrupt one shard (bit flip), truncate another, delete the third: verify names each, exits 1
     data = bytearray((out / "train-00000.tar").read_bytes())
@@ -67,7 +73,7 @@ def test_segment_inspect_verify_cli(ray_local, tmp_path: Path, capsys) -> None:
     t = (out / "train-00001.tar").read_bytes()
     (out / "train-00001.tar").write_bytes(t[: len(t) // 2])
     (out / "test-00002.tar").unlink()
-    assert main(["manifest", "verify", str(out)]) == 1
+    assert main(["manifest", "verify", "--shards", str(out)]) == 1
     report = capsys.readouterr().out
     assert "shard train-00000: " in report and "checksum differs" in report
     assert "shard train-00001: " in report and "shard test-00002: " in report and "missing" in report
@@ -102,3 +108,70 @@ def test_set_flags_and_unknown_config_name(tmp_path: Path, capsys) -> None:
             "--set", "model.head=nope"]
     assert main(argv) == 2
     assert "model.head" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_flags_follow_the_config_fields() -> None:
+    """Type, choices, help and shown default come from the pydantic field; only given flags override."""
+    import argparse
+    from typing import Literal
+
+    from pydantic import Field
+
+    from protomask.flags import add_flags, overrides
+    from schemas.config import Strict
+
+    class Inner(Strict):
+        mode: Literal["a", "b"] = Field("a", description="which mode")
+
+    class Toy(Strict):
+        root: Path
+        size: int | None = Field(None, description="pixels")
+        rate: float = 0.5
+        names: list[str] | None = None
+        fast: bool = False
+        inner: Inner = Inner()
+
+    parser = argparse.ArgumentParser()
+    dests = add_flags(parser, Toy, ["root", "size", "rate", "names", "fast", ("mode", "inner.mode")])
+    text = parser.format_help()
+    assert "{a,b}" in text and "which mode; default: a" in text and "pixels" in text and "--no-fast" in text
+    args = parser.parse_args(["--root", "/r", "--mode", "b", "--names", "x", "y", "--fast"])
+    assert overrides(args, dests) == {"root": Path("/r"), "inner.mode": "b", "names": ["x", "y"], "fast": True}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--mode", "c"])
+
+
+def test_every_command_takes_config_and_set_and_prints_a_version(capsys) -> None:
+    from protomask.cli import COMMANDS, build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("protomask ")
+    for name in COMMANDS:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([name, "--help"])
+        text = capsys.readouterr().out
+        assert "--config" in text and "--set KEY=VALUE" in text, name
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "--augment {reference,flip,none}" in text and "--input-size N" in text and "--joint-epochs N" in text
+
+
+def test_errors_are_one_line_and_write_nothing(tmp_path: Path, capsys) -> None:
+    """A failed command prints one line and exits 1 (2 for usage or config); -v raises with the traceback."""
+    from training import TrainError
+
+    missing = tmp_path / "missing"
+    assert main(["report", "--run-dir", str(missing)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("protomask report: error: ") and "model_config.json" in err
+    assert not missing.exists()
+    assert main(["evaluate", "--run-dir", str(missing), "--split", "val"]) == 1
+    assert "not a finished training run" in capsys.readouterr().err
+    assert main(["report", "--run-dir", str(missing), "--names", "a", "b"]) == 2
+    assert "names: 2 names for 1 run directories" in capsys.readouterr().err
+    with pytest.raises(TrainError):
+        main(["-v", "report", "--run-dir", str(missing)])
+    with pytest.raises(TrainError):
+        main(["report", "-v", "--run-dir", str(missing)])

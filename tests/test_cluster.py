@@ -224,7 +224,7 @@ def test_segment_via_ray_job_submit(tmp_path: Path) -> None:
         verify = subprocess.run(
             [str(ray_bin), "job", "submit", "--address", url, "--runtime-env", "cluster/runtime_env.yaml", "--",
              sys.executable, "-c", "import protomask, sys; print('CODE FROM', protomask.__file__); "
-             "from protomask.cli import main; sys.exit(main(['manifest', 'verify', sys.argv[1]]))", str(out)],
+             "from protomask.cli import main; sys.exit(main(['manifest', 'verify', '--shards', sys.argv[1]]))", str(out)],
             env=env, cwd=REPO, capture_output=True, text=True, timeout=120,
         )
         assert verify.returncode == 0 and "succeeded" in verify.stdout, f"{verify.stdout}\n{verify.stderr}"

@@ -114,6 +114,19 @@ def test_augmentation_changes_crops_not_shapes(shards: Path) -> None:
     assert first.dtype == np.uint8 and first.shape == crop.shape and not np.array_equal(first, second)
 
 
+def test_flip_augmentation_only_flips() -> None:
+    """``augment: flip`` mirrors about half the crops and changes no pixel otherwise; booleans still
+    mean the reference's augmentation or none."""
+    crop = np.random.default_rng(1).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    aug = make_augment(5, "flip")
+    outs = [aug(crop) for _ in range(40)]
+    flipped = sum(np.array_equal(o, crop[:, ::-1]) for o in outs)
+    assert 10 <= flipped <= 30 and flipped + sum(np.array_equal(o, crop) for o in outs) == 40
+    assert DataConfig(augment=True).augment == "reference" and DataConfig(augment=False).augment == "none"
+    with pytest.raises(ValueError, match="augment"):
+        DataConfig(augment="strong")
+
+
 def test_augmentation_ranges() -> None:
     """Small warps about the centre (±15° rotation and shear, 5 % perspective), flips half the time, colour
     within the ColorJitter factors; outside the warped crop is black."""

@@ -14,7 +14,7 @@ from PIL import Image
 from pipeline.job import JobError, run_segment
 from pipeline.manifest import inspect, verify
 from schemas.config import SegmentConfig
-from schemas.manifest import SHARD_FILE, shard_glob
+from schemas.manifest import PLAN_FILE, SHARD_FILE, shard_glob
 
 pytestmark = pytest.mark.ray
 
@@ -41,14 +41,14 @@ def test_synthetic_job_resume_and_guard(ray_local, tmp_path: Path) -> None:
     # 12 train inputs in shards 0-1, then 6 test inputs in shard 2: a shard holds one split
     assert [(s.name, s.split, s.count) for s in card.shards] == [
         ("train-00000", "train", 8), ("train-00001", "train", 4), ("test-00002", "test", 6)]
-    assert card.shuffle_seed == 0 and card.format_version == "4"
+    assert card.shuffle_seed == 0 and card.format_version == "5"
     assert card.per_split == {"test": {"ok": 6, "failed": 0}, "train": {"ok": 12, "failed": 0}}
     assert sum(card.masks_hist.values()) == 18 and max(card.masks_hist) <= 4
     assert verify(config.out) == []
     summary = inspect(config.out)
     assert summary["samples"]["ok"] == 18 and summary["segmenter"]["name"] == "superpixel"
     (sample,) = [m for m in tarfile.open(config.out / "train-00000.tar").getnames() if m == "000000.json"]
-    assert (config.out / "segment_config.yaml").is_file() and (config.out / "plan.parquet").is_file()
+    assert (config.out / "segment_config.yaml").is_file() and (config.out / PLAN_FILE).is_file()
 
     before = _shard_files(config.out)
     assert len(before) == 9

@@ -81,6 +81,23 @@ def test_checkpoint_is_plain_and_roundtrips(tmp_path: Path) -> None:
     assert fresh_opts["joint"].state_dict()["state"].keys() == opts["joint"].state_dict()["state"].keys()
 
 
+def _tensorboard_steps(folder: Path, tag: str) -> list[int]:
+    """Steps of ``tag`` in TensorBoard event files (TFRecord framing: length, crc, Event proto, crc)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    steps = []
+    for path in sorted(folder.iterdir()):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            steps += [event.step for v in event.summary.value if v.tag == tag]
+    return sorted(steps)
+
+
 def test_train_two_workers_export_evaluate_and_rerun_resumes(shards: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = run_train(_config(shards, run_dir))
@@ -97,9 +114,15 @@ def test_train_two_workers_export_evaluate_and_rerun_resumes(shards: Path, tmp_p
     model, classes = load_model(run_dir)
     assert classes == ["red_circle", "green_square", "blue_triangle"]
     # pushed prototypes sit on real crop embeddings (of their own class), so their push distance is ~0 now
+    # one test result per model: evaluate recomputes the training run's numbers into the same file
+    assert result["test"]["global_size"] >= 1 and "part_hit_rate" in result["test"]
     evaluated = run_evaluate(run_dir, shards, "test")
-    assert evaluated["n"] == 12 and evaluated["accuracy"] == pytest.approx(result["test"]["accuracy"])
-    assert json.loads((run_dir / "eval_test.json").read_text())["global_size"] >= 1
+    for key in ("n", "accuracy", "balanced_accuracy", "top3", "macro_f1", "global_size", "sparsity"):
+        assert evaluated[key] == pytest.approx(result["test"][key], abs=1e-6), key
+    saved = json.loads((run_dir / "metrics_test.json").read_text())
+    assert saved["test"] == evaluated and saved["epochs"] == 4 and len(saved["peak_memory_mib"]) == 2
+    assert not (run_dir / "eval_test.json").exists()
+    assert _tensorboard_steps(run_dir / "tensorboard", "val_accuracy") == [0, 1, 2, 3]  # the last epoch too
 
     again = run_train(_config(shards, run_dir))  # same run dir: resumes after the last epoch, trains nothing
     assert again["test"] == result["test"]
@@ -112,7 +135,7 @@ def test_linear_head_and_pretrained_backbone_train_on_the_same_shards(shards: Pa
     linear = _config(shards, tmp_path / "linear").model_copy(
         update={"model": ModelConfig(**TINY, head="linear", regions="patches")})
     result = run_train(linear)
-    assert result["test"]["n"] == 12 and result["compactness"] == {}
+    assert result["test"]["n"] == 12 and "global_size" not in result["test"]
     assert not (tmp_path / "linear" / "push_log.json").exists()
     phases = [row.split(",")[1] for row in (tmp_path / "linear" / "metrics.csv").read_text().splitlines()[1:]]
     assert phases == ["joint"] * 4  # every epoch of the schedule trains everything
@@ -185,7 +208,7 @@ def test_train_and_evaluate_on_cub_mini_shards(ray_local, cub_mini: Path, tmp_pa
     run_train(config)
     result = run_evaluate(tmp_path / "run", shards, "test")
     assert result["n"] == 24 and 0.0 <= result["balanced_accuracy"] <= 1.0 and result["global_size"] >= 1
-    assert (tmp_path / "run" / "eval_test.json").is_file()
+    assert json.loads((tmp_path / "run" / "metrics_test.json").read_text())["test"] == result
 
 
 @pytest.mark.slow

@@ -30,11 +30,11 @@ import pyarrow.compute as pc
 import torch
 from PIL import Image
 
-from pipeline.manifest import MANIFEST, load_card, read_rows
+from pipeline.manifest import load_card, read_rows
 from pipeline.masks import crop_boxes
 from pipeline.shards import ShardError, iter_samples
 from schemas.config import DataConfig
-from schemas.manifest import DatasetCard, ShardStats
+from schemas.manifest import MANIFEST, DatasetCard, ShardStats
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -219,16 +219,20 @@ def _colour(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return cv2.transform(image, np.hstack([matrix, offset[:, None]]))  # rounds and saturates to uint8
 
 
-def make_augment(seed: int | Sequence[int]) -> Callable[[np.ndarray], np.ndarray]:
-    """Spec §2.6 "protomask medium + photometric medium" for one HxWx3 uint8 RGB crop, before
-    normalisation.
+def make_augment(seed: int | Sequence[int], kind: str = "reference") -> Callable[[np.ndarray], np.ndarray]:
+    """Augmentation of one HxWx3 uint8 RGB crop, before normalisation (``DataConfig.augment``).
 
-    Flip, perspective and affine (one ``cv2.warpPerspective``), then the colour jitter (one
-    ``cv2.transform`` by a 3x4 colour matrix), with torchvision v2's parameter ranges. Parameters come from a
+    ``reference``: spec §2.6 "protomask medium + photometric medium": flip, perspective and affine (one
+    ``cv2.warpPerspective``), then the colour jitter (one ``cv2.transform`` by a 3x4 colour matrix), with
+    torchvision v2's parameter ranges. ``flip``: RandomHorizontalFlip(0.5) only. Parameters come from a
     numpy generator seeded by ``seed`` (reproducible and thread-safe, unlike the v2 classes, which draw
     from torch's global RNG); each call draws new ones.
     """
     rng = np.random.default_rng(seed)
+    if kind == "flip":
+        return lambda image: image[:, ::-1] if rng.random() < 0.5 else image
+    if kind != "reference":
+        raise ValueError(f"augment: unknown kind {kind!r} (reference, flip)")
     return lambda image: _colour(_geometry(image, rng), rng)
 
 
@@ -352,7 +356,7 @@ class ShardStream:
         self.epoch = 0
         self._labels = {k: row_of[k]["label"] for k in wanted}
         self._units: list[Unit] = sorted(by_shard.items())
-        self._augment = train and config.augment
+        self._augment = config.augment if train and config.augment != "none" else None
         self._whole_image = whole_image
         k = 1 if whole_image else dataset.masks_per_image
         self._buffers = BatchBuffers((batch_size, k, 3, input_size, input_size), config.loader_threads + 2)
@@ -403,7 +407,7 @@ class ShardStream:
         for j, (tar, key, members, salt) in enumerate(samples):
             augment = None
             if self._augment:
-                augment = make_augment([self.seed, epoch, self.rank, salt, zlib.crc32(key.encode())])
+                augment = make_augment([self.seed, epoch, self.rank, salt, zlib.crc32(key.encode())], self._augment)
             try:
                 sample = decode_sample(members, self.dataset.masks_per_image, self.input_size, augment,
                                        self._whole_image, out=crops[j])

@@ -282,15 +282,16 @@ def render_gallery(sources: dict[int, tuple[Image.Image, Image.Image]], prototyp
     return paths
 
 
-def run_explain(run_dir: Path, shards: Path, out: Path, keys: list[str] | None = None, k: int = 3,
+def run_explain(run_dir: Path, shards: Path | None, out: Path, *, keys: list[str] | None = None, k: int = 3,
                 limit: int = 8, relevance: bool = False) -> dict:
-    """``protomask explain``: the prototype gallery and local explanations (default: first test samples)."""
+    """``protomask explain``: the prototype gallery and local explanations (default: first test samples;
+    default shards: the ones the model was trained on)."""
     from schemas.config import TrainConfig, load_config
     from training.data import split_keys
-    from training.export import load_model
+    from training.export import load_model, trained_on
 
     model, classes = load_model(run_dir)
-    dataset = ShardDataset.open(shards)
+    dataset = ShardDataset.open(shards or trained_on(run_dir))
     out.mkdir(parents=True, exist_ok=True)
     push = json.loads((run_dir / "push_log.json").read_text())["push"]
     sources = prototype_sources(model, dataset, push)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from schemas.config import ModelConfig
+from schemas.files import atomic_write
 from schemas.version import FORMAT_VERSION
 from training import TrainError
 from training.model import Model, ProtoMask, build_model
@@ -19,7 +20,7 @@ WEIGHTS, META = "model.pt", "model_config.json"
 def export_model(model: Model, config: ModelConfig, classes: list[str], run_dir: Path, *, shards: Path) -> None:
     """Write ``model.pt`` and ``model_config.json`` into ``run_dir``."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save(state, run_dir / WEIGHTS)
+    atomic_write(run_dir / WEIGHTS, lambda f: torch.save(state, f))
     meta = {
         "format_version": FORMAT_VERSION,
         "model": config.model_dump(mode="json"),
@@ -27,15 +28,27 @@ def export_model(model: Model, config: ModelConfig, classes: list[str], run_dir:
         "num_prototypes": int(model.prototypes.shape[0]) if isinstance(model, ProtoMask) else 0,
         "shards": str(shards),
     }
-    (run_dir / META).write_text(json.dumps(meta, indent=1))
+    atomic_write(run_dir / META, json.dumps(meta, indent=1))
+
+
+def require_run(run_dir: Path) -> None:
+    """Refuse a folder that holds no finished training run, naming what is missing."""
+    for path in (run_dir / META, run_dir / WEIGHTS):
+        if not path.is_file():
+            raise TrainError(f"{path}: missing; not a finished training run (`protomask train --run-dir {run_dir}` "
+                             "writes it at the end)")
+
+
+def trained_on(run_dir: Path) -> Path:
+    """The shard directory the exported model was trained on."""
+    require_run(run_dir)
+    return Path(json.loads((run_dir / META).read_text())["shards"])
 
 
 def load_model(run_dir: Path) -> tuple[Model, list[str]]:
     """Rebuild the exported model (``model.pt`` + ``model_config.json``) with ``weights_only=True``."""
+    require_run(run_dir)
     meta_path, weights_path = run_dir / META, run_dir / WEIGHTS
-    for path in (meta_path, weights_path):
-        if not path.is_file():
-            raise TrainError(f"{path}: missing (has training in {run_dir} finished?)")
     meta = json.loads(meta_path.read_text())
     model = build_model(ModelConfig.model_validate(meta["model"]), len(meta["classes"]))
     try:

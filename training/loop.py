@@ -18,6 +18,7 @@ import json
 import resource
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -27,11 +28,12 @@ from torch import nn
 from schemas.config import TrainConfig
 from schemas.version import FORMAT_VERSION
 from training.data import ShardDataset, ShardStream, split_keys
+from training.evaluate import classification, evaluate_split, write_metrics
 from training.export import export_model
 from training.losses import class_weights, total_loss
 from training.memory import plan_micro_batch
-from training.metrics import classification_metrics, compactness, gather_predictions
 from training.model import LinearHead, Model, ProtoMask, build_model
+from training.progress import Reporter
 from training.push import place_on_crops, prune_prototypes, push_prototypes
 
 CHECKPOINT = "checkpoint.pt"
@@ -128,7 +130,7 @@ def _all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def train_one_epoch(model: Model, net: nn.Module, stream: ShardStream, optimizer: torch.optim.Optimizer,
+def train_one_epoch(model: Model, net: nn.Module, stream: Iterable[dict], optimizer: torch.optim.Optimizer,
                     config: TrainConfig, phase: str, weights: torch.Tensor | None, device: torch.device,
                     *, micro_batch: int) -> dict[str, float]:
     """One pass over this worker's part of the train split; returns epoch means over all workers.
@@ -180,36 +182,8 @@ def train_one_epoch(model: Model, net: nn.Module, stream: ShardStream, optimizer
     return result
 
 
-@torch.no_grad()
-def predict(model: Model, stream, device: torch.device) -> dict:
-    """Logits [N, C], similarities [N, P] (prototype heads; [N, 0] otherwise), labels [N] and keys of this
-    worker's part of a split."""
-    model.eval()
-    logits, sims, labels, keys = [], [], [], []
-    for batch in stream:
-        out = model(batch["crops"].to(device), batch["valid"].to(device))
-        logits.append(out.logits.float().cpu())
-        if out.similarities is not None:
-            sims.append(out.similarities.float().cpu())
-        labels.append(batch["label"])
-        keys += batch["key"]
-    c, p = model.num_classes, model.prototypes.shape[0] if isinstance(model, ProtoMask) else 0
-    return {
-        "logits": torch.cat(logits) if logits else torch.zeros(0, c),
-        "similarities": torch.cat(sims) if sims else torch.zeros(0, p),
-        "labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
-        "keys": keys,
-    }
-
-
-def evaluate_stream(model: Model, stream, device: torch.device) -> dict[str, float]:
-    """Classification metrics of one split, gathered over all workers."""
-    p = predict(model, stream, device)
-    return classification_metrics(*gather_predictions(p["logits"], p["labels"], p["keys"])[:2])
-
-
 class MetricsLog:
-    """Per-epoch metrics: printed, appended to metrics.csv and written to TensorBoard (rank 0 only)."""
+    """Per-epoch metrics: appended to metrics.csv and written to TensorBoard (rank 0 only)."""
 
     def __init__(self, run_dir: Path) -> None:
         from tensorboardX import SummaryWriter
@@ -218,7 +192,6 @@ class MetricsLog:
         self.tb = SummaryWriter(str(run_dir / "tensorboard"))
 
     def write(self, row: dict) -> None:
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         rows = list(csv.DictReader(self.csv.open())) if self.csv.is_file() else []
         rows = [r for r in rows if int(r["epoch"]) < row["epoch"]] + [row]  # a resumed epoch replaces its row
         fields = list(dict.fromkeys(k for r in rows for k in r))
@@ -231,6 +204,9 @@ class MetricsLog:
                 self.tb.add_scalar(k, v, row["epoch"])
         self.tb.flush()
 
+    def close(self) -> None:
+        self.tb.close()
+
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Entry point of every Ray Train worker."""
@@ -242,6 +218,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(config.seed)
+    reporter = Reporter(loop_config.get("board") if rank == 0 else None)
 
     dataset = ShardDataset.open(config.shards)
     splits = split_keys(dataset, config.data.val_fraction, config.seed)
@@ -284,40 +261,45 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for k, o in optimizers.items():
             o.load_state_dict(state["optimizers"][k])
         scheduler.load_state_dict(state["scheduler"])
-        print(f"resumed from epoch {start_epoch} (push done: {pushed})", flush=True)
+        reporter.note(f"resumed from the checkpoint of epoch {start_epoch} (push done: {pushed})")
         if rank == 0:
             with (config.run_dir / "events.jsonl").open("a") as f:
                 f.write(json.dumps({"event": "resume", "epoch": start_epoch, "time": time.time()}) + "\n")
-    if rank == 0:
-        print(f"{config.data.batch_size} images per step: {step_share} per worker in micro-batches of "
-              f"{micro_batch}", flush=True)
+    reporter.note(f"{config.data.batch_size} images per step: {step_share} per worker on {world} workers, in "
+                  f"micro-batches of {micro_batch}")
 
     run_dir = config.run_dir
     log = MetricsLog(run_dir) if rank == 0 else None
     train_stream, val_stream = stream("train", True), stream("val", False)
     has_prototypes = isinstance(model, ProtoMask)
     net, net_phase = model, None
-    for epoch in range(start_epoch, total_epochs(config)):
+    epochs = total_epochs(config)
+    for epoch in range(start_epoch, epochs):
         phase = phase_of(epoch, config)
         if phase in ("warmup", "joint") and not placed:
+            reporter.note("placing each prototype on the training crop its class scores highest")
+            sync_buffers(model)
             placement = place_on_crops(model, pretrainer, dataset, splits["train"], device, batch_size=micro_batch)
             if rank == 0:
                 (run_dir / "prototype_init.json").write_text(json.dumps(placement, indent=1))
             placed, net_phase = True, None
         if phase == "last_layer" and not pushed:
-            push(model, optimizers, config, stream, device, rank)
+            push(model, optimizers, config, stream, device, rank, reporter)
             pushed, net_phase = True, None
         module = pretrainer if phase == "pretrain" else model
         if phase != net_phase:
             set_trainable(module, phase, config)
             net, net_phase = _wrap(module, device), phase
         train_stream.set_epoch(epoch)
+        batches = reporter.track(train_stream, f"epoch {epoch + 1}/{epochs} {phase}", train_stream.steps_per_epoch())
         row = {"epoch": epoch, "phase": phase,
-               **train_one_epoch(module, net, train_stream, optimizers[phase], config, phase, weights, device,
+               **train_one_epoch(module, net, batches, optimizers[phase], config, phase, weights, device,
                                  micro_batch=micro_batch)}
         if phase == "joint":
             scheduler.step()
-        row.update({f"val_{k}": v for k, v in evaluate_stream(module, val_stream, device).items() if k != "n"})
+        sync_buffers(module)
+        val = classification(module, reporter.track(val_stream, "validation", val_stream.steps_per_epoch()), device)
+        row.update({f"val_{k}": v for k, v in val.items() if k != "n"})
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
@@ -325,18 +307,30 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 torch.save(checkpoint_state(model, optimizers, scheduler, epoch + 1, config, pushed=pushed,
                                             placed=placed, pretrainer=pretrainer), Path(d) / CHECKPOINT)
                 ckpt = ray.train.Checkpoint.from_directory(d)
+            reporter.epoch(row, epochs)
             ray.train.report({k: v for k, v in row.items() if k != "phase"}, checkpoint=ckpt)
 
+    if log is not None:
+        log.close()
     if has_prototypes and not pushed:  # no last-layer epochs: push after the joint phase
-        push(model, optimizers, config, stream, device, rank)
-    test = evaluate_stream(model, stream("test", False), device)
+        push(model, optimizers, config, stream, device, rank, reporter)
+    sync_buffers(model)  # every rank evaluates the model that rank 0 exports
+    test_stream = stream("test", False)
+    test = evaluate_split(model, reporter.track(test_stream, "test", test_stream.steps_per_epoch()), device,
+                          dataset=dataset, keys=splits["test"])
     peak = _peak_memory_mib(device)
     if rank == 0:
         export_model(model, config.model, dataset.classes, run_dir, shards=config.shards)
-        result = {"test": test, "compactness": compactness(model) if has_prototypes else {},
-                  "epochs": total_epochs(config), "micro_batch": micro_batch, "peak_memory_mib": peak}
-        (run_dir / "metrics_test.json").write_text(json.dumps(result, indent=1))
-        print("test " + " ".join(f"{k}={v:.4g}" for k, v in test.items()), flush=True)
+        write_metrics(run_dir, "test", test, epochs=epochs, micro_batch=micro_batch, peak_memory_mib=peak)
+
+
+def sync_buffers(model: nn.Module) -> None:
+    """Rank 0's BatchNorm statistics on every rank. DDP broadcasts buffers at the start of each forward, so
+    after the last training step each rank holds statistics updated by its own last batch; without this,
+    ranks would evaluate slightly different models."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
 
 
 def _peak_memory_mib(device: torch.device) -> list[float]:
@@ -353,12 +347,18 @@ def _peak_memory_mib(device: torch.device) -> list[float]:
     return every
 
 
-def push(model: ProtoMask, optimizers: dict, config: TrainConfig, stream, device: torch.device, rank: int) -> None:
+def push(model: ProtoMask, optimizers: dict, config: TrainConfig, stream, device: torch.device, rank: int,
+         reporter: Reporter) -> None:
     """Project every prototype onto its nearest training crop (all workers), optionally prune; log it."""
-    log: dict = {"push": push_prototypes(model, stream("train", False), device, config.parity.push_last_batch)}
+    sync_buffers(model)
+    def train_batches(name: str) -> Iterable[dict]:
+        batches = stream("train", False)
+        return reporter.track(batches, name, batches.steps_per_epoch())
+
+    log: dict = {"push": push_prototypes(model, train_batches("push"), device, config.parity.push_last_batch)}
     if config.schedule.prune:
         s = config.schedule
-        log["prune"] = prune_prototypes(model, stream("train", False), device, s.prune_k, s.prune_threshold)
+        log["prune"] = prune_prototypes(model, train_batches("prune"), device, s.prune_k, s.prune_threshold)
         optimizers["last_layer"] = torch.optim.Adam(model.parameter_groups()["last_layer"], lr=s.lr_last_layer)
     if rank == 0:
         (config.run_dir / "push_log.json").write_text(json.dumps(log, indent=1))

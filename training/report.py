@@ -54,16 +54,20 @@ def _metrics_table(results: dict[str, dict]) -> str:
 
 def write_report(runs: dict[str, Path], out: Path) -> Path:
     """Evaluate (if needed) and explain every run, then write ``out/index.html``; returns its path."""
+    from training.evaluate import metrics_file
     from training.explain import run_explain
+    from training.export import require_run
     from training.train import run_evaluate
 
+    for run_dir in runs.values():  # before anything is written
+        require_run(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     results, sections, shards = {}, [], None
     for i, (name, run_dir) in enumerate(runs.items()):
         meta = json.loads((run_dir / "model_config.json").read_text())
         shards = Path(meta["shards"])
-        eval_file = run_dir / "eval_test.json"
-        results[name] = json.loads(eval_file.read_text()) if eval_file.is_file() else run_evaluate(run_dir, shards)
+        saved = metrics_file(run_dir, "test")
+        results[name] = json.loads(saved.read_text())["test"] if saved.is_file() else run_evaluate(run_dir, shards)
         folder = f"run{i}"
         summary = run_explain(run_dir, shards, out / folder, limit=4)
         rows = list(csv.DictReader((run_dir / "metrics.csv").open())) if (run_dir / "metrics.csv").is_file() else []

@@ -8,26 +8,25 @@ from pathlib import Path
 
 import torch
 
-from pipeline.job import init_ray
+from cluster.connect import init_ray
 from pipeline.manifest import shard_problems
 from pipeline.shards import ShardError
 from schemas.config import DataConfig, TrainConfig, write_config
 from training import TrainError
 from training.data import ShardDataset, ShardStream, split_keys
-from training.explain import part_metrics
-from training.export import load_model
-from training.model import ProtoMask
-from training.loop import predict, train_loop_per_worker
-from training.metrics import classification_metrics, compactness, contrastivity
+from training.evaluate import evaluate_split, metrics_file, write_metrics
+from training.export import load_model, trained_on
+from training.loop import train_loop_per_worker
 
 
-TOP_K = 5  # prototypes per image for the contrastivity metrics (spec §7)
-
-
-def run_train(config: TrainConfig, address: str | None = None) -> dict:
-    """Train on cached shards with Ray Train; rerunning with the same run_dir resumes. Returns test metrics."""
+def run_train(config: TrainConfig, *, address: str | None = None, progress: bool = True) -> dict:
+    """Train on cached shards with Ray Train; rerunning with the same run_dir resumes. Returns the
+    contents of ``metrics_test.json``. Prints one line per epoch; ``progress``: bars within each pass
+    (on a terminal)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from training.progress import Console, ProgressBoard
 
     dataset = ShardDataset.open(config.shards)  # refuse to start on a missing or truncated shard, naming it
     if config.verify_checksums and (problems := shard_problems(config.shards, dataset.card)):
@@ -37,9 +36,10 @@ def run_train(config: TrainConfig, address: str | None = None) -> dict:
     config = config.model_copy(update={"run_dir": run_dir, "shards": config.shards.resolve()})
     write_config(config, run_dir / "train_config.yaml")
     init_ray(address)
+    board = ProgressBoard.remote()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.model_dump(mode="json")},
+        train_loop_config={"config": config.model_dump(mode="json"), "board": board},
         scaling_config=ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.use_gpu,
             resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})},
@@ -51,7 +51,8 @@ def run_train(config: TrainConfig, address: str | None = None) -> dict:
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    result = trainer.fit()
+    with Console(board, bars=progress):
+        result = trainer.fit()
     if result.error is not None:
         if out_of_memory(result.error):
             raise TrainError(
@@ -60,7 +61,7 @@ def run_train(config: TrainConfig, address: str | None = None) -> dict:
                 "data.memory_gb or data.micro_batch, model.input_size or num_workers per node, or use a configs/ "
                 "file for a smaller machine") from None
         raise TrainError(f"training failed: {result.error}") from result.error
-    return json.loads((run_dir / "metrics_test.json").read_text())
+    return json.loads(metrics_file(run_dir, "test").read_text())
 
 
 OOM_SIGNS = ("OutOfMemoryError", "out of memory", "OOM killer", "low on memory", "Cannot allocate memory")
@@ -77,9 +78,11 @@ def out_of_memory(error: BaseException) -> bool:
     return False
 
 
-def run_evaluate(run_dir: Path, shards: Path, split: str = "test", batch_size: int = 32) -> dict:
-    """Metrics of the exported model on one split of a shard directory; writes ``eval_<split>.json``."""
+def run_evaluate(run_dir: Path, shards: Path | None = None, split: str = "test", *, batch_size: int = 32) -> dict:
+    """Every metric of the exported model on one split (default shards: the ones it was trained on), written
+    to ``metrics_<split>.json`` as the training run writes the test split's; returns them."""
     model, classes = load_model(run_dir)
+    shards = shards or trained_on(run_dir)
     dataset = ShardDataset.open(shards)
     if dataset.classes != classes:
         raise TrainError(f"{shards}: classes differ from the model's ({len(dataset.classes)} vs {len(classes)})")
@@ -88,14 +91,8 @@ def run_evaluate(run_dir: Path, shards: Path, split: str = "test", batch_size: i
     data = DataConfig(loader_threads=min(2, os.cpu_count() or 1))
     stream = ShardStream(dataset, keys, data, input_size=model.config.input_size, batch_size=batch_size, train=False,
                          whole_image=model.config.regions == "patches")
-    p = predict(model, stream, torch.device("cpu"))
-    result = {"split": split, "regions": model.config.regions, "head": model.config.head,
-              **classification_metrics(p["logits"], p["labels"])}
-    if isinstance(model, ProtoMask):
-        top = p["similarities"].topk(min(TOP_K, model.prototypes.shape[0]), dim=1).indices
-        result.update(**compactness(model), **contrastivity(model.prototypes, top, p["labels"]))
-        result.update(part_metrics(model, dataset, keys, TOP_K))  # zeros when the shards carry no parts
-    (run_dir / f"eval_{split}.json").write_text(json.dumps(result, indent=1))
+    result = evaluate_split(model, stream, torch.device("cpu"), dataset=dataset, keys=keys)
+    write_metrics(run_dir, split, result)
     return result
 
 

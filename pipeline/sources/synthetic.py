@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 
 from pipeline.sources.base import SourceError, SourceItem, SourceListing
 from schemas.config import SyntheticConfig
+from schemas.files import atomic_write
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -195,9 +196,7 @@ def generate(root: Path, config: SyntheticConfig) -> Path:
                 image, labels = render(config, split, label, index)
                 Image.fromarray(image, "RGB").save(root / _relative("images", name, split, index), format="PNG")
                 Image.fromarray(labels, "L").save(root / _relative("parts", name, split, index), format="PNG")
-    tmp = marker.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(expected, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, marker)
+    atomic_write(marker, json.dumps(expected, indent=2, sort_keys=True) + "\n")
     return root
 
 

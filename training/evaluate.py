@@ -1,0 +1,82 @@
+"""A model's metrics on one split: the one function behind ``metrics_<split>.json``, called by the
+training loop at the end of a run (all workers) and by ``protomask evaluate`` (one process), so both
+write the same numbers to the same file."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from schemas.files import atomic_write
+from training.data import ShardDataset
+from training.explain import part_metrics
+from training.metrics import classification_metrics, compactness, contrastivity, gather_predictions
+from training.model import Model, ProtoMask
+
+TOP_K = 5  # prototypes per image for the contrastivity and part metrics (spec §7)
+
+
+def metrics_file(run_dir: Path, split: str) -> Path:
+    return run_dir / f"metrics_{split}.json"
+
+
+@torch.no_grad()
+def predict(model: Model, batches: Iterable[dict], device: torch.device) -> dict:
+    """Logits [N, C], similarities [N, P] (prototype heads; [N, 0] otherwise), labels [N] and keys of this
+    worker's part of a split."""
+    model.eval()
+    logits, sims, labels, keys = [], [], [], []
+    for batch in batches:
+        out = model(batch["crops"].to(device), batch["valid"].to(device))
+        logits.append(out.logits.float().cpu())
+        if out.similarities is not None:
+            sims.append(out.similarities.float().cpu())
+        labels.append(batch["label"])
+        keys += batch["key"]
+    c, p = model.num_classes, model.prototypes.shape[0] if isinstance(model, ProtoMask) else 0
+    return {
+        "logits": torch.cat(logits) if logits else torch.zeros(0, c),
+        "similarities": torch.cat(sims) if sims else torch.zeros(len(keys), p),
+        "labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
+        "keys": keys,
+    }
+
+
+def classification(model: Model, batches: Iterable[dict], device: torch.device) -> dict[str, float]:
+    """Classification metrics of one split, gathered over all workers (validation)."""
+    p = predict(model, batches, device)
+    return classification_metrics(*gather_predictions(p["logits"], p["labels"], p["keys"])[:2])
+
+
+def evaluate_split(model: Model, batches: Iterable[dict], device: torch.device, *, dataset: ShardDataset,
+                   keys: Iterable[str]) -> dict:
+    """Every metric of the model on one split: classification over all workers' ``batches``; for prototype
+    heads also compactness, contrastivity and the part metrics (spec §7; computed where the result is
+    kept: rank 0, or the only process). Every rank must call it when distributed."""
+    p = predict(model, batches, device)
+    c = model.num_classes
+    joined, labels, _ = gather_predictions(torch.cat([p["logits"], p["similarities"]], 1), p["labels"], p["keys"])
+    result = {"head": model.config.head, "regions": model.config.regions,
+              **classification_metrics(joined[:, :c], labels)}
+    if isinstance(model, ProtoMask) and (not dist.is_initialized() or dist.get_rank() == 0):
+        sims = joined[:, c:]
+        top = sims.topk(min(TOP_K, sims.shape[1]), dim=1).indices
+        result.update(**compactness(model), **contrastivity(model.prototypes.detach().cpu(), top, labels))
+        on_cpu = model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu()
+        result.update(part_metrics(on_cpu, dataset, keys, TOP_K))  # zeros when the shards carry no parts
+    return result
+
+
+def write_metrics(run_dir: Path, split: str, result: dict, **facts: object) -> Path:
+    """``metrics_<split>.json``: ``{split: result, **facts}``; facts of an earlier write (the training
+    run's epochs, micro-batch, peak memory) are kept when ``protomask evaluate`` rewrites the metrics."""
+    path = metrics_file(run_dir, split)
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.update({split: result, **facts})
+    atomic_write(path, json.dumps(data, indent=1))
+    return path
