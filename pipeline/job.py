@@ -73,6 +73,18 @@ def _prepare_out(config: SegmentConfig, job_hash: str) -> None:
         raise JobError(f"{out}: output directory is not writable: {exc.strerror}") from exc
 
 
+def _check_segmenter(config: SegmentConfig) -> None:
+    """Build the segmenter once on the driver (no model is loaded: weights load on first use), so a missing
+    or wrong checkpoint, or a builder that does not import, fails before Ray starts and before anything is
+    written to ``out``. On a cluster the path is checked as the driver sees it (shared storage)."""
+    from pipeline.segmenters import create_segmenter
+
+    try:
+        create_segmenter(config.segmenter)
+    except (ValueError, OSError, ImportError) as exc:
+        raise JobError(f"segmenter {config.segmenter.name}: {exc}") from None
+
+
 def _require_test_split(config: SegmentConfig, plan: pa.Table) -> None:
     """Refuse a plan without a test input (before anything is written): naming where the splits come
     from and what to change."""
@@ -113,6 +125,7 @@ def _resources(config: SegmentConfig) -> tuple[int, dict]:
 
 def run_segment(config: SegmentConfig, address: str | None = None, progress: bool = True) -> DatasetCard:
     """Segment every input of ``config`` into shards under ``config.out``; return the dataset card."""
+    _check_segmenter(config)
     listing = list_source(config)
     plan = make_plan(listing, config.shard_size, config.shuffle_seed, config.test_fraction)
     _require_test_split(config, plan)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.shards import ShardError, iter_samples, scan_tar, sha256_file
-from schemas.files import atomic_write
+from pipeline.shards import ShardError, iter_samples, scan_tar
+from schemas.files import atomic_write, sha256_file
 from schemas.manifest import MANIFEST, DatasetCard, SegmenterInfo, ShardStats
 from schemas.shard import MASKS_MEMBER, SampleRecord, crop_member
 from schemas.version import CODE_VERSION

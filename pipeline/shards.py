@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.masks import MaskSet, crop_boxes, encode_masks
-from schemas.files import atomic_write
+from schemas.files import atomic_write, sha256_file
 from schemas.manifest import ROW_SCHEMA, ShardStats, shard_file, shard_stem
 from schemas.shard import MASKS_MEMBER, SampleRecord, crop_member
 
@@ -70,14 +70,6 @@ def encode_sample(
     if parts is not None:
         members["parts.png"] = _png(parts)
     return EncodedSample(key=record.key, members=members)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass

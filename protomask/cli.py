@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from protomask.flags import Flag, add_flags, overrides
+from protomask.flags import add_flags, overrides
 from schemas.config import (ConfigError, DemoConfig, EvaluateConfig, ExplainConfig, ManifestConfig, ReportConfig,
                             SegmentConfig, Strict, TrainConfig, load_config)
 
@@ -48,21 +48,6 @@ def settings(pairs: list[str]) -> dict[str, object]:
 
 
 # --- the commands: each declares its config, its flags and what it adds by hand ------------------------------
-
-SEGMENT_FLAGS: list[Flag] = [
-    "source", "root", "out", "listing", ("segmenter", "segmenter.name"), "segmenter.checkpoint",
-    "segmenter.model_type", "segmenter.device", "masks_per_image", "crop_size", "shard_size", "shuffle_seed",
-    "test_fraction", "max_side", "num_workers", "cpus_per_worker", "overwrite",
-]
-TRAIN_FLAGS: list[Flag] = [
-    "shards", "run_dir", "model.head", "model.regions", "model.backbone", "model.weights", "model.width",
-    "model.input_size", "model.prototypes_per_class", "model.prototype_dim", "schedule.pretrain_epochs",
-    "schedule.warmup_epochs", "schedule.joint_epochs", "schedule.last_layer_epochs", "schedule.prototype_init",
-    "schedule.lr_backbone", "schedule.lr_addon", "schedule.lr_prototypes", "schedule.lr_last_layer",
-    "data.batch_size", "data.micro_batch", "data.memory_gb", "data.augment", "num_workers", "cpus_per_worker",
-    "use_gpu", "seed",
-]
-
 
 def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
@@ -191,24 +176,22 @@ def format_side_by_side(results: dict[str, dict], split: str) -> str:
 
 
 Handler = Callable[[Strict, argparse.Namespace], int]
-# name -> (help, config, flags, handler, extra options)
-COMMANDS: dict[str, tuple[str, type[Strict], list[Flag], Handler, Callable[[argparse.ArgumentParser], None] | None]] = {
+# name -> (help, config, handler, options added by hand); every config field is also a flag (protomask.flags)
+COMMANDS: dict[str, tuple[str, type[Strict], Handler, Callable[[argparse.ArgumentParser], None] | None]] = {
     "segment": ("images -> masks -> WebDataset shards + manifests (a Ray job; a rerun skips finished shards)",
-                SegmentConfig, SEGMENT_FLAGS, cmd_segment, _run_options),
-    "manifest": ("inspect or verify a shard directory", ManifestConfig, ["shards", ("json", "as_json")], cmd_manifest,
+                SegmentConfig, cmd_segment, _run_options),
+    "manifest": ("inspect or verify a shard directory", ManifestConfig, cmd_manifest,
                  lambda p: p.add_argument("action", choices=["inspect", "verify"])),
     "train": ("train on cached shards with Ray Train (a rerun with the same --run-dir resumes)",
-              TrainConfig, TRAIN_FLAGS, cmd_train, _run_options),
+              TrainConfig, cmd_train, _run_options),
     "evaluate": ("every metric of a trained model on one split, into RUN_DIR/metrics_<split>.json",
-                 EvaluateConfig, ["run_dir", "shards", "split", "batch_size"], cmd_evaluate, None),
-    "explain": ("prototype gallery and per-image explanations (PNGs + JSON)", ExplainConfig,
-                ["run_dir", "shards", "out", "keys", "top_k", "limit", "relevance"], cmd_explain, None),
-    "report": ("self-contained HTML report of one run, or several side by side", ReportConfig,
-               ["run_dir", "out", "names"], cmd_report, None),
-    "demo": ("the whole job on the embedded synthetic dataset (no downloads, no GPU)", DemoConfig,
-             ["out", "num_workers"], cmd_demo, lambda p: p.add_argument(
-                 "--no-progress", dest="progress", action="store_false", help="no progress bars")),
+                 EvaluateConfig, cmd_evaluate, None),
+    "explain": ("prototype gallery and per-image explanations (PNGs + JSON)", ExplainConfig, cmd_explain, None),
+    "report": ("self-contained HTML report of one run, or several side by side", ReportConfig, cmd_report, None),
+    "demo": ("the whole job on the embedded synthetic dataset (no downloads, no GPU)", DemoConfig, cmd_demo,
+             lambda p: p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")),
 }
+RENAMED = {"segmenter.name": "segmenter", "synthetic.seed": "synthetic_seed", "as_json": "json"}  # flag names that are not the field's
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,12 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="any config field by its dotted name, e.g. --set model.head=linear (repeatable; the value "
                              "is read as YAML)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (help_text, model, flags, handler, extra) in COMMANDS.items():
+    for name, (help_text, model, handler, extra) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text,
                            parents=[common])
         if extra is not None:
             extra(p)
-        p.set_defaults(handler=handler, model=model, dests=add_flags(p, model, flags), progress=True)
+        p.set_defaults(handler=handler, model=model, dests=add_flags(p, model, rename=RENAMED), progress=True)
     return parser
 
 

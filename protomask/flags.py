@@ -1,31 +1,19 @@
-"""Command-line flags derived from pydantic config fields: a flag's type, choices, help and shown default
-come from its field, so a new setting is one field plus its name in a command's flag list."""
+"""Command-line flags derived from pydantic config fields: every field of a command's config is a flag
+whose type, choices, help and shown default come from the field, so a new setting is one edit."""
 
 from __future__ import annotations
 
 import argparse
 import types
 import typing
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
-
-Flag = str | tuple[str, str]  # a dotted field name (flag = its last part), or (flag name, dotted field name)
-
-
-def field_of(model: type[BaseModel], dotted: str) -> FieldInfo:
-    """The field behind a dotted name (``schedule.joint_epochs``), through nested config models."""
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        model = _strip_optional(model.model_fields[part].annotation)
-    if leaf not in model.model_fields:
-        raise KeyError(f"{model.__name__} has no field {leaf!r}")
-    return model.model_fields[leaf]
-
 
 def _strip_optional(annotation: Any) -> Any:
     if typing.get_origin(annotation) in (Union, types.UnionType):
@@ -44,14 +32,35 @@ def _shown_default(field: FieldInfo) -> str:
     return f"default: {' '.join(map(str, value)) if isinstance(value, list) else value}"
 
 
-def add_flags(parser: argparse.ArgumentParser, model: type[BaseModel], flags: Iterable[Flag]) -> dict[str, str]:
-    """One ``--flag`` per field; returns argparse dest → dotted field name (see ``overrides``). Every flag
-    defaults to None (not given), so a config file's value stands unless the flag is given."""
+def leaf_fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:
+    """Every leaf field of a config, depth first, as (dotted name, field); nested configs are walked."""
+    for name, field in model.model_fields.items():
+        kind = _strip_optional(field.annotation)
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            yield from leaf_fields(kind, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", field
+
+
+def add_flags(parser: argparse.ArgumentParser, model: type[BaseModel], *,
+              rename: dict[str, str] | None = None) -> dict[str, str]:
+    """A ``--flag`` for every leaf field of ``model``, named by the field (``schedule.joint_epochs`` →
+    ``--joint-epochs``; the dotted name where two sections share a field name; ``rename`` maps dotted names
+    to other flag names), grouped by section in ``--help``. Returns argparse dest → dotted name (see
+    ``overrides``). Every flag defaults to None (not given), so a config file's value stands unless the
+    flag is given."""
+    rename = rename or {}
+    fields = list(leaf_fields(model))
+    counts = Counter(dotted.rsplit(".", 1)[-1] for dotted, _ in fields)
+    groups: dict[str, argparse._ArgumentGroup] = {}
     dests = {}
-    for flag in flags:
-        name, dotted = (flag, flag) if isinstance(flag, str) else flag
-        name = name.rsplit(".", 1)[-1].replace("_", "-")
-        field = field_of(model, dotted)
+    for dotted, field in fields:
+        section, _, leaf = dotted.rpartition(".")
+        name = rename.get(dotted) or (leaf if counts[leaf] == 1 else dotted.replace(".", "-"))
+        name = name.replace("_", "-")
+        if section not in groups:
+            groups[section] = parser.add_argument_group(f"{section} (--set {section}.FIELD=...)" if section else
+                                                        "settings")
         kind = _strip_optional(field.annotation)
         options: dict[str, Any] = {}
         if kind is bool:
@@ -71,7 +80,8 @@ def add_flags(parser: argparse.ArgumentParser, model: type[BaseModel], flags: It
                                   if kind is Path else {int: "N", float: "X"}.get(kind, "VALUE"))
         shown = _shown_default(field)
         help_text = "; ".join(t for t in (field.description or "", shown) if t)
-        action = parser.add_argument(f"--{name}", default=None, help=help_text.replace("%", "%%"), **options)
+        action = groups[section].add_argument(f"--{name}", default=None, help=help_text.replace("%", "%%"),
+                                              **options)
         dests[action.dest] = dotted
     return dests
 

@@ -111,7 +111,8 @@ def test_set_flags_and_unknown_config_name(tmp_path: Path, capsys) -> None:
 
 
 def test_flags_follow_the_config_fields() -> None:
-    """Type, choices, help and shown default come from the pydantic field; only given flags override."""
+    """Every leaf field is a flag; type, choices, help and shown default come from the field; a field name
+    two sections share gets its dotted name; only given flags override."""
     import argparse
     from typing import Literal
 
@@ -122,6 +123,7 @@ def test_flags_follow_the_config_fields() -> None:
 
     class Inner(Strict):
         mode: Literal["a", "b"] = Field("a", description="which mode")
+        rate: float = 1.0
 
     class Toy(Strict):
         root: Path
@@ -132,11 +134,13 @@ def test_flags_follow_the_config_fields() -> None:
         inner: Inner = Inner()
 
     parser = argparse.ArgumentParser()
-    dests = add_flags(parser, Toy, ["root", "size", "rate", "names", "fast", ("mode", "inner.mode")])
+    dests = add_flags(parser, Toy, rename={"size": "pixels"})
     text = parser.format_help()
-    assert "{a,b}" in text and "which mode; default: a" in text and "pixels" in text and "--no-fast" in text
-    args = parser.parse_args(["--root", "/r", "--mode", "b", "--names", "x", "y", "--fast"])
-    assert overrides(args, dests) == {"root": Path("/r"), "inner.mode": "b", "names": ["x", "y"], "fast": True}
+    assert "{a,b}" in text and "which mode; default: a" in text and "--pixels N" in text and "--no-fast" in text
+    assert "--rate X" in text and "--inner-rate X" in text and "inner (--set inner.FIELD=...)" in text
+    args = parser.parse_args(["--root", "/r", "--mode", "b", "--names", "x", "y", "--fast", "--inner-rate", "2"])
+    assert overrides(args, dests) == {"root": Path("/r"), "inner.mode": "b", "names": ["x", "y"], "fast": True,
+                                      "inner.rate": 2.0}
     with pytest.raises(SystemExit):
         parser.parse_args(["--mode", "c"])
 
@@ -156,6 +160,7 @@ def test_every_command_takes_config_and_set_and_prints_a_version(capsys) -> None
         build_parser().parse_args(["train", "--help"])
     text = capsys.readouterr().out
     assert "--augment {reference,flip,none}" in text and "--input-size N" in text and "--joint-epochs N" in text
+    assert "--cluster X" in text and "--frozen-addon" in text  # every field, without a list to keep in step
 
 
 def test_errors_are_one_line_and_write_nothing(tmp_path: Path, capsys) -> None:
@@ -175,3 +180,28 @@ def test_errors_are_one_line_and_write_nothing(tmp_path: Path, capsys) -> None:
         main(["-v", "report", "--run-dir", str(missing)])
     with pytest.raises(TrainError):
         main(["report", "-v", "--run-dir", str(missing)])
+
+
+@pytest.mark.slow
+def test_train_console_is_one_line_per_epoch(tmp_path: Path) -> None:
+    """`protomask train` as a user runs it (its own local Ray): one line per epoch and a summary on stdout,
+    none of Ray's or Ray Train's own lines, and nothing on stderr but the notes."""
+    from conftest import segment_without_ray
+
+    shards = segment_without_ray(SegmentConfig.model_validate(dict(
+        source="synthetic", root=tmp_path / "synthetic", out=tmp_path / "shards", shard_size=8, masks_per_image=4,
+        synthetic={"num_classes": 2, "train_per_class": 8, "test_per_class": 3, "image_size": 48})))
+    exe = Path(sys.executable).with_name("protomask")
+    run = subprocess.run([str(exe), "train", "--config", "demo", "--shards", str(shards), "--run-dir",
+                          str(tmp_path / "run"), "--num-workers", "2", "--cpus-per-worker", "0.5", "--warmup-epochs",
+                          "1", "--joint-epochs", "2", "--last-layer-epochs", "1", "--batch-size", "8"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert [e.split()[1] for e in epochs] == ["1/4", "2/4", "3/4", "4/4"]  # each once
+    assert lines[-1].startswith("trained in ") and "metrics_test.json" in lines[-1]
+    assert len(lines) <= 8, run.stdout
+    noise = ("TrainingReport", "PlacementGroupCleaner", "Checkpoint successfully", "RayTrainWorker", "Traceback",
+             "Token authentication")
+    assert not any(word in run.stdout + run.stderr for word in noise), run.stderr[-3000:]

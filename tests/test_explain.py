@@ -15,7 +15,7 @@ from protomask.cli import main
 from schemas.config import ModelConfig, SegmentConfig, TrainConfig
 from schemas.shard import SampleRecord
 from training.data import ShardDataset, split_keys
-from training.explain import explain_sample, overlaps, part_metrics, perturb, read_samples
+from training.explain import FLAG, TILE, explain_sample, overlaps, part_metrics, perturb, read_samples
 from training.export import export_model
 from training.model import ProtoMask
 
@@ -105,11 +105,21 @@ def test_explain_cli_writes_gallery_and_explanations(shards: Path, tmp_path: Pat
 
     for record in summary["explanations"]:
         assert len(record["evidence"]) == 2
-        with Image.open(out / record["png"]) as im:
-            assert im.size[0] >= 320 and im.size[1] > 3 * 160
-    with Image.open(out / "gallery_000_red_circle.png") as im:
-        assert im.size == (256, 2 * 128)
+        with Image.open(out / record["png"]) as im:  # the image, then per prototype 3 tiles of TILE px
+            assert im.size[0] >= 3 * TILE and im.size[1] >= 3 * TILE
+    with Image.open(out / "gallery_000_red_circle.png") as im:  # 2 prototypes: image and crop per row
+        assert im.size[0] >= 2 * TILE and im.size[1] >= 2 * TILE
+    assert [p["prototype"] for p in summary["prototypes"]] == [0, 1, 2, 3]
     assert "gallery:" in capsys.readouterr().out
+
+
+def test_push_log_is_renumbered_after_pruning() -> None:
+    from training.explain import _after_pruning
+
+    log = {"push": [{"prototype": p, "class": p // 2, "key": str(p), "mask_index": 0, "distance": 0.0}
+                    for p in range(4)], "prune": {"pruned": [1], "kept": 3}}
+    assert [(e["prototype"], e["key"]) for e in _after_pruning(log)] == [(0, "0"), (1, "2"), (2, "3")]
+    assert [e["prototype"] for e in _after_pruning({"push": log["push"]})] == [0, 1, 2, 3]
 
 
 def test_part_metrics(shards: Path, tmp_path: Path) -> None:
@@ -146,21 +156,165 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def test_report_renders_in_headless_chromium(shards: Path, tmp_path: Path) -> None:
-    """Both runs side by side; every image loads and every link resolves in a real browser."""
-    import re
-    import subprocess
+METRICS = """\
+epoch,phase,train_loss,train_cross_entropy,train_cluster,train_accuracy,val_accuracy,val_balanced_accuracy,train_l1
+0,warmup,4.0,1.4,2.0,0.25,0.25,0.25,
+1,joint,3.0,1.2,1.0,0.5,0.5,0.4,
+2,joint,2.0,1.0,0.5,0.75,0.5,0.5,
+3,joint,1.5,0.8,0.4,0.875,0.75,0.7,
+4,last_layer,1.2,0.7,,0.9,0.75,0.75,0.3
+5,last_layer,1.0,0.6,,1.0,1.0,1.0,0.2
+"""
+
+
+@pytest.fixture(scope="module")
+def report(shards: Path, tmp_path_factory) -> Path:
+    """Two fake runs side by side: "protomask" (three phases in metrics.csv, a run time of 125 s by file times,
+    prototype 0 pushed onto a crop of another class) and a "patch baseline" (one phase)."""
+    import os
 
     from training.report import write_report
 
-    _fake_run(shards, tmp_path / "masks")
-    patches = tmp_path / "patches"
+    tmp = tmp_path_factory.mktemp("report")
+    masks, patches = tmp / "masks", tmp / "patches"
+    _fake_run(shards, masks)
+    log = json.loads((masks / "push_log.json").read_text())
+    other = next(r["key"] for r in ShardDataset.open(shards).rows
+                 if r["split"] == "train" and r["label"] != log["push"][0]["class"])
+    log["push"][0]["key"] = other
+    (masks / "push_log.json").write_text(json.dumps(log))
+    (masks / "metrics.csv").write_text(METRICS)
+    start = (masks / "model.pt").stat().st_mtime - 125
+    os.utime(masks / "train_config.yaml", (start, start))
     _fake_run(shards, patches)
     meta = json.loads((patches / "model_config.json").read_text())
     meta["model"]["regions"] = "patches"
     (patches / "model_config.json").write_text(json.dumps(meta))
     (patches / "metrics.csv").write_text("epoch,phase,train_loss,val_accuracy\n0,joint,2.0,0.5\n1,joint,1.0,0.75\n")
-    page = write_report({"protomask": tmp_path / "masks", "patch baseline": patches}, tmp_path / "report")
+    return write_report({"protomask": masks, "patch baseline": patches}, tmp / "out")
+
+
+def _section(page: Path, run: int) -> str:
+    text = page.read_text()
+    return text[text.index(f'<section id="run{run}">'):].split("</section>")[0]
+
+
+def test_report_curves_have_axes_legends_and_phase_bands(report: Path) -> None:
+    import re
+
+    charts = re.findall(r"<svg [^>]*class=\"chart\".*?</svg>", _section(report, 0))
+    titles = [re.search(r'aria-label="([^"]+)"', c).group(1) for c in charts]
+    assert titles == ["accuracy", "train_loss", "train_cross_entropy", "train_cluster", "train_l1"]
+    for chart in charts:
+        assert re.findall(r'data-phase="(\w+)"', chart) == ["warmup", "joint", "last_layer"]  # one band per phase
+        assert re.findall(r'class="xtick"[^>]*>(\d+)<', chart) == ["0", "1", "2", "3", "4", "5"]
+        assert ">epoch</text>" in chart and 'class="legend"' in chart and "last_layer</text>" in chart
+    accuracy = charts[0]
+    assert re.findall(r'class="ytick"[^>]*>([^<]+)<', accuracy) == ["0 %", "20 %", "40 %", "60 %", "80 %", "100 %"]
+    assert all(f">{name}</text>" in accuracy for name in ("train_accuracy", "val_accuracy", "val_balanced_accuracy"))
+    assert re.findall(r'class="ytick"[^>]*>([^<]+)<', charts[1]) == ["0", "1", "2", "3", "4"]  # train_loss 1.0 … 4.0
+    assert charts[3].count("<polyline") == 1  # train_cluster: no value in the last-layer phase
+    baseline = re.findall(r'data-phase="(\w+)"', _section(report, 1))
+    assert set(baseline) == {"joint"} and len(baseline) == 2  # accuracy and train_loss
+
+
+def test_report_confusion_matrix_counts_the_test_split(report: Path, shards: Path) -> None:
+    import re
+
+    dataset = ShardDataset.open(shards)
+    test = split_keys(dataset, 0.1, TrainConfig(shards=shards, run_dir=shards).seed)["test"]
+    results = json.loads((report.parent / "results.json").read_text())
+    for run, name in enumerate(["protomask", "patch baseline"]):
+        section = _section(report, run)
+        table = section[section.index('<table class="confusion">'):].split("</table>")[0]
+        counts = [[int(c) for c in re.findall(r'data-count="(\d+)"', row)] for row in table.split("</tr>")[1:-1]]
+        assert np.array(counts).shape == (2, 2) and np.sum(counts) == len(test) == 6
+        assert np.trace(counts) / len(test) == pytest.approx(results[name]["accuracy"])  # the same predictions
+        run_dir = report.parents[1] / ("masks" if run == 0 else "patches")
+        assert json.loads((run_dir / "metrics_test.json").read_text())["test"]["confusion"] == counts
+        per_class = section[section.index('<table class="per-class">'):].split("</table>")[0]
+        shown = [float(v) for v in re.findall(r"<td>([\d.]+)%</td>", per_class)]
+        assert len(shown) == 2 and shown == sorted(shown)  # worst first
+
+
+def test_confusion_of_many_classes_lists_the_most_confused_pairs() -> None:
+    from training.report import _confusion_html
+
+    rng = np.random.default_rng(0)
+    matrix = np.diag(rng.integers(5, 10, 40)) + (rng.random((40, 40)) < 0.05)
+    matrix[3, 7] = 4  # the most confused pair
+    classes = [f"class_{i}" for i in range(40)]
+    text = _confusion_html(matrix, classes)
+    assert 'class="confusion"' not in text and 'class="pairs"' in text
+    pairs = text[text.index('class="pairs"'):].split("</table>")[0]
+    assert pairs.count("<tr>") == 1 + 10 and "<tr><td>class_3</td><td>class_7</td><td>4</td>" in pairs
+    per_class = text[text.index('class="per-class"'):]
+    assert per_class.count("<tr>") == 1 + 40
+    recall = np.diag(matrix) / matrix.sum(1)
+    assert f"<tr><td>{recall.argmin()} class_{recall.argmin()}</td>" in per_class.split("</tr>")[1]
+
+
+def test_report_lineage_names_the_shards_model_and_code(report: Path, shards: Path) -> None:
+    import hashlib
+
+    from schemas.version import CODE_VERSION
+
+    section = _section(report, 0)
+    table = section[section.index('<table class="lineage">'):].split("</table>")[0]
+    card = json.loads((shards / "manifest.json").read_text())
+    segmenter = card["segmenter"]
+    digest = hashlib.sha256((report.parent.parent / "masks" / "model.pt").read_bytes()).hexdigest()
+    for field, value in [("shards config_hash", card["config_hash"]), ("model.pt sha256", digest),
+                         ("code version (this report)", CODE_VERSION), ("masks per image", "4"),
+                         ("segmenter", f'{segmenter["name"]} {json.dumps(segmenter["params"], sort_keys=True)}'),
+                         ("run time", "0:02:05 (file times: train_config.yaml written → model.pt written)"),
+                         ("epochs per phase", "pretrain 0 · warmup 0 · joint 100 · last_layer 10")]:
+        assert f"<tr><th>{field}</th><td><code>{value}</code></td></tr>" in table.replace("&quot;", '"')
+
+
+def test_report_gallery_flags_a_prototype_pushed_onto_another_class(report: Path) -> None:
+    from PIL import Image
+
+    summary = json.loads((report.parent / "run0" / "explanations.json").read_text())
+    first, *rest = summary["prototypes"]
+    assert first["class"] == "red_circle" and first["source_class"] == "green_square"
+    assert "other class" in first["flags"] and not any("other class" in p["flags"] for p in rest)
+    section = _section(report, 0)
+    assert "other class" in section[section.index('<ul class="flagged">'):].split("</ul>")[0].split("</li>")[0]
+    assert "p0 (red_circle) pushed onto" in section
+    with Image.open(report.parent / "run0" / summary["gallery"][0]) as im:  # the red marker on p0's row
+        assert im.convert("RGB").getpixel((24, 60)) == FLAG
+    for record in summary["explanations"]:  # the image, then per top prototype (3) a row of 3 tiles of TILE px
+        with Image.open(report.parent / "run0" / record["png"]) as im:
+            assert im.size[0] >= 3 * TILE and im.size[1] >= 4 * TILE
+
+
+def test_fonts_fall_back_to_pillows_own(monkeypatch) -> None:
+    from PIL import ImageFont
+
+    from training import explain
+
+    bundled = ImageFont.truetype
+
+    def missing(font, *args, **kwargs):  # no font file on the machine; Pillow's own (in memory) still loads
+        if isinstance(font, (str, Path)):
+            raise OSError("cannot open resource")
+        return bundled(font, *args, **kwargs)
+
+    explain._font.cache_clear()
+    monkeypatch.setattr(ImageFont, "truetype", missing)
+    try:
+        assert explain._font(20).getlength("prototype") > explain._font(10).getlength("prototype") > 0
+    finally:
+        explain._font.cache_clear()
+
+
+def test_report_renders_in_headless_chromium(report: Path) -> None:
+    """Both runs side by side; every image and chart shows and every link resolves in a real browser."""
+    import re
+    import subprocess
+
+    page = report
     text = page.read_text()
     assert "<th>protomask</th><th>patch baseline</th>" in text and "part_hit_rate" in text
     targets = re.findall(r'(?:src|href)="([^"#][^"]*)"', text)
@@ -170,11 +324,13 @@ def test_report_renders_in_headless_chromium(shards: Path, tmp_path: Path) -> No
     browser = _chromium()
     if browser is None:
         pytest.skip("chromium is not installed (make test installs Debian's chromium package)")
-    # a copy of the page that records, after load, how many images failed to decode
+    # a copy of the page that records, after load, how many images failed to decode and how many charts show
     probe = page.with_name("probe.html")
     probe.write_text(text.replace("</body>", "<script>window.addEventListener('load',()=>{const i=[...document"
                                   ".images];document.body.dataset.images=i.length;document.body.dataset.broken=i"
-                                  ".filter(x=>!x.complete||x.naturalWidth===0).length;});</script></body>"))
+                                  ".filter(x=>!x.complete||x.naturalWidth===0).length;document.body.dataset.charts="
+                                  "[...document.querySelectorAll('svg.chart')].filter(s=>s.getBBox().width>200)"
+                                  ".length;});</script></body>"))
     dom = subprocess.run(
         [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
          "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
@@ -183,7 +339,8 @@ def test_report_renders_in_headless_chromium(shards: Path, tmp_path: Path) -> No
     images = int(re.search(r'data-images="(\d+)"', dom).group(1))
     assert images == len(re.findall(r"<img ", text)) and images >= 8
     assert 'data-broken="0"' in dom
-    shot = tmp_path / "report.png"
+    assert int(re.search(r'data-charts="(\d+)"', dom).group(1)) == text.count('class="chart"') == 5 + 2
+    shot = page.with_name("report.png")
     subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1200,1600",
                     f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)
     from PIL import Image

@@ -156,3 +156,30 @@ def test_cub_mini_two_workers(ray_local, cub_mini: Path, tmp_path: Path) -> None
         assert {s["json"]["split"] for s in samples} == {split}
         assert all(s["json"]["source_path"].startswith("CUB_200_2011/images/") for s in samples)
     assert len({r["class_name"] for r in pq.read_table(config.out / "train-00000.parquet").to_pylist()}) >= 4
+
+
+@pytest.mark.parametrize("problem", ["missing", "wrong model type"])
+def test_bad_checkpoint_fails_before_ray_and_writes_nothing(tmp_path: Path, problem: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing or mismatched SAM checkpoint is found on the driver: one error naming the file and what was
+    expected, Ray never started, nothing in --out."""
+    import torch
+
+    import pipeline.job
+
+    def no_ray(address: str | None) -> None:
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(pipeline.job, "init_ray", no_ray)
+
+    from pipeline.segmenters.sam import build_tiny_sam
+
+    ckpt = tmp_path / "sam_vit_h.pth"
+    if problem == "wrong model type":
+        torch.save(build_tiny_sam().state_dict(), ckpt)
+    config = SegmentConfig(source="synthetic", root=tmp_path / "syn", out=tmp_path / "out",
+                           segmenter={"name": "sam", "checkpoint": ckpt})
+    expected = "no such file" if problem == "missing" else "is not a SAM vit_h checkpoint"
+    with pytest.raises(JobError, match=f"{ckpt}.*{expected}"):
+        run_segment(config, progress=False)
+    assert not config.out.exists()

@@ -167,7 +167,7 @@ def test_manifest_disagreeing_with_tars_is_named(shards: Path, tmp_path: Path) -
 def test_tar_rewritten_without_a_sample_is_named(shards: Path, tmp_path: Path) -> None:
     """A tar that lost a sample while its manifest checksum and size were updated to match: only the counts
     tell. ``verify`` and training both name the shard; training refuses before any worker starts."""
-    from pipeline.shards import sha256_file
+    from schemas.files import sha256_file
     from training.train import run_train
 
     copy = tmp_path / "shards"

@@ -187,14 +187,16 @@ def test_sam_wrong_checkpoint_names_file(tmp_path: Path) -> None:
 
     ckpt = tmp_path / "tiny.pth"
     torch.save(build_tiny_sam().state_dict(), ckpt)
-    seg = create_segmenter(SegmenterConfig(name="sam", model_type="vit_b", checkpoint=ckpt, device="cpu"))
-    with pytest.raises(ValueError, match=r"tiny\.pth is not a SAM vit_b checkpoint"):
-        seg(np.zeros((8, 8, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"tiny\.pth is not a SAM vit_b checkpoint: 305 of 314 weights differ, .*expected \(768,\)"):
+        create_segmenter(SegmenterConfig(name="sam", model_type="vit_b", checkpoint=ckpt, device="cpu"))
+    (tmp_path / "junk.pth").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match=r"junk\.pth: not a readable state dict"):
+        create_segmenter(SegmenterConfig(name="sam", checkpoint=tmp_path / "junk.pth"))
 
 
 def test_sam_missing_checkpoint_names_path(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere" / "sam_vit_h.pth"
-    with pytest.raises(FileNotFoundError, match="segment-anything") as err:
+    with pytest.raises(ValueError, match="segment-anything") as err:
         create_segmenter(SegmenterConfig(name="sam", checkpoint=missing))
     assert str(missing) in str(err.value)
 

@@ -15,7 +15,8 @@ import torch.distributed as dist
 from schemas.files import atomic_write
 from training.data import ShardDataset
 from training.explain import part_metrics
-from training.metrics import classification_metrics, compactness, contrastivity, gather_predictions
+from training.metrics import (classification_metrics, compactness, confusion_matrix, contrastivity,
+                              gather_predictions)
 from training.model import Model, ProtoMask
 
 TOP_K = 5  # prototypes per image for the contrastivity and part metrics (spec §7)
@@ -55,14 +56,16 @@ def classification(model: Model, batches: Iterable[dict], device: torch.device) 
 
 def evaluate_split(model: Model, batches: Iterable[dict], device: torch.device, *, dataset: ShardDataset,
                    keys: Iterable[str]) -> dict:
-    """Every metric of the model on one split: classification over all workers' ``batches``; for prototype
+    """Every metric of the model on one split: classification over all workers' ``batches`` (with the
+    confusion matrix, ``confusion[true][predicted]`` counts); for prototype
     heads also compactness, contrastivity and the part metrics (spec §7; computed where the result is
     kept: rank 0, or the only process). Every rank must call it when distributed."""
     p = predict(model, batches, device)
     c = model.num_classes
     joined, labels, _ = gather_predictions(torch.cat([p["logits"], p["similarities"]], 1), p["labels"], p["keys"])
-    result = {"head": model.config.head, "regions": model.config.regions,
-              **classification_metrics(joined[:, :c], labels)}
+    logits = joined[:, :c]
+    result = {"head": model.config.head, "regions": model.config.regions, **classification_metrics(logits, labels),
+              "confusion": confusion_matrix(logits.argmax(1), labels, c).tolist()}
     if isinstance(model, ProtoMask) and (not dist.is_initialized() or dist.get_rank() == 0):
         sims = joined[:, c:]
         top = sims.topk(min(TOP_K, sims.shape[1]), dim=1).indices

@@ -5,12 +5,14 @@
   outside that mask's pixels (the reference pasted relevance into the mask's box, spec §6.1).
 * ``part_hit_rate``: on data with ground-truth parts, the share of correctly classified images whose
   top prototype's mask overlaps the discriminative part (part id 1).
-* ``render_explanation`` / ``render_gallery``: PNGs of one explanation and of every prototype's push
-  source, grouped by class.
+* ``render_explanation`` / ``render_gallery``: PNGs of one explanation (saliency heatmap inside each
+  matched mask, beside the prototype's push source) and of every prototype's push source, grouped by
+  class, flagging prototypes pushed onto another class's image or off their class's part.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.masks import decode_masks
 from pipeline.shards import ShardError, iter_samples
@@ -31,6 +33,9 @@ from training.model import ProtoMask
 
 OVERLAP = 0.5  # a mask "hits" a part when their intersection covers half of the smaller of the two
 OUTLINE = (255, 40, 40)
+TILE, GAP = 224, 8  # px of one image tile in the PNGs, and between tiles
+FLAG, GOOD, INK, MUTED, BACKGROUND = (215, 25, 28), (26, 130, 50), (20, 20, 20), (90, 90, 90), (236, 236, 236)
+HEAT = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)], np.float32)  # viridis
 
 
 def read_samples(dataset: ShardDataset, keys: Iterable[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -202,42 +207,61 @@ def part_metrics(model: ProtoMask, dataset: ShardDataset, keys: Iterable[str], k
     }
 
 
-def _outlined(image: Image.Image, mask: np.ndarray) -> Image.Image:
-    """The image with the mask's boundary drawn in red and the outside dimmed."""
-    inside = np.asarray(image, dtype=np.float32)
-    dimmed = np.where(mask[..., None], inside, inside * 0.35)
-    edge = mask & ~(np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1))
-    dimmed[edge] = OUTLINE
-    return Image.fromarray(dimmed.astype(np.uint8))
+@functools.cache
+def _font(size: int, *, bold: bool = False) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """DejaVu Sans where installed, else Pillow's own scalable font (its bitmap font without FreeType)."""
+    try:
+        return ImageFont.truetype("DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf", size)
+    except OSError:
+        return ImageFont.load_default(size=size)
 
 
-def _tile(images: list[Image.Image], size: int) -> Image.Image:
-    canvas = Image.new("RGB", (size * len(images), size), "white")
-    for i, im in enumerate(images):
-        canvas.paste(im.resize((size, size)), (i * size, 0))
-    return canvas
+def _grow(mask: np.ndarray, *, border: bool = False) -> np.ndarray:
+    """4-neighbour dilation; pixels beyond the image count as ``border``."""
+    m = np.pad(mask, 1, constant_values=border)
+    return m[1:-1, 1:-1] | m[:-2, 1:-1] | m[2:, 1:-1] | m[1:-1, :-2] | m[1:-1, 2:]
 
 
-def render_explanation(explanation: Explanation, members: dict[str, bytes], sources: dict[int, Image.Image],
-                       classes: list[str], path: Path, size: int = 160) -> None:
-    """One row per top prototype: the image with the matched mask outlined, and the prototype's source crop."""
-    image = Image.open(io.BytesIO(members["jpg"])).convert("RGB")
-    rows = [_tile([image], size)]
-    for e, sal in zip(explanation.evidence, explanation.saliency):
-        source = sources.get(e.prototype, Image.new("RGB", (size, size), "grey"))
-        row = _tile([_outlined(image, sal > 0), source], size)
-        ImageDraw.Draw(row).text((4, 4), f"p{e.prototype} {classes[e.prototype_class]} +{e.contribution:.2f}",
-                                 fill=(255, 255, 0))
-        rows.append(row)
-    width = max(r.width for r in rows)
-    canvas = Image.new("RGB", (width, sum(r.height for r in rows) + 20), "white")
-    ImageDraw.Draw(canvas).text((4, 4), f"{explanation.key}: true {classes[explanation.label]}, "
-                                        f"predicted {classes[explanation.predicted]}", fill=(0, 0, 0))
-    y = 20
-    for r in rows:
-        canvas.paste(r, (0, y))
-        y += r.height
-    canvas.save(path)
+def _resized(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The mask at ``size`` (w, h): covered to at least half, or at all where that leaves nothing."""
+    level = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.BOX))
+    return level >= 128 if (level >= 128).any() else level > 0
+
+
+def _colormap(level: np.ndarray) -> np.ndarray:
+    """[H, W] in [0, 1] -> [H, W, 3] RGB float (viridis)."""
+    return np.stack([np.interp(level, np.linspace(0, 1, len(HEAT)), HEAT[:, i]) for i in range(3)], -1)
+
+
+def _fit(image: Image.Image) -> Image.Image:
+    """The image scaled to fit a ``TILE``² tile, aspect kept, centred on light grey."""
+    scale = TILE / max(image.size)
+    shown = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.LANCZOS)
+    tile = Image.new("RGB", (TILE, TILE), BACKGROUND)
+    tile.paste(shown, ((TILE - shown.width) // 2, (TILE - shown.height) // 2))
+    return tile
+
+
+def _outlined(image: Image.Image, mask: np.ndarray, *, heat: np.ndarray | None = None) -> Image.Image:
+    """A ``TILE``² tile of the image with the mask's boundary in red and the outside dimmed; with ``heat``
+    (zero outside the mask) the inside coloured by heat relative to its 99th percentile inside the mask (a few hot
+    pixels do not wash the rest out), more opaque where hotter."""
+    scale = TILE / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    pixels = np.asarray(image.resize(size, Image.LANCZOS), np.float32)
+    inside = _resized(mask, size)
+    shown = np.where(inside[..., None], pixels, pixels * 0.35)
+    if heat is not None:
+        level = np.asarray(Image.fromarray(heat.astype(np.float32)).resize(size, Image.BILINEAR))
+        hot = level[inside & (level > 0)]
+        level = np.clip(level / np.percentile(hot, 99), 0, 1) if hot.size else level
+        alpha = (0.2 + 0.5 * level)[..., None]
+        shown = np.where(inside[..., None], (1 - alpha) * pixels + alpha * _colormap(level), shown)
+    edge = inside & _grow(~inside, border=True)
+    shown[edge | (_grow(edge) & ~inside)] = OUTLINE  # 2 px: the mask's own boundary pixels and the ones outside
+    tile = Image.new("RGB", (TILE, TILE), BACKGROUND)
+    tile.paste(Image.fromarray(shown.astype(np.uint8)), ((TILE - size[0]) // 2, (TILE - size[1]) // 2))
+    return tile
 
 
 def _box_crop(image: Image.Image, mask: np.ndarray) -> Image.Image:
@@ -245,41 +269,192 @@ def _box_crop(image: Image.Image, mask: np.ndarray) -> Image.Image:
     return image.crop((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
 
 
-def prototype_sources(model: ProtoMask, dataset: ShardDataset,
-                      push_log: list[dict]) -> dict[int, tuple[Image.Image, Image.Image]]:
-    """Per pushed prototype: (training image with the pushed-onto region outlined, the region's box crop)."""
+def _blank(text: str) -> Image.Image:
+    tile = Image.new("RGB", (TILE, TILE), (200, 200, 200))
+    ImageDraw.Draw(tile).text((TILE // 2, TILE // 2), text, fill=(80, 80, 80), font=_font(15), anchor="mm")
+    return tile
+
+
+def _clip(text: str, size: int, width: int, *, bold: bool = False) -> str:
+    """The text, cut with an ellipsis to fit ``width`` px."""
+    font = _font(size, bold=bold)
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "…") > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def _flag(draw: ImageDraw.ImageDraw, xy: tuple[int, int], words: list[str], size: int = 16) -> None:
+    """A red dot, then the flags in red."""
+    x, y = xy
+    draw.ellipse((x, y + 2, x + size - 2, y + size), fill=FLAG)
+    draw.text((x + size + 4, y), ", ".join(words), fill=FLAG, font=_font(size, bold=True))
+
+
+@dataclass
+class PrototypeSource:
+    """The training region a prototype was pushed onto, drawn at tile size, and whether it is suspect."""
+
+    prototype: int
+    prototype_class: int
+    key: str | None  # None: not pushed (its class has no training crop)
+    source_class: int | None  # label of the training image pushed onto
+    mask_index: int | None
+    distance: float | None  # squared L2 distance before projection
+    on_part: bool | None  # region overlaps its class's ground-truth part 1; None: the image has no parts
+    view: Image.Image  # the training image with the region outlined (TILE²)
+    crop: Image.Image  # the region's box crop (TILE²)
+
+    @property
+    def flags(self) -> list[str]:
+        """What is suspect: "other class" (pushed onto another class's image), "off-part" (misses its class's
+        ground-truth part 1)."""
+        other = self.key is not None and self.source_class != self.prototype_class
+        return [word for word, bad in (("other class", other), ("off-part", self.on_part is False)) if bad]
+
+    def describe(self, classes: list[str]) -> dict:
+        """The facts of ``explanations.json``'s ``prototypes`` entries."""
+        return {"prototype": self.prototype, "class": classes[self.prototype_class], "key": self.key,
+                "source_class": None if self.source_class is None else classes[self.source_class],
+                "mask_index": self.mask_index, "distance": self.distance, "on_part": self.on_part,
+                "flags": self.flags}
+
+
+def _discriminative_part(members: dict[str, bytes], record: SampleRecord) -> np.ndarray | None:
+    """Pixels of ground-truth part 1 (the class's discriminative part, as in ``part_metrics``), or None."""
+    return None if record.part_names is None else _parts(members, record).get(1)
+
+
+def prototype_sources(model: ProtoMask, dataset: ShardDataset, push_log: list[dict]) -> dict[int, PrototypeSource]:
+    """Per prototype of the push log: the training region it was pushed onto, the class of that image and
+    whether the region overlaps its class's ground-truth part (where the shards carry parts)."""
     by_key = defaultdict(list)
-    for entry in push_log:
-        if entry["key"] is not None:
-            by_key[entry["key"]].append(entry)
     sources = {}
+    for entry in push_log:
+        if entry["key"] is None:
+            sources[entry["prototype"]] = PrototypeSource(
+                entry["prototype"], entry["class"], None, None, None, None, None, _blank("not pushed"), _blank(""))
+        else:
+            by_key[entry["key"]].append(entry)
     for key, members in read_samples(dataset, by_key):
         record = SampleRecord.model_validate_json(members["json"])
         masks = region_masks(model, members, record)
         image = Image.open(io.BytesIO(members["jpg"])).convert("RGB")
+        part = _discriminative_part(members, record)
         for entry in by_key[key]:
             mask = masks[entry["mask_index"]]
-            sources[entry["prototype"]] = (_outlined(image, mask), _box_crop(image, mask))
+            own = record.label == entry["class"]
+            sources[entry["prototype"]] = PrototypeSource(
+                entry["prototype"], entry["class"], key, record.label, entry["mask_index"], float(entry["distance"]),
+                None if part is None else own and overlaps(mask, part), _outlined(image, mask),
+                _fit(_box_crop(image, mask)))
     return sources
 
 
-def render_gallery(sources: dict[int, tuple[Image.Image, Image.Image]], prototype_class: list[int],
-                   classes: list[str], out: Path, size: int = 128) -> list[Path]:
-    """One PNG per class: a row per prototype (source image with mask, crop)."""
+def _heat_legend(draw: ImageDraw.ImageDraw, xy: tuple[int, int]) -> None:
+    """A colour bar: 0 … the tile's 99th percentile."""
+    x, y = xy
+    draw.text((x, y), "heat 0", fill=INK, font=_font(14))
+    x0 = x + 56
+    for i in range(160):
+        draw.line((x0 + i, y + 2, x0 + i, y + 16), fill=tuple(int(v) for v in _colormap(np.array(i / 159))))
+    draw.text((x0 + 166, y), "its 99th percentile", fill=INK, font=_font(14))
+
+
+def render_explanation(explanation: Explanation, members: dict[str, bytes], sources: dict[int, PrototypeSource],
+                       classes: list[str], path: Path) -> None:
+    """The test image, then a row per top prototype: the image with the saliency as a heatmap inside the
+    matched mask (outlined), the training image the prototype was pushed onto with that region outlined,
+    and the region's crop; captioned with the prototype, its class, similarity and contribution."""
+    image = Image.open(io.BytesIO(members["jpg"])).convert("RGB")
+    width, caption = 3 * TILE + 4 * GAP, 48
+    top = TILE + 2 * GAP + 26
+    canvas = Image.new("RGB", (width, top + len(explanation.evidence) * (caption + TILE + GAP)), "white")
+    draw = ImageDraw.Draw(canvas)
+    canvas.paste(_fit(image), (GAP, GAP))
+    x, right = 2 * GAP + TILE, width - 3 * GAP - TILE
+    correct = explanation.predicted == explanation.label
+    draw.text((x, GAP), f"test image {explanation.key}", fill=INK, font=_font(20, bold=True))
+    draw.text((x, GAP + 34), _clip(f"true: {classes[explanation.label]}", 18, right), fill=INK, font=_font(18))
+    draw.text((x, GAP + 62), _clip(f"predicted: {classes[explanation.predicted]}", 18, right),
+              fill=GOOD if correct else FLAG, font=_font(18, bold=True))
+    draw.text((x, GAP + 100), f"top {len(explanation.evidence)} prototypes by contribution", fill=INK, font=_font(16))
+    _heat_legend(draw, (x, GAP + 130))
+    draw.text((x, GAP + 156), "red line: the mask's outline", fill=INK, font=_font(14))
+    for i, title in enumerate(("matched mask, heatmap", "pushed onto (training image)", "its region")):
+        draw.text((GAP + i * (TILE + GAP), TILE + 2 * GAP), title, fill=MUTED, font=_font(15))
+    for n, (e, saliency) in enumerate(zip(explanation.evidence, explanation.saliency)):
+        y = top + n * (caption + TILE + GAP)
+        draw.line((GAP, y, width - GAP, y), fill=(200, 200, 200))
+        draw.text((GAP, y + 4), _clip(f"#{n + 1}  p{e.prototype} · similarity {e.similarity:.2f} · contribution "
+                                      f"{e.contribution:+.2f} · class {classes[e.prototype_class]}", 16,
+                                      width - 2 * GAP, bold=True), fill=INK, font=_font(16, bold=True))
+        source = sources.get(e.prototype)
+        if source is None or source.key is None:
+            line, views = "not pushed", (_blank("no push source"), _blank(""))
+        else:
+            line = (f"pushed onto {source.key}, mask {source.mask_index}, distance {source.distance:.3g}, "
+                    f"class {classes[source.source_class]}")
+            views = (source.view, source.crop)
+        flags = [] if source is None else source.flags
+        draw.text((GAP, y + 26), _clip(line, 14, width - 2 * GAP - (210 if flags else 0)), fill=MUTED, font=_font(14))
+        if flags:
+            _flag(draw, (width - GAP - 200, y + 24), flags, 14)
+        for i, tile in enumerate((_outlined(image, saliency > 0, heat=saliency), *views)):
+            canvas.paste(tile, (GAP + i * (TILE + GAP), y + caption))
+    canvas.save(path)
+
+
+def render_gallery(sources: dict[int, PrototypeSource], classes: list[str], out: Path) -> list[Path]:
+    """One PNG per class: a row per prototype (the training image with the pushed-onto region outlined, the
+    region's crop, its class, the class of the image it was pushed onto, the push distance; flagged in red
+    when that image is of another class or the region misses the class's ground-truth part)."""
     paths = []
+    panel, head = 360, 44
     for c, name in enumerate(classes):
-        protos = [p for p, pc in enumerate(prototype_class) if pc == c and p in sources]
+        protos = sorted(p for p, s in sources.items() if s.prototype_class == c)
         if not protos:
             continue
-        rows = [_tile(list(sources[p]), size) for p in protos]
-        canvas = Image.new("RGB", (2 * size, size * len(rows)), "white")
-        for i, (p, row) in enumerate(zip(protos, rows)):
-            canvas.paste(row, (0, i * size))
-            ImageDraw.Draw(canvas).text((4, i * size + 4), f"p{p}", fill=(255, 255, 0))
+        flagged = sum(bool(sources[p].flags) for p in protos)
+        width = 2 * TILE + panel + 4 * GAP
+        canvas = Image.new("RGB", (width, head + len(protos) * (TILE + GAP)), "white")
+        draw = ImageDraw.Draw(canvas)
+        draw.text((GAP, 10), _clip(f"class {c}: {name} · {len(protos)} prototypes, {flagged} flagged", 20, width,
+                                   bold=True), fill=INK, font=_font(20, bold=True))
+        for i, p in enumerate(protos):
+            s, y, x = sources[p], head + i * (TILE + GAP), 3 * GAP + 2 * TILE
+            canvas.paste(s.view, (GAP, y))
+            canvas.paste(s.crop, (2 * GAP + TILE, y))
+            draw.text((x, y + 4), f"prototype p{p}", fill=INK, font=_font(20, bold=True))
+            draw.text((x, y + 34), _clip(f"class: {name}", 16, panel - GAP), fill=INK, font=_font(16))
+            if s.key is None:
+                draw.text((x, y + 60), "not pushed: no training crop", fill=MUTED, font=_font(16))
+            else:
+                other = "other class" in s.flags
+                lines = [(f"pushed onto {s.key}, mask {s.mask_index}", INK),
+                         (f"its class: {classes[s.source_class]}", FLAG if other else INK),
+                         (f"push distance: {s.distance:.4g}", INK),
+                         ("ground-truth parts: none" if s.on_part is None else
+                          f"on its class's part: {'yes' if s.on_part else 'no'}", FLAG if s.on_part is False else INK)]
+                for j, (line, colour) in enumerate(lines):
+                    draw.text((x, y + 60 + 24 * j), _clip(line, 16, panel - GAP), fill=colour, font=_font(16))
+            if s.flags:
+                _flag(draw, (x, y + TILE - 26), s.flags, 18)
+                draw.rectangle((GAP - 4, y - 4, width - 2, y + TILE + 3), outline=FLAG, width=3)
+                draw.ellipse((GAP + 6, y + 6, GAP + 26, y + 26), fill=FLAG, outline="white", width=2)
         path = out / f"gallery_{c:03d}_{name}.png"
         canvas.save(path)
         paths.append(path)
     return paths
+
+
+def _after_pruning(log: dict) -> list[dict]:
+    """The push log's entries of the prototypes the model kept, renumbered as in the model (push ran
+    before pruning, so its indices count the pruned prototypes too)."""
+    pruned = set(log.get("prune", {}).get("pruned", []))
+    kept = [entry for entry in log["push"] if entry["prototype"] not in pruned]
+    return [{**entry, "prototype": index} for index, entry in enumerate(kept)]
 
 
 def run_explain(run_dir: Path, shards: Path | None, out: Path, *, keys: list[str] | None = None, k: int = 3,
@@ -293,9 +468,9 @@ def run_explain(run_dir: Path, shards: Path | None, out: Path, *, keys: list[str
     model, classes = load_model(run_dir)
     dataset = ShardDataset.open(shards or trained_on(run_dir))
     out.mkdir(parents=True, exist_ok=True)
-    push = json.loads((run_dir / "push_log.json").read_text())["push"]
+    push = _after_pruning(json.loads((run_dir / "push_log.json").read_text()))
     sources = prototype_sources(model, dataset, push)
-    gallery = render_gallery(sources, model.prototype_class.tolist(), classes, out)
+    gallery = render_gallery(sources, classes, out)
     if keys is None:  # the first test samples of each class in turn
         config = load_config(TrainConfig, run_dir / "train_config.yaml", {})
         label_of = {r["key"]: r["label"] for r in dataset.rows}
@@ -304,17 +479,17 @@ def run_explain(run_dir: Path, shards: Path | None, out: Path, *, keys: list[str
             by_class[label_of[key]].append(key)
         rounds = itertools.zip_longest(*(by_class[c] for c in sorted(by_class)))
         keys = [k for k in itertools.chain.from_iterable(rounds) if k is not None][:limit]
-    crops = {p: crop for p, (_, crop) in sources.items()}
     records = []
     for key, members in read_samples(dataset, keys):
         explanation = explain_sample(model, members, k, relevance)
         path = out / f"explain_{key}.png"
-        render_explanation(explanation, members, crops, classes, path)
+        render_explanation(explanation, members, sources, classes, path)
         records.append({
             "key": key, "label": classes[explanation.label], "predicted": classes[explanation.predicted],
             "png": path.name,
             "evidence": [e.__dict__ for e in explanation.evidence],
         })
-    summary = {"gallery": [p.name for p in gallery], "explanations": records}
+    summary = {"gallery": [p.name for p in gallery], "relevance": "gradient" if relevance else "mask",
+               "prototypes": [sources[p].describe(classes) for p in sorted(sources)], "explanations": records}
     (out / "explanations.json").write_text(json.dumps(summary, indent=1))
     return summary

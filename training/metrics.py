@@ -82,6 +82,12 @@ def gather_predictions(
     return logits, labels, keys
 
 
+def confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[C, C] counts: row = true class, column = predicted class."""
+    flat = labels.long() * num_classes + predicted.long()
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
 def compactness(model, eps: float = 1e-3) -> dict:
     """Spec §7.2 on the last layer ``W`` [C, P]: ``global_size`` = #prototypes with any weight > eps,
     ``sparsity`` = 100·#(|w| ≤ eps)/(C·P) (%), ``npr`` = #(w < −eps)/#(w > eps) (0 with no positive)."""

@@ -1,8 +1,12 @@
 """``protomask report``: one self-contained HTML page per run (or runs side by side) plus its PNGs.
 
-The page holds the test metrics table, training curves (inline SVG: no plotting library), the
-prototype gallery and local explanations of each run, and the shard manifest summary. Everything it
-links is written beside it, so the folder can be copied or served as is.
+Per run the page holds: training curves (inline SVG, no plotting library: axes with ticks, a legend and
+a shaded band per training phase; accuracy and every loss term of ``metrics.csv``), the test confusion
+matrix and per-class accuracy (from the exported model's predictions), the config and data lineage
+(train and model config, shard manifest, sha256 of ``model.pt``, code version, run time), the
+prototype gallery with suspect prototypes flagged, and local explanations; then the test metrics of all
+runs and the shard manifest summary. Everything it links is written beside it, so the folder can be
+copied or served as is.
 """
 
 from __future__ import annotations
@@ -10,35 +14,266 @@ from __future__ import annotations
 import csv
 import html
 import json
+import math
+from datetime import timedelta
 from pathlib import Path
 
-from pipeline.manifest import format_inspect, inspect
+import numpy as np
 
-CURVES = ("train_loss", "train_accuracy", "val_accuracy", "val_balanced_accuracy")
-COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")
+from pipeline.manifest import format_inspect, inspect, load_card
+from schemas.files import sha256_file
+from schemas.version import CODE_VERSION
+
+ACCURACY = ("train_accuracy", "val_accuracy", "val_balanced_accuracy")
+LOSSES = ("train_loss", "train_cross_entropy", "train_cluster", "train_separation", "train_diversity", "train_l1")
+COLOURS, DASHES = ("#1f77b4", "#d62728", "#2ca02c"), ("none", "none", "5 3")  # per series of a chart
+PHASES = {"pretrain": "#e8e8e8", "warmup": "#fdf0c8", "joint": "#dde9f7", "last_layer": "#dcefd9"}
+FULL_MATRIX = 30  # classes up to which the whole confusion matrix is drawn; above: the most confused pairs
+CONFUSED_PAIRS = 10
 
 
-def _svg_curves(rows: list[dict], width: int = 720, height: int = 180) -> str:
-    """Per-epoch curves of ``CURVES`` (each scaled to its own range), phases shaded by label."""
+def _ticks(lo: float, hi: float, *, count: int = 5, integer: bool = False) -> list[float]:
+    """Round tick values covering [lo, hi]: steps of 1, 2, 2.5 or 5 × 10^k (whole numbers if ``integer``)."""
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    raw = (hi - lo) / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    if integer:
+        step = max(1, round(step))
+    first = math.floor(lo / step + 1e-9) * step
+    return [first + i * step for i in range(math.ceil((hi - first) / step - 1e-9) + 1)]
+
+
+def _label(value: float, step: float) -> str:
+    """A tick value with as many decimals as the step needs."""
+    decimals = next(d for d in range(8) if abs(step * 10 ** d - round(step * 10 ** d)) < 1e-6)
+    return "0" if abs(value) < step * 1e-6 else f"{value:.{decimals}f}"
+
+
+def _phase_spans(rows: list[dict]) -> list[tuple[str, int, int]]:
+    """(phase, first epoch, last epoch) of each run of consecutive epochs in one phase."""
+    spans: list[tuple[str, int, int]] = []
+    for row in rows:
+        epoch = int(row["epoch"])
+        if spans and spans[-1][0] == row["phase"]:
+            spans[-1] = (row["phase"], spans[-1][1], epoch)
+        else:
+            spans.append((row["phase"], epoch, epoch))
+    return spans
+
+
+def _series(rows: list[dict], name: str) -> list[list[tuple[int, float]]]:
+    """The (epoch, value) runs of one column, split where it is empty (a phase without that term)."""
+    runs: list[list[tuple[int, float]]] = [[]]
+    for row in rows:
+        if row.get(name) in (None, ""):
+            runs.append([])
+        else:
+            runs[-1].append((int(row["epoch"]), float(row[name])))
+    return [r for r in runs if r]
+
+
+def _svg_chart(title: str, rows: list[dict], names: list[str], *, percent: bool = False, width: int = 380) -> str:
+    """One chart: ``names``' columns over epochs, x and y axes with ticks, phase bands (labelled above the plot
+    where they are wide enough, and in the legend), a legend."""
+    left, right, top, plot_h = 52, 10, 38, 150
+    plot_w = width - left - right
+    series = {n: _series(rows, n) for n in names}
+    values = [v * (100 if percent else 1) for runs in series.values() for run in runs for _, v in run]
     epochs = [int(r["epoch"]) for r in rows]
-    if not epochs:
-        return "<p>no epochs recorded</p>"
-    x_of = {e: 40 + (width - 60) * (i / max(len(epochs) - 1, 1)) for i, e in enumerate(epochs)}
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 40}" role="img">',
-             f'<rect x="40" y="10" width="{width - 60}" height="{height - 20}" fill="none" stroke="#999"/>']
-    for name, colour in zip(CURVES, COLOURS):
-        values = [(x_of[int(r["epoch"])], float(r[name])) for r in rows if r.get(name) not in (None, "")]
-        if not values:
-            continue
-        lo, hi = min(v for _, v in values), max(v for _, v in values)
-        span = hi - lo or 1.0
-        points = " ".join(f"{x:.1f},{10 + (height - 20) * (1 - (v - lo) / span):.1f}" for x, v in values)
-        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{points}">'
-                     f"<title>{name}: {lo:.3g} … {hi:.3g}</title></polyline>")
-    legend = " · ".join(f'<tspan fill="{c}">{n}</tspan>' for n, c in zip(CURVES, COLOURS))
-    parts.append(f'<text x="40" y="{height + 10}" font-size="12">{legend} (each scaled to its range), '
-                 f"epochs {epochs[0]}–{epochs[-1]}</text></svg>")
+    y_ticks = _ticks(0, 100) if percent else _ticks(min(0.0, *values), max(values))
+    y_lo, y_hi = y_ticks[0], y_ticks[-1]
+    x_lo, x_hi = epochs[0] - 0.5, epochs[-1] + 0.5
+
+    def x(e: float) -> float:
+        return left + plot_w * (e - x_lo) / (x_hi - x_lo)
+
+    def y(v: float) -> float:
+        return top + plot_h * (1 - (v - y_lo) / (y_hi - y_lo))
+
+    out = [f'<text x="{left}" y="14" font-size="13" font-weight="bold">{html.escape(title)}</text>']
+    for phase, first, last in _phase_spans(rows):
+        x0, x1 = x(first - 0.5), x(last + 0.5)
+        out.append(f'<rect class="phase" data-phase="{html.escape(phase)}" x="{x0:.1f}" y="{top}" '
+                   f'width="{x1 - x0:.1f}" height="{plot_h}" fill="{PHASES.get(phase, "#f2f2f2")}">'
+                   f"<title>{html.escape(phase)}: epochs {first}–{last}</title></rect>")
+        if x1 - x0 >= 6 * len(phase):
+            out.append(f'<text class="phase-label" x="{(x0 + x1) / 2:.1f}" y="{top - 5}" text-anchor="middle" '
+                       f'fill="#555">{html.escape(phase)}</text>')
+    y_step = y_ticks[1] - y_ticks[0]
+    for v in y_ticks:
+        out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#fff"/>'
+                   f'<line x1="{left - 4}" x2="{left}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#333"/>'
+                   f'<text class="ytick" x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">'
+                   f'{_label(v, y_step)}{" %" if percent else ""}</text>')
+    for e in _ticks(epochs[0], epochs[-1], count=6, integer=True):
+        if x_lo <= e <= x_hi:
+            out.append(f'<line x1="{x(e):.1f}" x2="{x(e):.1f}" y1="{top + plot_h}" y2="{top + plot_h + 4}" '
+                       f'stroke="#333"/><text class="xtick" x="{x(e):.1f}" y="{top + plot_h + 16}" '
+                       f'text-anchor="middle">{int(e)}</text>')
+    out.append(f'<path d="M{left},{top}V{top + plot_h}H{left + plot_w}" fill="none" stroke="#333"/>'
+               f'<text x="{left + plot_w / 2:.1f}" y="{top + plot_h + 30}" text-anchor="middle">epoch</text>')
+    for (name, runs), colour, dash in zip(series.items(), COLOURS, DASHES):
+        for run in runs:
+            xy = [(x(e), y(v * (100 if percent else 1))) for e, v in run]
+            points = " ".join(f"{a:.1f},{b:.1f}" for a, b in xy)
+            out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" stroke-dasharray="{dash}" '
+                       f'points="{points}"><title>{name}</title></polyline>' if len(run) > 1 else
+                       f'<circle cx="{xy[0][0]:.1f}" cy="{xy[0][1]:.1f}" r="2.5" fill="{colour}"/>')
+    entries = [(f'<line x1="0" x2="16" y1="-4" y2="-4" stroke="{c}" stroke-width="2" stroke-dasharray="{d}"/>', n, c)
+               for n, c, d in zip(names, COLOURS, DASHES) if series[n]]
+    entries += [(f'<rect x="0" y="-10" width="16" height="10" fill="{PHASES.get(p, "#f2f2f2")}" stroke="#bbb"/>', p,
+                 "#555") for p in dict.fromkeys(r["phase"] for r in rows)]
+    lx, ly = left, top + plot_h + 48
+    out.append('<g class="legend">')
+    for mark, name, colour in entries:
+        span = 22 + 6 * len(name) + 14
+        if lx + span > width and lx > left:
+            lx, ly = left, ly + 16
+        out.append(f'<g transform="translate({lx:.0f},{ly})">{mark}<text x="21" fill="{colour}">'
+                   f"{html.escape(name)}</text></g>")
+        lx += span
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{ly + 8}" role="img" '
+            f'aria-label="{html.escape(title)}" font-family="sans-serif" font-size="11">{"".join(out)}</g></svg>')
+
+
+def _curves(rows: list[dict]) -> str:
+    """An accuracy chart (0–100 %) and one chart per loss term that ``metrics.csv`` holds."""
+    if not rows:
+        return "<p>no epochs recorded (no metrics.csv)</p>"
+    present = [n for n in (*ACCURACY, *LOSSES) if _series(rows, n)]
+    charts = []
+    if accuracy := [n for n in ACCURACY if n in present]:
+        charts.append(_svg_chart("accuracy", rows, accuracy, percent=True))
+    charts += [_svg_chart(n, rows, [n]) for n in LOSSES if n in present]
+    return f'<div class="charts">{"".join(charts)}</div>'
+
+
+def _share_colour(share: float, correct: bool) -> str:
+    return f"rgba({'31,119,180' if correct else '214,39,40'},{share:.2f})"
+
+
+def _confusion_html(matrix: np.ndarray, classes: list[str]) -> str:
+    """The confusion matrix (rows true, columns predicted, coloured by row share) up to ``FULL_MATRIX``
+    classes, else the ``CONFUSED_PAIRS`` most confused pairs; then per-class accuracy, worst first."""
+    n = matrix.sum(1)
+    share = matrix / np.maximum(n, 1)[:, None]
+    accuracy = np.trace(matrix) / max(matrix.sum(), 1)
+    parts = [f"<p>{matrix.sum()} test images, accuracy {accuracy:.1%} (metrics_test.json).</p>"]
+    if len(classes) <= FULL_MATRIX:
+        head = "".join(f'<th title="{html.escape(c)}">{j}</th>' for j, c in enumerate(classes))
+        body = "".join(
+            f'<tr><th>{i} {html.escape(c)}</th>' + "".join(
+                f'<td data-count="{matrix[i, j]}" style="background:{_share_colour(share[i, j], i == j)};'
+                f'color:{"#fff" if share[i, j] > 0.55 else "#000"}" title="true {html.escape(c)}, predicted '
+                f'{html.escape(classes[j])}: {matrix[i, j]} ({share[i, j]:.0%})">{matrix[i, j] or ""}</td>'
+                for j in range(len(classes))) + f"<td>{n[i]}</td></tr>"
+            for i, c in enumerate(classes))
+        parts.append('<p>Rows: true class, columns: predicted class (by index); colour: share of the row (blue '
+                     'correct, red confused).</p><div class="wide"><table class="confusion">'
+                     f"<tr><th>true \\ predicted</th>{head}<th>n</th></tr>{body}</table></div>")
+    else:
+        off = matrix.copy()
+        np.fill_diagonal(off, 0)
+        order = np.argsort(-off, axis=None, kind="stable")[:CONFUSED_PAIRS]
+        pairs = [divmod(int(k), len(classes)) for k in order if off.flat[k] > 0]
+        rows = "".join(f"<tr><td>{html.escape(classes[i])}</td><td>{html.escape(classes[j])}</td>"
+                       f"<td>{matrix[i, j]}</td><td>{share[i, j]:.0%}</td></tr>" for i, j in pairs)
+        parts.append(f'<p>{len(classes)} classes: the {CONFUSED_PAIRS} most confused pairs instead of the full '
+                     f'matrix.</p><table class="pairs"><tr><th>true</th><th>predicted</th><th>images</th>'
+                     f"<th>share of true class</th></tr>{rows}</table>")
+    recall = np.where(n > 0, np.diag(matrix) / np.maximum(n, 1), np.nan)
+    worst_first = sorted(range(len(classes)), key=lambda i: (n[i] == 0, recall[i], i))
+    off = matrix - np.diag(np.diag(matrix))
+    rows = "".join(
+        f"<tr><td>{i} {html.escape(classes[i])}</td><td>{n[i]}</td><td>{matrix[i, i]}</td>"
+        f"<td>{'–' if n[i] == 0 else f'{recall[i]:.1%}'}</td><td>"
+        + (f"{html.escape(classes[int(off[i].argmax())])} ({off[i].max()})" if off[i].max() else "–") + "</td></tr>"
+        for i in worst_first)
+    parts.append('<div class="scroll"><table class="per-class"><caption>per-class accuracy (recall), worst first'
+                 "</caption><tr><th>class</th><th>test images</th><th>correct</th><th>accuracy</th>"
+                 f"<th>most often predicted instead</th></tr>{rows}</table></div>")
     return "".join(parts)
+
+
+def _run_time(run_dir: Path) -> str:
+    """Wall time from file times: train_config.yaml (written at each start) to model.pt (written at the end)."""
+    start, end = run_dir / "train_config.yaml", run_dir / "model.pt"
+    seconds = end.stat().st_mtime - start.stat().st_mtime
+    events = run_dir / "events.jsonl"
+    resumes = sum('"resume"' in line for line in events.read_text().splitlines()) if events.is_file() else 0
+    since = f", since the last of {resumes + 1} starts" if resumes else ""
+    if seconds < 0:
+        return "unknown (model.pt is older than train_config.yaml: files copied or rewritten)"
+    return (f"{timedelta(seconds=round(seconds))} (file times: train_config.yaml written → model.pt written"
+            f"{since})")
+
+
+def lineage(run_dir: Path, rows: list[dict]) -> list[tuple[str, str]]:
+    """(field, value) rows: what was trained on what, with which config and code, and how long it took."""
+    from schemas.config import TrainConfig, load_config
+
+    meta = json.loads((run_dir / "model_config.json").read_text())
+    config = load_config(TrainConfig, run_dir / "train_config.yaml", {})
+    shards = Path(meta["shards"])
+    card = load_card(shards)
+    m, s, d = config.model, config.schedule, config.data
+    lrs = ", ".join(f"{k.removeprefix('lr_')} {getattr(s, k):g}" for k in
+                    ("lr_warmup", "lr_backbone", "lr_addon", "lr_prototypes", "lr_last_layer"))
+    epochs = " · ".join(f"{p} {getattr(s, f'{p}_epochs')}" for p in PHASES)
+    speed = [float(r["images_per_s"]) for r in rows if r.get("images_per_s")]
+    return [
+        ("run directory", str(run_dir)),
+        ("model.pt sha256", sha256_file(run_dir / "model.pt")),
+        ("run time", _run_time(run_dir)),
+        ("epochs recorded (metrics.csv)", f"{len(rows)}" + (f", mean {np.mean(speed):.1f} images/s" if speed else "")),
+        ("code version (this report)", CODE_VERSION),
+        ("model format version", str(meta["format_version"])),
+        ("backbone", f"{m.backbone} (weights: {m.weights or 'none'})"),
+        ("head · regions", f"{m.head} · {m.regions}" + (f" ({m.patch_grid}² grid)" if m.regions == "patches"
+                                                         else "")),
+        ("input size", f"{m.input_size} px"),
+        ("prototypes", f"{m.prototypes_per_class} per class × {len(meta['classes'])} classes, "
+                       f"{meta['num_prototypes']} kept, dimension {m.prototype_dim}"),
+        ("epochs per phase", epochs),
+        ("batch size", f"{d.batch_size} images per step (micro-batch {d.micro_batch or 'from the memory budget'})"),
+        ("learning rates", lrs),
+        ("loss weights", ", ".join(f"{k} {v:g}" for k, v in config.loss.model_dump().items()
+                                   if not isinstance(v, bool))),
+        ("seed · workers", f"{config.seed} · {config.num_workers} {'GPU' if config.use_gpu else 'CPU'} workers"),
+        ("validation share · augmentation", f"{d.val_fraction:g} · {d.augment}"),
+        ("shards", str(shards)),
+        ("shards config_hash", card.config_hash),
+        ("shards format · code version", f"{card.format_version} · {card.code_version}"),
+        ("shards created · source", f"{card.created} · {card.source} (shuffle seed {card.shuffle_seed})"),
+        ("segmenter", f"{card.segmenter.name} {json.dumps(card.segmenter.params, sort_keys=True)}"),
+        ("segmenter checkpoint sha256", card.segmenter.checkpoint_sha256 or "none (weight-free)"),
+        ("masks per image", str(card.masks_per_image)),
+        ("samples", f"{card.counts['ok']} ok, {card.counts['failed']} failed of {card.counts['inputs']} inputs; "
+                    + ", ".join(f"{k} {v['ok']}" for k, v in card.per_split.items())),
+    ]
+
+
+def _lineage_html(rows: list[tuple[str, str]]) -> str:
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td><code>{html.escape(v)}</code></td></tr>" for k, v in rows)
+    return f'<table class="lineage">{body}</table>'
+
+
+def _flagged_html(prototypes: list[dict]) -> str:
+    """The gallery's flagged prototypes as a list."""
+    flagged = [p for p in prototypes if p["flags"]]
+    checked = any(p["on_part"] is not None for p in prototypes)
+    note = "" if checked else " The shards carry no ground-truth parts, so no prototype is checked for off-part."
+    if not flagged:
+        return f"<p>No prototype flagged ({len(prototypes)} checked).{note}</p>"
+    items = "".join(
+        f'<li><span class="flag">● {html.escape(", ".join(p["flags"]))}</span>: p{p["prototype"]} '
+        f'({html.escape(p["class"])}) pushed onto {p["key"]}, mask {p["mask_index"]} of class '
+        f'{html.escape(p["source_class"])}, distance {p["distance"]:.4g}</li>' for p in flagged)
+    return (f"<p>{len(flagged)} of {len(prototypes)} prototypes flagged: pushed onto an image of another class "
+            f"(other class), or onto a region that misses its class's ground-truth part 1 (off-part).{note}</p>"
+            f'<ul class="flagged">{items}</ul>')
 
 
 def _metrics_table(results: dict[str, dict]) -> str:
@@ -50,6 +285,18 @@ def _metrics_table(results: dict[str, dict]) -> str:
         for k in keys
     )
     return f"<table><tr><th>metric</th>{head}</tr>{body}</table>"
+
+
+STYLE = """body{font-family:sans-serif;margin:2em;max-width:1220px}table{border-collapse:collapse;margin:.5em 0}
+td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}td:first-child,th{text-align:left}
+.lineage td{text-align:left}.lineage code{word-break:break-all}
+.wide{overflow-x:auto}.confusion{font-size:12px}.confusion td{text-align:center;min-width:1.5em;padding:1px 2px}
+.confusion th{white-space:nowrap;padding:1px 4px}.per-class caption{text-align:left;color:#555}
+.scroll{max-height:32em;overflow:auto;display:inline-block}.charts{display:flex;flex-wrap:wrap;gap:8px}
+.grid{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}figure{margin:0}
+.explanations figure{max-width:590px}.explanations img{width:100%}img{max-width:100%;border:1px solid #ddd}
+.flagged{list-style:none;padding-left:1em}.flag{color:#d7191c;font-weight:bold}
+pre{background:#f6f6f6;padding:1em;overflow:auto}"""
 
 
 def write_report(runs: dict[str, Path], out: Path) -> Path:
@@ -67,32 +314,39 @@ def write_report(runs: dict[str, Path], out: Path) -> Path:
         meta = json.loads((run_dir / "model_config.json").read_text())
         shards = Path(meta["shards"])
         saved = metrics_file(run_dir, "test")
-        results[name] = json.loads(saved.read_text())["test"] if saved.is_file() else run_evaluate(run_dir, shards)
+        test = json.loads(saved.read_text())["test"] if saved.is_file() else {}
+        if "confusion" not in test:  # an older run: evaluate it once, into metrics_test.json
+            test = run_evaluate(run_dir, shards)
+        results[name] = {k: v for k, v in test.items() if k != "confusion"}
+        matrix, classes = np.array(test["confusion"]), meta["classes"]
         folder = f"run{i}"
-        summary = run_explain(run_dir, shards, out / folder, limit=4)
+        summary = run_explain(run_dir, shards, out / folder, limit=4, relevance=True)
         rows = list(csv.DictReader((run_dir / "metrics.csv").open())) if (run_dir / "metrics.csv").is_file() else []
-        gallery = "".join(f'<figure><img src="{folder}/{g}" alt="{html.escape(g)}"><figcaption>{html.escape(g)}'
-                          "</figcaption></figure>" for g in summary["gallery"])
+        gallery = "".join(f'<figure><a href="{folder}/{g}"><img src="{folder}/{g}" alt="{html.escape(g)}"></a>'
+                          "</figure>" for g in summary["gallery"])
         explanations = "".join(
-            f'<figure><img src="{folder}/{e["png"]}" alt="explanation {e["key"]}"><figcaption>{e["key"]}: '
-            f'{html.escape(e["label"])} → {html.escape(e["predicted"])}</figcaption></figure>'
+            f'<figure><a href="{folder}/{e["png"]}"><img src="{folder}/{e["png"]}" alt="explanation {e["key"]}"></a>'
+            f'<figcaption>{e["key"]}: {html.escape(e["label"])} → {html.escape(e["predicted"])}</figcaption></figure>'
             for e in summary["explanations"]
         )
         sections.append(
             f'<section id="{folder}"><h2>{html.escape(name)} <small>({html.escape(str(run_dir))}, regions='
-            f'{html.escape(meta["model"]["regions"])})</small></h2><h3>Training curves</h3>{_svg_curves(rows)}'
-            f'<h3>Prototype gallery</h3><p>Each prototype beside the training image region it was pushed onto.</p>'
+            f'{html.escape(meta["model"]["regions"])})</small></h2>'
+            f'<h3>Training curves</h3><p>Per epoch, from metrics.csv; the background shows the training phase.</p>'
+            f'{_curves(rows)}<h3>Test confusion and per-class accuracy</h3>'
+            f'{_confusion_html(matrix, classes)}'
+            f'<h3>Config and data lineage</h3>{_lineage_html(lineage(run_dir, rows))}'
+            f'<h3>Prototype gallery</h3><p>Each prototype beside the training image region it was pushed onto, '
+            f'with that image\'s class and the push distance.</p>{_flagged_html(summary["prototypes"])}'
             f'<div class="grid">{gallery}</div><h3>Explanations</h3><p>Top prototypes of test images: the '
-            f'matched region outlined (saliency is zero outside it), the prototype\'s source beside it.</p>'
-            f'<div class="grid">{explanations}</div></section>'
+            f'matched mask outlined with its saliency (gradient × input of the prototype\'s similarity, zero outside '
+            f'the mask) as a heatmap, beside the training image region the prototype was pushed onto.</p>'
+            f'<div class="grid explanations">{explanations}</div></section>'
         )
     manifest = html.escape(format_inspect(inspect(shards))) if shards else ""
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>protomask report</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}td:first-child{{text-align:left}}
-.grid{{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}}figure{{margin:0}}
-img{{max-width:360px;border:1px solid #ddd}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style>
+<style>{STYLE}</style>
 </head><body><h1>protomask report</h1>
 <nav>{" · ".join(f'<a href="#run{i}">{html.escape(n)}</a>' for i, n in enumerate(runs))} · <a href="#shards">shards</a></nav>
 <h2>Test metrics</h2>{_metrics_table(results)}
