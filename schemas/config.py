@@ -201,6 +201,10 @@ class ScheduleConfig(Strict):
         "uniform: prototypes start as U[0, 1) draws (the paper); crops (needs pretrain_epochs): after pre-training, "
         "the prototypes of each class start on the training crops (or patches) of distinct images that the "
         "pre-trained linear classifier scores highest for that class"))
+    addon_init: Literal["random", "classifier"] = Field("random", description=(
+        "random: the add-on starts at random (the paper); classifier (needs pretrain_epochs): after pre-training, "
+        "its first channels project the backbone's features onto the pre-trained classifier's leading singular "
+        "directions, standardised over training regions, so the embedding starts class-discriminative"))
     warmup_epochs: int = Field(0, ge=0)
     joint_epochs: int = Field(100, ge=0)
     last_layer_epochs: int = Field(10, ge=0)
@@ -223,6 +227,9 @@ class ScheduleConfig(Strict):
         if self.prototype_init == "crops" and not self.pretrain_epochs:
             raise ValueError("schedule.prototype_init: crops are chosen by the pre-trained classifier; "
                              "set schedule.pretrain_epochs > 0 (or prototype_init: uniform)")
+        if self.addon_init == "classifier" and not self.pretrain_epochs:
+            raise ValueError("schedule.addon_init: classifier starts from the pre-trained classifier; "
+                             "set schedule.pretrain_epochs > 0 (or addon_init: random)")
         return self
 
 

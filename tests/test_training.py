@@ -146,7 +146,7 @@ def test_linear_head_and_pretrained_backbone_train_on_the_same_shards(shards: Pa
     first = run_train(pretrained)
     phases = [row.split(",")[1] for row in (tmp_path / "pre" / "metrics.csv").read_text().splitlines()[1:]]
     assert phases == ["pretrain", "warmup", "joint", "joint", "last_layer"]
-    placed = json.loads((tmp_path / "pre" / "prototype_init.json").read_text())
+    placed = json.loads((tmp_path / "pre" / "prototype_init.json").read_text())["prototypes"]
     label_of = {r["key"]: r["label"] for r in ShardDataset.open(shards).rows}
     assert [e["prototype"] for e in placed] == list(range(6))
     assert all(label_of[e["key"]] == e["class"] == e["prototype"] // 2 for e in placed)
@@ -251,3 +251,34 @@ def test_killed_worker_resumes_from_checkpoint(shards: Path, tmp_path: Path) -> 
             assert result["test"][metric] == pytest.approx(value, abs=1e-6), metric
         else:  # counts, the confusion matrix, the head's name
             assert result["test"][metric] == value, metric
+
+
+def test_addon_from_classifier_standardises_the_leading_directions(shards: Path) -> None:
+    """schedule.addon_init classifier: the add-on's first min(D, C, channels) channels project region
+    features onto the classifier's leading singular directions, mean 0 and std 1 over the regions used;
+    the other channels stay as they were."""
+    from schemas.config import DataConfig
+    from training.data import ShardStream
+    from training.model import LinearHead
+    from training.push import addon_from_classifier
+
+    dataset = ShardDataset.open(shards)
+    torch.manual_seed(0)
+    model = ProtoMask(ModelConfig(**TINY), dataset.num_classes)
+    scorer = LinearHead(model.config, dataset.num_classes, trunk=(model.backbone, model.channels))
+    before = model.add_on[0].weight.detach().clone()
+    keys = [r["key"] for r in dataset.rows if r["split"] == "train"]
+    done = addon_from_classifier(model, scorer, dataset, keys, torch.device("cpu"), batch_size=8)
+    r = min(16, dataset.num_classes, model.channels)
+    assert done["channels"] == r == 3 and done["images"] == len(keys)
+    conv = model.add_on[0]
+    assert torch.equal(conv.weight[r:], before[r:])
+    stream = ShardStream(dataset, keys, DataConfig(loader_threads=0), input_size=32, batch_size=8, train=False)
+    scorer.eval()
+    with torch.no_grad():
+        pre = torch.cat([(scorer.region_features(b["crops"], b["valid"], 1)[b["valid"]] @ conv.weight[:r, :, 0, 0].T
+                          + conv.bias[:r]) for b in stream])
+    assert pre.shape[0] == done["regions"]
+    assert torch.allclose(pre.mean(0), torch.zeros(r), atol=1e-4) and torch.allclose(pre.std(0), torch.ones(r), atol=1e-4)
+    directions = torch.nn.functional.normalize(conv.weight[:r, :, 0, 0].detach(), dim=1)  # singular directions
+    assert torch.allclose(directions @ directions.T, torch.eye(r), atol=1e-4)

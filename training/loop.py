@@ -34,7 +34,7 @@ from training.losses import class_weights, total_loss
 from training.memory import plan_micro_batch
 from training.model import LinearHead, Model, ProtoMask, build_model
 from training.progress import Reporter
-from training.push import place_on_crops, prune_prototypes, push_prototypes
+from training.push import addon_from_classifier, place_on_crops, prune_prototypes, push_prototypes
 
 CHECKPOINT = "checkpoint.pt"
 PHASES = ("pretrain", "warmup", "joint", "last_layer")
@@ -240,7 +240,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                            seed=config.seed, whole_image=config.model.regions == "patches")
 
     start_epoch, pushed = 0, False
-    placed = not isinstance(model, ProtoMask) or config.schedule.prototype_init == "uniform"
+    s = config.schedule  # after pre-training: the add-on and/or the prototypes start from the pre-trained head
+    placed = not isinstance(model, ProtoMask) or (s.prototype_init == "uniform" and s.addon_init == "random")
     checkpoint = ray.train.get_checkpoint()
     state = None
     if checkpoint is not None:
@@ -277,11 +278,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for epoch in range(start_epoch, epochs):
         phase = phase_of(epoch, config)
         if phase in ("warmup", "joint") and not placed:
-            reporter.note("placing each prototype on the training crop its class scores highest")
             sync_buffers(model)
-            placement = place_on_crops(model, pretrainer, dataset, splits["train"], device, batch_size=micro_batch)
+            init: dict = {}
+            if s.addon_init == "classifier":
+                reporter.note("starting the add-on on the pre-trained classifier's leading directions")
+                init["addon"] = addon_from_classifier(model, pretrainer, dataset, splits["train"], device,
+                                                      batch_size=micro_batch)
+            if s.prototype_init == "crops":
+                reporter.note("placing each prototype on the training crop its class scores highest")
+                init["prototypes"] = place_on_crops(model, pretrainer, dataset, splits["train"], device,
+                                                    batch_size=micro_batch)
             if rank == 0:
-                (run_dir / "prototype_init.json").write_text(json.dumps(placement, indent=1))
+                (run_dir / "prototype_init.json").write_text(json.dumps(init, indent=1))
             placed, net_phase = True, None
         if phase == "last_layer" and not pushed:
             push(model, optimizers, config, stream, device, rank, reporter)

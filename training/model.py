@@ -174,11 +174,15 @@ class LinearHead(nn.Module):
         z = z.masked_fill(~valid.bool()[..., None], float("-inf")).amax(1)
         return ModelOutput(self.classifier(z))
 
-    def region_logits(self, crops: torch.Tensor, valid: torch.Tensor, grid: int) -> torch.Tensor:
-        """[B, K·grid², C]: the classifier applied to each region's pooled features, the regions of a
-        prototype model with that ``grid`` (1: one per crop; patches: the cells of the whole image)."""
+    def region_features(self, crops: torch.Tensor, valid: torch.Tensor, grid: int) -> torch.Tensor:
+        """[B, K·grid², channels]: each region's pooled backbone features, the regions of a prototype model
+        with that ``grid`` (1: one per crop; patches: the cells of the whole image)."""
         f = run_on_crops(lambda x: F.adaptive_avg_pool2d(self.backbone(x), grid), crops, valid, self.config.input_size)
-        return self.classifier(f.flatten(3).transpose(2, 3).flatten(1, 2))
+        return f.flatten(3).transpose(2, 3).flatten(1, 2)
+
+    def region_logits(self, crops: torch.Tensor, valid: torch.Tensor, grid: int) -> torch.Tensor:
+        """[B, K·grid², C]: the classifier applied to each region's pooled features."""
+        return self.classifier(self.region_features(crops, valid, grid))
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"backbone": list(self.backbone.parameters()), "classifier": list(self.classifier.parameters())}

@@ -239,6 +239,40 @@ def prune_prototypes(model: ProtoMask, batches: Iterable[dict], device: torch.de
     return {"pruned": torch.nonzero(~keep).flatten().tolist(), "kept": int(keep.sum())}
 
 
+ADDON_IMAGES = 512  # training images whose regions standardise the add-on's projections
+
+
+def addon_from_classifier(model: ProtoMask, scorer: LinearHead, dataset: ShardDataset, keys: Iterable[str],
+                          device: torch.device, *, batch_size: int) -> dict:
+    """Start the add-on's first r = min(D, C, channels) channels on the pre-trained classifier's leading
+    right singular directions (the backbone-feature directions the classes differ along most), each
+    standardised over the regions of the first ``ADDON_IMAGES`` training images (in key order), so the
+    sigmoid embedding starts class-discriminative and unsaturated; the other channels keep their random
+    start. The 1x1 convolution commutes with the region pooling, so a region's pre-activation is its pooled
+    features' projection. Every rank computes the same weights. Returns what was done, for the log."""
+    net: ProtoMask = getattr(model, "module", model)
+    conv: torch.nn.Conv2d = net.add_on[0]
+    directions = torch.linalg.svd(scorer.classifier.weight.detach().float().cpu(), full_matrices=False).Vh
+    r = min(conv.out_channels, directions.shape[0])
+    directions = directions[:r]
+    first = sorted(keys)[:ADDON_IMAGES]
+    stream = ShardStream(dataset, first, DataConfig(loader_threads=0),
+                         input_size=net.config.input_size, batch_size=batch_size, train=False,
+                         whole_image=net.config.regions == "patches")
+    projections = []
+    with _EvalMode(scorer):
+        for batch in stream:
+            crops, valid, _, _ = _batch_tensors(batch, device)
+            features = scorer.region_features(crops, valid, net.grid).float().cpu()
+            projections.append(features[net.region_valid(valid).cpu()] @ directions.T)
+    p = torch.cat(projections)
+    mean, std = p.mean(0), p.std(0).clamp_min(1e-6)
+    with torch.no_grad():
+        conv.weight[:r] = (directions / std[:, None])[..., None, None].to(conv.weight)
+        conv.bias[:r] = (-mean / std).to(conv.bias)
+    return {"channels": r, "regions": int(p.shape[0]), "images": len(first)}
+
+
 def place_on_crops(model: ProtoMask, scorer: LinearHead, dataset: ShardDataset, keys: Iterable[str],
                    device: torch.device, *, batch_size: int) -> list[dict]:
     """Put the prototypes of every class c on the training regions that ``scorer`` (the pre-trained linear
