@@ -22,6 +22,7 @@ import pyarrow as pa
 from cluster.connect import init_ray
 from pipeline.manifest import build_card
 from pipeline.plan import make_plan, plan_hash, shard_splits, write_plan
+from pipeline.segmenters.base import Segmenter
 from pipeline.shards import read_stats
 from pipeline.sources import list_source
 from schemas.config import SegmentConfig, stable_hash, write_config
@@ -73,14 +74,14 @@ def _prepare_out(config: SegmentConfig, job_hash: str) -> None:
         raise JobError(f"{out}: output directory is not writable: {exc.strerror}") from exc
 
 
-def _check_segmenter(config: SegmentConfig) -> None:
+def _check_segmenter(config: SegmentConfig) -> Segmenter:
     """Build the segmenter once on the driver (no model is loaded: weights load on first use), so a missing
     or wrong checkpoint, or a builder that does not import, fails before Ray starts and before anything is
     written to ``out``. On a cluster the path is checked as the driver sees it (shared storage)."""
     from pipeline.segmenters import create_segmenter
 
     try:
-        create_segmenter(config.segmenter)
+        return create_segmenter(config.segmenter)
     except (ValueError, OSError, ImportError) as exc:
         raise JobError(f"segmenter {config.segmenter.name}: {exc}") from None
 
@@ -125,7 +126,7 @@ def _resources(config: SegmentConfig) -> tuple[int, dict]:
 
 def run_segment(config: SegmentConfig, address: str | None = None, progress: bool = True) -> DatasetCard:
     """Segment every input of ``config`` into shards under ``config.out``; return the dataset card."""
-    _check_segmenter(config)
+    segmenter = _check_segmenter(config)
     listing = list_source(config)
     plan = make_plan(listing, config.shard_size, config.shuffle_seed, config.test_fraction)
     _require_test_split(config, plan)
@@ -163,23 +164,22 @@ def run_segment(config: SegmentConfig, address: str | None = None, progress: boo
         if SHARD_TMP.match(path.name):
             path.unlink(missing_ok=True)
     if info is None:
-        info = _segmenter_info(config, out)
+        info = _segmenter_info(segmenter, out)
     return build_card(
         out, [done[s] for s in shards], listing.classes, config.source, job_hash,
         config.masks_per_image, config.crop_size, info, config.shuffle_seed,
     )
 
 
-def _segmenter_info(config: SegmentConfig, out: Path) -> SegmenterInfo:
-    """Reuse the recorded info when every shard was finished earlier (no model is loaded)."""
+def _segmenter_info(segmenter: Segmenter, out: Path) -> SegmenterInfo:
+    """When every shard was finished earlier: the recorded info, else the driver's segmenter's (no model
+    is loaded)."""
     if (out / MANIFEST).is_file():
         recorded = json.loads((out / MANIFEST).read_text()).get("segmenter")
         if recorded:
             return SegmenterInfo.model_validate(recorded)
-    from pipeline.segmenters import create_segmenter
-
-    seg = create_segmenter(config.segmenter)
-    return SegmenterInfo(name=seg.name, params=seg.params(), checkpoint_sha256=seg.checkpoint_sha256())
+    return SegmenterInfo(name=segmenter.name, params=segmenter.params(),
+                         checkpoint_sha256=segmenter.checkpoint_sha256())
 
 
 def _dispatch(

@@ -17,7 +17,6 @@ from schemas.shard import MASKS_MEMBER, SampleRecord, crop_member
 from schemas.version import CODE_VERSION
 
 
-
 def read_rows(out: Path, shards: list[ShardStats]) -> pa.Table:
     """All per-shard parquet rows of a shard directory."""
     return pa.concat_tables([pq.read_table(out / s.file("parquet")) for s in shards])

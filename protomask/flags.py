@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+
 def _strip_optional(annotation: Any) -> Any:
     if typing.get_origin(annotation) in (Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -42,6 +43,30 @@ def leaf_fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str,
             yield f"{prefix}{name}", field
 
 
+PATH_METAVARS = {"out": "DIR", "shards": "DIR", "run-dir": "DIR", "root": "DIR"}  # folder flags; other paths: PATH
+
+
+def _argument_options(dotted: str, field: FieldInfo, name: str) -> dict[str, Any]:
+    """argparse options for a field's type: a --flag/--no-flag pair for bool, choices for Literal, several
+    values for list, else the type with a short metavar."""
+    kind = _strip_optional(field.annotation)
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(kind) is Literal:
+        choices = typing.get_args(kind)
+        return {"choices": choices, "type": type(choices[0])}
+    if typing.get_origin(kind) is list:
+        kind = typing.get_args(kind)[0]
+        return {"nargs": "+", "type": kind, "metavar": _metavar(kind, name)}
+    if kind in (int, float, str, Path):
+        return {"type": kind, "metavar": _metavar(kind, name)}
+    raise TypeError(f"{dotted}: no flag for a field of type {kind}")
+
+
+def _metavar(kind: type, name: str) -> str:
+    return PATH_METAVARS.get(name, "PATH") if kind is Path else {int: "N", float: "X"}.get(kind, "VALUE")
+
+
 def add_flags(parser: argparse.ArgumentParser, model: type[BaseModel], *,
               rename: dict[str, str] | None = None) -> dict[str, str]:
     """A ``--flag`` for every leaf field of ``model``, named by the field (``schedule.joint_epochs`` →
@@ -61,23 +86,7 @@ def add_flags(parser: argparse.ArgumentParser, model: type[BaseModel], *,
         if section not in groups:
             groups[section] = parser.add_argument_group(f"{section} (--set {section}.FIELD=...)" if section else
                                                         "settings")
-        kind = _strip_optional(field.annotation)
-        options: dict[str, Any] = {}
-        if kind is bool:
-            options["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(kind) is Literal:
-            choices = typing.get_args(kind)
-            options.update(choices=choices, type=type(choices[0]))
-        elif typing.get_origin(kind) is list:
-            options.update(nargs="+", type=typing.get_args(kind)[0])
-        elif kind in (int, float, str, Path):
-            options["type"] = kind
-        else:
-            raise TypeError(f"{dotted}: no flag for a field of type {kind}")
-        if "choices" not in options and "action" not in options:
-            kind = options["type"]
-            options["metavar"] = ({"out": "DIR", "shards": "DIR", "run-dir": "DIR", "root": "DIR"}.get(name, "PATH")
-                                  if kind is Path else {int: "N", float: "X"}.get(kind, "VALUE"))
+        options = _argument_options(dotted, field, name)
         shown = _shown_default(field)
         help_text = "; ".join(t for t in (field.description or "", shown) if t)
         action = groups[section].add_argument(f"--{name}", default=None, help=help_text.replace("%", "%%"),

@@ -233,21 +233,29 @@ def _colormap(level: np.ndarray) -> np.ndarray:
     return np.stack([np.interp(level, np.linspace(0, 1, len(HEAT)), HEAT[:, i]) for i in range(3)], -1)
 
 
-def _fit(image: Image.Image) -> Image.Image:
-    """The image scaled to fit a ``TILE``² tile, aspect kept, centred on light grey."""
+def _tile_size(image: Image.Image) -> tuple[int, int]:
+    """(w, h) of the image scaled to fit a ``TILE``² tile, aspect kept."""
     scale = TILE / max(image.size)
-    shown = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.LANCZOS)
+    return max(1, round(image.width * scale)), max(1, round(image.height * scale))
+
+
+def _on_tile(shown: Image.Image) -> Image.Image:
+    """A ``TILE``² tile with ``shown`` centred on light grey."""
     tile = Image.new("RGB", (TILE, TILE), BACKGROUND)
     tile.paste(shown, ((TILE - shown.width) // 2, (TILE - shown.height) // 2))
     return tile
+
+
+def _fit(image: Image.Image) -> Image.Image:
+    """The image scaled to fit a ``TILE``² tile, aspect kept, centred on light grey."""
+    return _on_tile(image.resize(_tile_size(image), Image.LANCZOS))
 
 
 def _outlined(image: Image.Image, mask: np.ndarray, *, heat: np.ndarray | None = None) -> Image.Image:
     """A ``TILE``² tile of the image with the mask's boundary in red and the outside dimmed; with ``heat``
     (zero outside the mask) the inside coloured by heat relative to its 99th percentile inside the mask (a few hot
     pixels do not wash the rest out), more opaque where hotter."""
-    scale = TILE / max(image.size)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    size = _tile_size(image)
     pixels = np.asarray(image.resize(size, Image.LANCZOS), np.float32)
     inside = _resized(mask, size)
     shown = np.where(inside[..., None], pixels, pixels * 0.35)
@@ -259,9 +267,7 @@ def _outlined(image: Image.Image, mask: np.ndarray, *, heat: np.ndarray | None =
         shown = np.where(inside[..., None], (1 - alpha) * pixels + alpha * _colormap(level), shown)
     edge = inside & _grow(~inside, border=True)
     shown[edge | (_grow(edge) & ~inside)] = OUTLINE  # 2 px: the mask's own boundary pixels and the ones outside
-    tile = Image.new("RGB", (TILE, TILE), BACKGROUND)
-    tile.paste(Image.fromarray(shown.astype(np.uint8)), ((TILE - size[0]) // 2, (TILE - size[1]) // 2))
-    return tile
+    return _on_tile(Image.fromarray(shown.astype(np.uint8)))
 
 
 def _box_crop(image: Image.Image, mask: np.ndarray) -> Image.Image:

@@ -299,14 +299,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             set_trainable(module, phase, config)
             net, net_phase = _wrap(module, device), phase
         train_stream.set_epoch(epoch)
-        batches = reporter.track(train_stream, f"epoch {epoch + 1}/{epochs} {phase}", train_stream.steps_per_epoch())
         row = {"epoch": epoch, "phase": phase,
-               **train_one_epoch(module, net, batches, optimizers[phase], config, phase, weights, device,
-                                 micro_batch=micro_batch)}
+               **train_one_epoch(module, net, reporter.track(train_stream, f"epoch {epoch + 1}/{epochs} {phase}"),
+                                 optimizers[phase], config, phase, weights, device, micro_batch=micro_batch)}
         if phase == "joint":
             scheduler.step()
         sync_buffers(module)
-        val = classification(module, reporter.track(val_stream, "validation", val_stream.steps_per_epoch()), device)
+        val = classification(module, reporter.track(val_stream, "validation"), device)
         row.update({f"val_{k}": v for k, v in val.items() if k != "n"})
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
@@ -323,9 +322,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if has_prototypes and not pushed:  # no last-layer epochs: push after the joint phase
         push(model, optimizers, config, stream, device, rank, reporter)
     sync_buffers(model)  # every rank evaluates the model that rank 0 exports
-    test_stream = stream("test", False)
-    test = evaluate_split(model, reporter.track(test_stream, "test", test_stream.steps_per_epoch()), device,
-                          dataset=dataset, keys=splits["test"])
+    test = evaluate_split(model, reporter.track(stream("test", False), "test"), device, dataset=dataset,
+                          keys=splits["test"])
     peak = _peak_memory_mib(device)
     if rank == 0:
         export_model(model, config.model, dataset.classes, run_dir, shards=config.shards)
@@ -359,14 +357,12 @@ def push(model: ProtoMask, optimizers: dict, config: TrainConfig, stream, device
          reporter: Reporter) -> None:
     """Project every prototype onto its nearest training crop (all workers), optionally prune; log it."""
     sync_buffers(model)
-    def train_batches(name: str) -> Iterable[dict]:
-        batches = stream("train", False)
-        return reporter.track(batches, name, batches.steps_per_epoch())
-
-    log: dict = {"push": push_prototypes(model, train_batches("push"), device, config.parity.push_last_batch)}
+    log: dict = {"push": push_prototypes(model, reporter.track(stream("train", False), "push"), device,
+                                         config.parity.push_last_batch)}
     if config.schedule.prune:
         s = config.schedule
-        log["prune"] = prune_prototypes(model, train_batches("prune"), device, s.prune_k, s.prune_threshold)
+        log["prune"] = prune_prototypes(model, reporter.track(stream("train", False), "prune"), device, s.prune_k,
+                                        s.prune_threshold)
         optimizers["last_layer"] = torch.optim.Adam(model.parameter_groups()["last_layer"], lr=s.lr_last_layer)
     if rank == 0:
         (config.run_dir / "push_log.json").write_text(json.dumps(log, indent=1))

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import ray
+
+if TYPE_CHECKING:
+    from training.data import ShardStream
 
 THROTTLE_S = 0.5  # at most two progress events per second from rank 0
 
@@ -49,12 +52,12 @@ class Reporter:
     def epoch(self, row: dict, epochs: int) -> None:
         self._send({"kind": "epoch", "row": row, "epochs": epochs})
 
-    def track(self, batches: Iterable, name: str, total: int) -> Iterator:
-        """``batches`` unchanged, reporting how many have been taken (``total`` expected)."""
-        self._send({"kind": "start", "name": name, "total": total})
+    def track(self, stream: ShardStream, name: str) -> Iterator[dict]:
+        """The stream's batches unchanged, reporting how many of its ``steps_per_epoch()`` have been taken."""
+        self._send({"kind": "start", "name": name, "total": stream.steps_per_epoch()})
         last = time.monotonic()
         done = 0
-        for done, batch in enumerate(batches, 1):
+        for done, batch in enumerate(stream, 1):
             yield batch
             if time.monotonic() - last > THROTTLE_S:
                 self._send({"kind": "step", "done": done})

@@ -239,6 +239,12 @@ def prune_prototypes(model: ProtoMask, batches: Iterable[dict], device: torch.de
     return {"pruned": torch.nonzero(~keep).flatten().tolist(), "kept": int(keep.sum())}
 
 
+def _regions_stream(net: ProtoMask, dataset: ShardDataset, keys: Iterable[str], batch_size: int) -> ShardStream:
+    """The model's inputs for ``keys`` in order, unaugmented, on this process alone (every rank reads them all)."""
+    return ShardStream(dataset, keys, DataConfig(loader_threads=0), input_size=net.config.input_size,
+                       batch_size=batch_size, train=False, whole_image=net.config.regions == "patches")
+
+
 ADDON_IMAGES = 512  # training images whose regions standardise the add-on's projections
 
 
@@ -256,12 +262,9 @@ def addon_from_classifier(model: ProtoMask, scorer: LinearHead, dataset: ShardDa
     r = min(conv.out_channels, directions.shape[0])
     directions = directions[:r]
     first = sorted(keys)[:ADDON_IMAGES]
-    stream = ShardStream(dataset, first, DataConfig(loader_threads=0),
-                         input_size=net.config.input_size, batch_size=batch_size, train=False,
-                         whole_image=net.config.regions == "patches")
     projections = []
     with _EvalMode(scorer):
-        for batch in stream:
+        for batch in _regions_stream(net, dataset, first, batch_size):
             crops, valid, _, _ = _batch_tensors(batch, device)
             features = scorer.region_features(crops, valid, net.grid).float().cpu()
             projections.append(features[net.region_valid(valid).cpu()] @ directions.T)
@@ -282,8 +285,7 @@ def place_on_crops(model: ProtoMask, scorer: LinearHead, dataset: ShardDataset, 
     collectives. Returns one ``{"prototype", "class", "key", "mask_index", "score"}`` per placed prototype
     (a class without training images keeps its prototypes)."""
     net: ProtoMask = getattr(model, "module", model)
-    stream = ShardStream(dataset, keys, DataConfig(loader_threads=0), input_size=net.config.input_size,
-                         batch_size=batch_size, train=False, whole_image=net.config.regions == "patches")
+    stream = _regions_stream(net, dataset, keys, batch_size)
     offers: dict[int, list[tuple[float, str, int, torch.Tensor]]] = defaultdict(list)  # class -> its images' best
     with _EvalMode(net), _EvalMode(scorer):
         for batch in stream:

@@ -2,7 +2,7 @@
 
 Per run the page holds: training curves (inline SVG, no plotting library: axes with ticks, a legend and
 a shaded band per training phase; accuracy and every loss term of ``metrics.csv``), the test confusion
-matrix and per-class accuracy (from the exported model's predictions), the config and data lineage
+matrix and per-class accuracy (``metrics_test.json``'s confusion matrix), the config and data lineage
 (train and model config, shard manifest, sha256 of ``model.pt``, code version, run time), the
 prototype gallery with suspect prototypes flagged, and local explanations; then the test metrics of all
 runs and the shard manifest summary. Everything it links is written beside it, so the folder can be

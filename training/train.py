@@ -11,7 +11,7 @@ import torch
 from cluster.connect import init_ray
 from pipeline.manifest import shard_problems
 from pipeline.shards import ShardError
-from schemas.config import DataConfig, TrainConfig, write_config
+from schemas.config import DataConfig, TrainConfig, load_config, write_config
 from training import TrainError
 from training.data import ShardDataset, ShardStream, split_keys
 from training.evaluate import evaluate_split, metrics_file, write_metrics
@@ -86,7 +86,7 @@ def run_evaluate(run_dir: Path, shards: Path | None = None, split: str = "test",
     dataset = ShardDataset.open(shards)
     if dataset.classes != classes:
         raise TrainError(f"{shards}: classes differ from the model's ({len(dataset.classes)} vs {len(classes)})")
-    train_config = TrainConfig.model_validate(_yaml(run_dir / "train_config.yaml"))
+    train_config = load_config(TrainConfig, run_dir / "train_config.yaml", {})
     keys = split_keys(dataset, train_config.data.val_fraction, train_config.seed)[split]
     data = DataConfig(loader_threads=min(2, os.cpu_count() or 1))
     stream = ShardStream(dataset, keys, data, input_size=model.config.input_size, batch_size=batch_size, train=False,
@@ -94,9 +94,3 @@ def run_evaluate(run_dir: Path, shards: Path | None = None, split: str = "test",
     result = evaluate_split(model, stream, torch.device("cpu"), dataset=dataset, keys=keys)
     write_metrics(run_dir, split, result)
     return result
-
-
-def _yaml(path: Path) -> dict:
-    import yaml
-
-    return yaml.safe_load(path.read_text())
