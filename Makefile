@@ -5,10 +5,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# pyproject.toml: lower bounds; constraints.txt: the exact tested set
+# pyproject.toml: lower bounds; constraints.txt: the exact tested set. sam2 is an sdist whose build imports torch:
+# it is built second, against the torch and setuptools installed first (build isolation would fetch another
+# torch), without its optional CUDA extension, so no CUDA toolchain is needed. It also installs SAM 2's own
+# training code as a top-level `training` package, which would shadow ours: removed (README, "Install")
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[test,slit]" setuptools
+	SAM2_BUILD_CUDA=0 $(BIN)/pip install -q -c constraints.txt --no-build-isolation -e ".[sam2]"
+	rm -rf "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/training"
 	touch $(STAMP)
 
 .PHONY: install demo test test-fast browser bench bench-real

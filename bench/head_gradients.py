@@ -24,7 +24,7 @@ from protomask.cli import config_file
 from schemas.config import DataConfig, TrainConfig, load_config
 from training.data import ShardDataset, ShardStream, split_keys
 from training.losses import cluster_loss, separation_loss
-from training.model import EPSILON, ProtoMask
+from training.model import ProtoMask
 
 
 def measure(config: TrainConfig, dims: list[int], batch_size: int) -> list[dict]:
@@ -42,7 +42,7 @@ def measure(config: TrainConfig, dims: list[int], batch_size: int) -> list[dict]
         z = model.embed(crops, valid).detach().requires_grad_(True)
         d = model.distances(z).masked_fill(~model.region_valid(valid)[..., None], float("inf"))
         min_d = d.min(dim=1).values
-        logits = model.last_layer(torch.log((min_d + 1) / (min_d + EPSILON)))
+        logits = model.last_layer(model.similarity(min_d))
         loss = config.loss
         terms = {"cross-entropy": loss.cross_entropy * F.cross_entropy(logits, labels),
                  "cluster": loss.cluster * cluster_loss(min_d, labels, model.prototype_class),

@@ -1,4 +1,4 @@
-"""Run every benchmark (P1-P5), each in its own process (each starts its own Ray), print their tables
+"""Run every benchmark (P1-P7), each in its own process (each starts its own Ray), print their tables
 and one combined table, and write bench/results.json (every round of every figure, the machine, the
 load before and after, the wall time).
 
@@ -23,7 +23,7 @@ from bench.common import fmt, machine, print_table, write_json
 
 BENCH = Path(__file__).resolve().parent
 BENCHMARKS = {"P1": "p1_segment_overhead.py", "P2": "p2_scaling.py", "P3": "p3_input_pipeline.py",
-              "P4": "p4_step_overhead.py", "P5": "p5_bytes.py",
+              "P4": "p4_step_overhead.py", "P5": "p5_bytes.py", "P6": "p6_segmenter_throughput.py",
               "P7": "p7_train_scaling.py"}
 
 

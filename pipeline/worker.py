@@ -60,26 +60,55 @@ class ShardProcessor:
         )
         return encode_sample(record, image, mask_set, parts, cfg.jpeg_quality, loaded.jpeg)
 
+    def _segment(self, images: list[np.ndarray]) -> list[Proposal | BaseException]:
+        """The segmenter's proposals for a batch of images; when the batch fails, each image again on its own, so
+        that a failure is recorded against its own input."""
+        try:
+            return list(self.segmenter.propose_batch(images))
+        except Exception as exc:  # noqa: BLE001 - retried one by one below
+            if len(images) == 1:
+                return [exc]
+        results: list[Proposal | BaseException] = []
+        for image in images:
+            try:
+                results.append(self.segmenter.propose_batch([image])[0])
+            except Exception as exc:  # noqa: BLE001 - recorded as this input's error row
+                results.append(exc)
+        return results
+
     def process(self, shard: int, rows: list[dict], on_image: Callable[[], None] | None = None) -> ShardStats:
-        """Segment every row and write the shard; a bad input becomes an error row, never an exception."""
+        """Segment every row (``segmenter.batch_size`` images per call) and write the shard; a bad input becomes
+        an error row, never an exception."""
         start = time.perf_counter()
         samples: list[EncodedSample] = []
         out_rows: list[dict] = []
+        ahead = max(PREFETCH, 2 * self.segmenter.batch_size)
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"shard{shard}-io") as pool:
-            decoded: deque[Future] = deque(pool.submit(self._decode, r) for r in rows[:PREFETCH])
-            encoded: list[Future | BaseException] = []
-            for i, row in enumerate(rows):
+            decoded: deque[Future] = deque(pool.submit(self._decode, r) for r in rows[:ahead])
+            encoded: list[Future | BaseException | None] = [None] * len(rows)
+            waiting: list[tuple[int, LoadedImage, np.ndarray | None]] = []
+
+            def segment_waiting() -> None:
+                for (i, loaded, parts), proposal in zip(waiting, self._segment([w[1].pixels for w in waiting])):
+                    encoded[i] = (proposal if isinstance(proposal, BaseException)
+                                  else pool.submit(self._encode, rows[i], loaded, parts, proposal))
+                    if on_image is not None:
+                        on_image()
+                waiting.clear()
+
+            for i in range(len(rows)):
                 job = decoded.popleft()
-                if i + PREFETCH < len(rows):
-                    decoded.append(pool.submit(self._decode, rows[i + PREFETCH]))
+                if i + ahead < len(rows):
+                    decoded.append(pool.submit(self._decode, rows[i + ahead]))
                 try:
-                    loaded, parts = job.result()
-                    proposal = self.segmenter(loaded.pixels)
-                    encoded.append(pool.submit(self._encode, row, loaded, parts, proposal))
+                    waiting.append((i, *job.result()))
                 except Exception as exc:  # noqa: BLE001 - any failure of one input is recorded, not raised
-                    encoded.append(exc)
-                if on_image is not None:
-                    on_image()
+                    encoded[i] = exc
+                    if on_image is not None:
+                        on_image()
+                if len(waiting) == self.segmenter.batch_size:
+                    segment_waiting()
+            segment_waiting()
             for row, result in zip(rows, encoded):
                 error: BaseException | None = result if isinstance(result, BaseException) else result.exception()
                 sample = None if error else result.result()

@@ -109,7 +109,7 @@ def cmd_explain(config: ExplainConfig, args: argparse.Namespace) -> int:
 
     out = config.out or config.run_dir / "explain"
     summary = run_explain(config.run_dir, config.shards, out, keys=config.keys, k=config.top_k, limit=config.limit,
-                          relevance=config.relevance == "gradient")
+                          relevance=config.relevance)
     for record in summary["explanations"]:
         best = record["evidence"][0]
         print(f"{record['key']}: true {record['label']}, predicted {record['predicted']}; top prototype "
@@ -162,16 +162,21 @@ def cmd_demo(config: DemoConfig, args: argparse.Namespace) -> int:
     print(format_side_by_side(results, "test"))
     report = write_report({"protomask": out / "run_masks", "patch baseline": out / "run_patches"}, out / "report")
     best = results["protomask"]
-    print(f"\nProtoMask test accuracy {best['accuracy']:.1%} (chance {1 / len(card.classes):.0%}), part hit rate "
-          f"{best['part_hit_rate']:.1%}; report: {report}")
+    print(f"\nProtoMask test balanced accuracy {best['balanced_accuracy']:.1%} (chance {1 / len(card.classes):.0%}), "
+          f"part hit rate {best['part_hit_rate']:.1%}; report: {report}")
     return 0
 
 
+PAPER_NAMES = {"balanced_accuracy": "Accuracy", "balanced_top3": "top-3 Accuracy", "balanced_macro_f1": "F1"}  # §7.1
+
+
 def format_side_by_side(results: dict[str, dict], split: str) -> str:
+    """One row per numeric metric, one column per model; the paper's name beside the metrics it reports."""
     names = list(results)
     keys = [k for k, v in results[names[0]].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     lines = [f"{split:<20}" + "".join(f"{n:>16}" for n in names)]
-    lines += [f"{k:<20}" + "".join(f"{results[n].get(k, float('nan')):>16.4g}" for n in names) for k in keys]
+    lines += [f"{k:<20}" + "".join(f"{results[n].get(k, float('nan')):>16.4g}" for n in names)
+              + (f"  (the paper's {PAPER_NAMES[k]})" if k in PAPER_NAMES else "") for k in keys]
     return "\n".join(lines)
 
 
@@ -267,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     where = f"protomask {args.command}"
     try:
         config = load_config(args.model, config_file(args.config),
-                             {**settings(args.settings), **overrides(args, args.dests)})
+                             {**settings(args.settings), **overrides(args, args.dests)}, section=args.command)
         return args.handler(config, args)
     except ConfigError as exc:
         print(f"{where}: error: {exc}", file=sys.stderr)

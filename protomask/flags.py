@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import types
 import typing
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -70,19 +69,19 @@ def _metavar(kind: type, name: str) -> str:
 def add_flags(parser: argparse.ArgumentParser, model: type[BaseModel], *,
               rename: dict[str, str] | None = None) -> dict[str, str]:
     """A ``--flag`` for every leaf field of ``model``, named by the field (``schedule.joint_epochs`` →
-    ``--joint-epochs``; the dotted name where two sections share a field name; ``rename`` maps dotted names
+    ``--joint-epochs``; the shortest unique tail where sections share a field name, ``--sam-points-per-side``;
+    ``rename`` maps dotted names
     to other flag names), grouped by section in ``--help``. Returns argparse dest → dotted name (see
     ``overrides``). Every flag defaults to None (not given), so a config file's value stands unless the
     flag is given."""
     rename = rename or {}
     fields = list(leaf_fields(model))
-    counts = Counter(dotted.rsplit(".", 1)[-1] for dotted, _ in fields)
+    short = _shortest_unique_suffixes([dotted for dotted, _ in fields])
     groups: dict[str, argparse._ArgumentGroup] = {}
     dests = {}
     for dotted, field in fields:
-        section, _, leaf = dotted.rpartition(".")
-        name = rename.get(dotted) or (leaf if counts[leaf] == 1 else dotted.replace(".", "-"))
-        name = name.replace("_", "-")
+        section = dotted.rpartition(".")[0]
+        name = (rename.get(dotted) or short[dotted]).replace("_", "-")
         if section not in groups:
             groups[section] = parser.add_argument_group(f"{section} (--set {section}.FIELD=...)" if section else
                                                         "settings")
@@ -93,6 +92,18 @@ def add_flags(parser: argparse.ArgumentParser, model: type[BaseModel], *,
                                               **options)
         dests[action.dest] = dotted
     return dests
+
+
+def _shortest_unique_suffixes(dotted_names: list[str]) -> dict[str, str]:
+    """Each dotted name → its shortest tail of components that no other name ends with, joined by "-"
+    (``segmenter.sam.points_per_side`` → ``sam-points_per_side`` beside ``segmenter.sam2.points_per_side``)."""
+    parts = {dotted: dotted.split(".") for dotted in dotted_names}
+    short = {}
+    for dotted, mine in parts.items():
+        k = next((k for k in range(1, len(mine)) if sum(other[-k:] == mine[-k:] for other in parts.values()) == 1),
+                 len(mine))  # a name that is the tail of another keeps its full dotted form
+        short[dotted] = "-".join(mine[-k:])
+    return short
 
 
 def overrides(args: argparse.Namespace, dests: dict[str, str]) -> dict[str, Any]:

@@ -46,18 +46,72 @@ class SamParams(Strict):
     min_mask_region_area: int = Field(0, ge=0)
 
 
+class Sam2Params(Strict):
+    """sam2 ``SAM2AutomaticMaskGenerator`` arguments; defaults are the paper's settings (spec §4.2)."""
+
+    points_per_side: int = Field(32, ge=1)
+    points_per_batch: int = Field(512, ge=1, description="point prompts decoded together (bounds the memory)")
+    pred_iou_thresh: float = 0.8
+    stability_score_thresh: float = 0.9
+    stability_score_offset: float = 0.5
+    mask_threshold: float = Field(0.0, description="mask logit threshold")
+    box_nms_thresh: float = 0.7
+    crop_n_layers: int = Field(2, ge=0)
+    crop_nms_thresh: float = 0.7
+    crop_overlap_ratio: float = 512 / 1500
+    crop_n_points_downscale_factor: int = Field(1, ge=1)
+    min_mask_region_area: int = Field(10, ge=0, description=(
+        "holes and islands below this area are removed from the masks (OpenCV); the predictor's own pass on the "
+        "low-resolution logits needs sam2's CUDA extension and is skipped, with a warning, without it"))
+    use_m2m: bool = Field(False, description="refine each mask once more with its own low-resolution logits")
+    multimask_output: bool = Field(True, description="three masks per point prompt")
+
+
+class SlitParams(Strict):
+    """Boundary probabilities → masks (SLIT / DirectSAM, spec §4.2): pixels above ``boundary_threshold`` are
+    boundary, the boundary is dilated with a ``boundary_dilation`` x ``boundary_dilation`` ellipse, and the
+    connected components of the other pixels are the masks, largest first."""
+
+    boundary_threshold: float = Field(1e-3, gt=0, lt=1, description=(
+        "boundary probability above which a pixel is boundary"))
+    boundary_dilation: int = Field(3, ge=1, description=(
+        "side of the elliptic kernel the boundary is dilated with (1: none)"))
+    connectivity: Literal[4, 8] = Field(8, description="neighbours that connect the pixels of a mask")
+    max_masks: int = Field(256, ge=1, description=(
+        "only the largest components are proposed (a job keeps at most masks_per_image <= 64): bounds the memory "
+        "where an image breaks into thousands of specks"))
+
+
 class SegmenterConfig(Strict):
     """Which segmenter proposes masks, and its parameters."""
 
-    name: Literal["superpixel", "sam", "grid"] = "superpixel"
-    # sam
-    model_type: Literal["vit_b", "vit_l", "vit_h"] = "vit_h"
-    checkpoint: Path | None = None
-    builder: str | None = Field(
-        None, description="'module:function' returning a segment_anything Sam; replaces model_type/checkpoint"
-    )
+    name: Literal["superpixel", "sam", "sam2", "slit", "grid"] = "superpixel"
+    # the model segmenters: sam, sam2, slit
+    model_type: Literal["vit_b", "vit_l", "vit_h"] = Field("vit_h", description="sam: the checkpoint's model")
+    checkpoint: Path | None = Field(None, description=(
+        "sam: a .pth file; sam2: a .pt file; slit: a folder with config.json, preprocessor_config.json and the "
+        "weights (a copy of the DirectSAM model); nothing is downloaded"))
+    builder: str | None = Field(None, description=(
+        "'module:function' returning the model, for sam a segment_anything Sam, for sam2 a SAM2Base; replaces "
+        "checkpoint, model_type and sam2_model"))
     device: Literal["auto", "cuda", "cpu"] = "auto"
+    batch_size: int = Field(4, ge=1, description=(
+        "model segmenters: images a worker segments together (their encoder inputs share forwards)"))
+    encoder_batch: int = Field(8, ge=1, description=(
+        "model segmenters: inputs (images, or their crops with crop_n_layers) per image-encoder forward; bounds "
+        "the device memory"))
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description=(
+        "model segmenters: the image encoder's autocast precision; fp32 gives the library's own masks, bf16/fp16 "
+        "are faster on GPUs and change masks slightly (measured by bench/p6_segmenter_throughput.py)"))
     sam: SamParams = SamParams()
+    sam2_model: Literal[
+        "sam2.1_hiera_t", "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l",
+        "sam2_hiera_t", "sam2_hiera_s", "sam2_hiera_b+", "sam2_hiera_l",
+    ] = Field("sam2.1_hiera_b+", description=(
+        "sam2: the checkpoint's model, named as its config in the sam2 package (configs/sam2.1/NAME.yaml, "
+        "configs/sam2/NAME.yaml)"))
+    sam2: Sam2Params = Sam2Params()
+    slit: SlitParams = SlitParams()
     # superpixel
     n_segments: int = Field(48, ge=2, description="SLIC superpixels before merging")
     compactness: float = Field(10.0, gt=0)
@@ -67,9 +121,12 @@ class SegmenterConfig(Strict):
     grid: int = Field(3, ge=1, description="grid x grid patches")
 
     @model_validator(mode="after")
-    def _sam_needs_weights(self) -> SegmenterConfig:
-        if self.name == "sam" and self.checkpoint is None and self.builder is None:
-            raise ValueError("segmenter.checkpoint is required for the sam segmenter (path to a SAM .pth file)")
+    def _models_need_weights(self) -> SegmenterConfig:
+        weights = {"sam": "path to a SAM .pth file", "sam2": "path to a SAM 2 .pt file",
+                   "slit": "a folder with the DirectSAM model"}
+        builds = self.builder is not None and self.name in ("sam", "sam2")
+        if self.name in weights and self.checkpoint is None and not builds:
+            raise ValueError(f"segmenter.checkpoint is required for the {self.name} segmenter ({weights[self.name]})")
         return self
 
 
@@ -114,6 +171,15 @@ class SegmentConfig(Strict):
         )
         if self.source != "synthetic":
             keep.pop("synthetic")
+        segmenter = keep["segmenter"]
+        for name in ("batch_size", "encoder_batch"):  # the same masks at any batch size
+            segmenter.pop(name)
+        if self.segmenter.precision == "fp32":  # the hash of fp32 shards written before the field existed
+            segmenter.pop("precision")
+        for name, fields in {"sam2": ("sam2_model", "sam2"), "slit": ("slit",)}.items():
+            if self.segmenter.name != name:  # the hash of shards written before these segmenters existed
+                for field in fields:
+                    segmenter.pop(field)
         return stable_hash({"format": FORMAT_VERSION, **keep})
 
 
@@ -125,8 +191,12 @@ class ConfigError(ValueError):
     """An invalid configuration; the message names the field."""
 
 
-def load_config(model: type[Strict], file: Path | None, overrides: dict[str, Any]) -> Strict:
-    """Merge a YAML/JSON config file with flag overrides (flags win, dotted keys nest) and validate."""
+def load_config(model: type[Strict], file: Path | None, overrides: dict[str, Any], *, section: str | None = None
+                ) -> Strict:
+    """Merge a YAML/JSON config file with flag overrides (flags win, dotted keys nest) and validate.
+
+    A preset file holds one section per command (``segment:``, ``train:``, ...); with ``section`` given, a file
+    that has that top-level key (not a field of ``model``) is read from it, so one preset serves every step."""
     data: dict[str, Any] = {}
     if file is not None:
         try:
@@ -135,6 +205,10 @@ def load_config(model: type[Strict], file: Path | None, overrides: dict[str, Any
             raise ConfigError(f"{file}: cannot read config: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{file}: a config file must hold a mapping, got {type(data).__name__}")
+        if section is not None and section in data and section not in model.model_fields:
+            data = data[section] or {}
+            if not isinstance(data, dict):
+                raise ConfigError(f"{file}: section {section!r} must hold a mapping, got {type(data).__name__}")
     for dotted, value in overrides.items():
         if value is None:
             continue
@@ -177,6 +251,9 @@ class ModelConfig(Strict):
         "the whole image (the ProtoPNet-style baseline)")
     patch_grid: int = Field(7, ge=1, description="patches per side in regions=patches")
     off_class_weight: float = Field(0.0, description="initial last-layer weight to other classes' prototypes")
+    similarity_epsilon: float = Field(1e-4, gt=0, description=(
+        "ε of the log similarity log((d + 1) / (d + ε)); the reference's is 1e-14 (its similarity at d = 0 is 32.2 "
+        "against 9.2 here, so crops near a pushed prototype dominate its logits)"))
 
 
 class LossConfig(Strict):
@@ -218,6 +295,11 @@ class ScheduleConfig(Strict):
         "weights); the paper keeps it at +1/0 until the last-layer phase"))
     step_size: int = Field(35, ge=1, description="StepLR step (joint epochs)")
     gamma: float = 0.5
+    lr_decay_from: Literal["joint", "pretrain"] = Field("joint", description=(
+        "joint: the step decay counts joint epochs only, every joint rate starts in full and pre-training runs "
+        "at constant rates (the paper's schedule); pretrain: the decay also runs over the pre-training epochs, "
+        "and the backbone's joint rate goes on from where pre-training left it (the linear head's schedule over "
+        "the same epochs), while the add-on, prototypes and classifier start in full"))
     prune: bool = False
     prune_k: int = Field(6, ge=1)
     prune_threshold: int = Field(3, ge=1)
@@ -234,7 +316,8 @@ class ScheduleConfig(Strict):
 
 
 class ParityConfig(Strict):
-    """Switches that reproduce the reference code's behaviour (spec §10); all off = fixed mode."""
+    """Switches that reproduce the reference code's behaviour (spec §10); all off = fixed mode. The reference's
+    similarity ε is ``model.similarity_epsilon`` (1e-14 there): it is part of the exported network."""
 
     push_last_batch: bool = Field(False, description="push keeps only the last batch's nearest crop")
     detached_diversity: bool = Field(False, description="diversity term without gradient")
@@ -308,8 +391,9 @@ class ExplainConfig(Strict):
     keys: list[str] | None = Field(None, description="sample keys to explain; default: the first test samples")
     top_k: int = Field(3, ge=1, description="prototypes shown per image")
     limit: int = Field(8, ge=1, description="test samples explained when no keys are given")
-    relevance: Literal["mask", "gradient"] = Field("mask", description=(
-        "saliency inside the matched mask: the binary mask, or gradient x input of the prototype's similarity"))
+    relevance: Literal["mask", "gradient", "prp"] = Field("mask", description=(
+        "saliency inside the matched mask: the binary mask, gradient x input of the prototype's similarity, or "
+        "its PRP relevance (LRP for prototypes, the paper's; resnet, vgg16 and convnet backbones)"))
 
 
 class ReportConfig(Strict):

@@ -20,6 +20,29 @@ def test_flags_override_config_file(tmp_path: Path) -> None:
     assert config.masks_per_image == 7 and config.segmenter.name == "grid" and config.segmenter.grid == 4
 
 
+def test_flags_are_the_shortest_unique_tail_of_the_field() -> None:
+    from protomask.flags import _shortest_unique_suffixes
+
+    names = ["masks_per_image", "segmenter.sam.points_per_side", "segmenter.sam2.points_per_side", "seed",
+             "synthetic.seed", "a.b.c", "d.b.c"]
+    assert _shortest_unique_suffixes(names) == {
+        "masks_per_image": "masks_per_image", "segmenter.sam.points_per_side": "sam-points_per_side",
+        "segmenter.sam2.points_per_side": "sam2-points_per_side", "seed": "seed", "synthetic.seed": "synthetic-seed",
+        "a.b.c": "a-b-c", "d.b.c": "d-b-c"}
+
+
+def test_preset_file_gives_each_command_its_section(tmp_path: Path) -> None:
+    from schemas.config import TrainConfig
+
+    preset = tmp_path / "p.yaml"
+    preset.write_text("segment: {source: cub, masks_per_image: 11}\ntrain: {schedule: {step_size: 35}}\n")
+    segment = load_config(SegmentConfig, preset, {"root": "/d", "out": "/o"}, section="segment")
+    train = load_config(TrainConfig, preset, {"shards": "s", "run_dir": "r"}, section="train")
+    assert segment.masks_per_image == 11 and segment.source == "cub" and train.schedule.step_size == 35
+    with pytest.raises(ConfigError, match="train"):  # read without a section, the sections are unknown fields
+        load_config(SegmentConfig, preset, {"root": "/d", "out": "/o"})
+
+
 @pytest.mark.parametrize(
     "text,field",
     [
@@ -86,13 +109,37 @@ def test_console_script_installed() -> None:
     assert result.returncode == 0 and "--masks-per-image" in result.stdout
 
 
-@pytest.mark.parametrize("name", ["small-cpu", "cub-gpu", "demo"])
+@pytest.mark.parametrize("name", ["small-cpu", "demo", "cub-sam2"])
 def test_named_configs_validate(name: str) -> None:
     from protomask.cli import config_file
     from schemas.config import TrainConfig
 
-    config = load_config(TrainConfig, config_file(name), {"shards": "s", "run_dir": "r"})
+    config = load_config(TrainConfig, config_file(name), {"shards": "s", "run_dir": "r"}, section="train")
     assert config.data.batch_size % 2 == 0  # splits over 1 and 2 workers
+
+
+# spec §2.4: (K, backbone rate, prototype rate, StepLR step) per dataset and segmenter
+PAPER = {"cub-sam2": (11, 6e-5, 3e-3, 35), "cub-slit": (8, 9.4e-5, 2.7e-3, 35), "dogs-sam2": (13, 1e-5, 3e-3, 30),
+         "dogs-slit": (10, 2.9e-5, 3e-3, 30), "cars-sam2": (16, 6e-5, 2e-3, 35), "cars-slit": (11, 7.3e-5, 3.5e-3, 35)}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_presets_give_the_papers_runs(name: str) -> None:
+    """One preset per (dataset, segmenter): the segment section has the segmenter and K, the train section the
+    rates and step; a checkpoint flag completes the segment config."""
+    from protomask.cli import config_file
+    from schemas.config import TrainConfig
+
+    segment = load_config(SegmentConfig, config_file(name), {"root": "/d", "out": "/o", "segmenter.checkpoint": "/m"},
+                          section="segment")
+    train = load_config(TrainConfig, config_file(name), {"shards": "s", "run_dir": "r"}, section="train")
+    k, lr_backbone, lr_prototypes, step = PAPER[name]
+    assert segment.segmenter.name == name.split("-")[1] and segment.masks_per_image == k
+    assert segment.source == ("cub" if name.startswith("cub") else "imagefolder")
+    s = train.schedule
+    assert (s.lr_backbone, s.lr_prototypes, s.step_size, s.joint_epochs, s.last_layer_epochs) == (
+        lr_backbone, lr_prototypes, step, 100, 10)
+    assert train.model.backbone == "resnet50" and train.model.prototype_dim == 1280 and train.data.batch_size == 64
 
 
 def test_set_flags_and_unknown_config_name(tmp_path: Path, capsys) -> None:

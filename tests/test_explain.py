@@ -57,7 +57,7 @@ def test_relevance_stays_inside_the_matched_region(shards: Path, regions: str) -
     model = ProtoMask(TINY.model_copy(update={"regions": regions, "patch_grid": 4}), dataset.num_classes).eval()
     (_, members), = read_samples(dataset, [dataset.rows[1]["key"]])
     binary = explain_sample(model, members, k=2)
-    rel = explain_sample(model, members, k=2, relevance=True)
+    rel = explain_sample(model, members, k=2, relevance="gradient")
     assert [e.prototype for e in rel.evidence] == [e.prototype for e in binary.evidence]
     for r, b in zip(rel.saliency, binary.saliency):
         assert r.min() >= 0 and r[b == 0].max(initial=0) == 0 and r.max() > 0

@@ -48,9 +48,25 @@ def test_top3_and_its_c2_fallback() -> None:
 
 def test_perfect_and_empty() -> None:
     m = classification_metrics(one_hot_logits([0, 1, 2], 3), torch.tensor([0, 1, 2]))
-    assert (m["accuracy"], m["balanced_accuracy"], m["top3"], m["macro_f1"]) == (1.0, 1.0, 1.0, 1.0)
+    assert {v for k, v in m.items() if k != "n"} == {1.0}
     empty = classification_metrics(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
-    assert empty == {"accuracy": 0.0, "balanced_accuracy": 0.0, "top3": 0.0, "macro_f1": 0.0, "n": 0}
+    assert empty == {"accuracy": 0.0, "balanced_accuracy": 0.0, "top3": 0.0, "balanced_top3": 0.0, "macro_f1": 0.0,
+                     "balanced_macro_f1": 0.0, "n": 0}
+
+
+def test_class_balanced_variants_use_the_reference_sample_weights() -> None:
+    """Spec §7.1: every image weighs 1/(its class's share), so each class counts as much as any other."""
+    labels = torch.tensor([0, 0, 0, 1, 2])
+    m = classification_metrics(one_hot_logits([0, 0, 1, 1, 1], 3), labels)
+    w = 1 / (torch.bincount(labels).double() / 5)[labels]  # the reference's get_sample_weights
+    correct = torch.tensor([1.0, 1, 0, 1, 0], dtype=torch.float64)
+    assert m["balanced_accuracy"] == pytest.approx(float((w * correct).sum() / w.sum()))
+    # weighted counts (class 0 images weigh 1/3): class 0 TP 2/3, FN 1/3 → 0.8; class 1 TP 1, FP 1/3 + 1 → 0.6
+    assert m["balanced_macro_f1"] == pytest.approx((0.8 + 0.6 + 0.0) / 3)
+    assert m["macro_f1"] == pytest.approx((0.8 + 0.5 + 0.0) / 3)  # unweighted: class 1 FP 2 → 0.5
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0]] * 3 + [[4.0, 0.0, 3.0, 2.0]])  # class 1 ranks 4th
+    top = classification_metrics(logits, torch.tensor([0, 0, 0, 1]))
+    assert top["top3"] == pytest.approx(3 / 4) and top["balanced_top3"] == pytest.approx((1 + 0) / 2)
 
 
 def test_compactness_hand_computed() -> None:
@@ -125,3 +141,13 @@ def test_contrastivity_by_hand() -> None:
     class1 = (1.0 + (1 + c45) / 2) / 2
     assert got["inter_pd"] == pytest.approx((class0 + class1) / 2)
     assert contrastivity(protos, top[:2], labels[:2])["inter_pd"] == 0.0
+
+
+def test_printed_metrics_name_the_papers_accuracy() -> None:
+    from protomask.cli import format_side_by_side
+
+    m = classification_metrics(one_hot_logits([0, 0, 1, 1, 1], 3), torch.tensor([0, 0, 0, 1, 2]))
+    rows = {line.split()[0]: line for line in format_side_by_side({"model": m}, "test").splitlines()}
+    assert rows["balanced_accuracy"].endswith("(the paper's Accuracy)") and "paper" not in rows["accuracy"]
+    assert rows["balanced_top3"].endswith("(the paper's top-3 Accuracy)")
+    assert rows["balanced_macro_f1"].endswith("(the paper's F1)")

@@ -9,7 +9,7 @@ import torch
 
 from schemas.config import LossConfig, ModelConfig
 from training.losses import class_weights, cluster_loss, diversity_loss, l1_off_class, separation_loss, total_loss
-from training.model import EPSILON, ProtoMask
+from training.model import ProtoMask
 
 TINY = ModelConfig(backbone="convnet", width=4, prototype_dim=8, input_size=16, prototypes_per_class=2)
 
@@ -41,8 +41,19 @@ def test_distance_is_squared_l2_and_similarity_is_log() -> None:
     z = torch.rand(1, 3, 8)
     expected = ((z[0, :, None, :] - model.prototypes[None]) ** 2).sum(-1)
     assert torch.allclose(model.distances(z)[0], expected, atol=1e-5)
-    d = torch.tensor(2.0)
-    assert math.isclose(float(torch.log((d + 1) / (d + EPSILON))), math.log(3 / (2 + EPSILON)), rel_tol=1e-6)
+    d = torch.tensor([2.0, 0.0])
+    assert torch.allclose(model.similarity(d), torch.tensor([math.log(3 / (2 + 1e-4)), math.log(1e4)]))
+    reference = ProtoMask(TINY.model_copy(update={"similarity_epsilon": 1e-14}), num_classes=1)
+    assert reference.similarity(d.double()).tolist() == pytest.approx([math.log(3 / 2), math.log(1e14)])  # 32.2 at d=0
+
+
+def test_forward_uses_the_similarity_epsilon() -> None:
+    crops, valid = torch.rand(1, 2, 3, 16, 16), torch.ones(1, 2, dtype=torch.bool)
+    for eps in (1e-4, 1e-14):
+        torch.manual_seed(0)
+        model = ProtoMask(TINY.model_copy(update={"similarity_epsilon": eps}), num_classes=2)
+        out = model(crops, valid)
+        assert torch.allclose(out.similarities, torch.log((out.min_distances + 1) / (out.min_distances + eps)))
 
 
 def test_padding_never_wins_the_min() -> None:

@@ -256,6 +256,42 @@ def test_disk_full_during_a_shard_keeps_finished_shards(tmp_path: Path, monkeypa
     assert {p.name: p.read_bytes() for p in config.out.iterdir()} == before  # nothing partial, nothing lost
 
 
+def test_a_failing_image_in_a_segmenter_batch_fails_alone(tmp_path: Path) -> None:
+    """A segmenter that batches (3 images per call) raises on one image: the batch is retried one image at a
+    time, so only that input becomes an error row, and every other image keeps its masks."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from pipeline.plan import make_plan
+    from pipeline.segmenters.base import Proposal, Segmenter
+    from pipeline.sources import list_source
+    from pipeline.worker import ShardProcessor
+
+    config = _config(tmp_path, out=tmp_path / "out")
+    config.out.mkdir()
+    processor = ShardProcessor(config, "h")
+    rows = [r for r in make_plan(list_source(config), config.shard_size, config.shuffle_seed,
+                                 config.test_fraction).to_pylist() if r["shard"] == 0]
+    bad = processor._decode(rows[1])[0].pixels
+    grid, calls = processor.segmenter, []
+
+    class Batching(Segmenter):
+        name, batch_size = "grid", 3
+
+        def propose_batch(self, images: list[np.ndarray]) -> list[Proposal]:
+            calls.append(len(images))
+            if any(np.array_equal(image, bad) for image in images):
+                raise RuntimeError("device fault")
+            return [grid(image) for image in images]
+
+    processor.segmenter = Batching()
+    processor.process(0, rows)
+    table = pq.read_table(config.out / "train-00000.parquet").to_pylist()
+    assert len(rows) >= 4 and [r["status"] for r in table] == ["ok", "error"] + ["ok"] * (len(rows) - 2)
+    assert table[1]["error_message"] == "RuntimeError: device fault"
+    assert calls[:4] == [3, 1, 1, 1]  # the failed batch, then its images one by one
+
+
 @pytest.mark.ray
 def test_unwritable_shard_exhausts_retries_and_keeps_the_rest(ray_local, tmp_path: Path) -> None:
     config = _config(tmp_path, num_workers=2, cpus_per_worker=0.5, max_shard_retries=1)

@@ -134,6 +134,25 @@ def test_sam_tiny_model_all_candidates() -> None:
     assert seg.params() == {"builder": TINY, **ALL_MASKS.model_dump()}
 
 
+def test_sam_batched_encoder_gives_the_library_loops_masks() -> None:
+    """Three images of different sizes, each with its 1 + 4 crops, in encoder forwards of 3 inputs (chunks that
+    straddle images): the masks of SamAutomaticMaskGenerator.generate, one image at a time."""
+    from segment_anything import SamAutomaticMaskGenerator
+
+    params = ALL_MASKS.model_copy(update={"crop_n_layers": 1, "crop_nms_thresh": 1.0})
+    seg = create_segmenter(SegmenterConfig(name="sam", builder=TINY, device="cpu", sam=params, batch_size=3,
+                                           encoder_batch=3))
+    images = [_natural(80, 120), _natural(64, 48), _natural(50, 50)]
+    proposals = seg.propose_batch(images)
+    loop = SamAutomaticMaskGenerator(seg.generator.predictor.model, output_mode="binary_mask", **params.model_dump())
+    with torch.inference_mode():
+        expected = [loop.generate(image) for image in images]
+    for proposal, records, image in zip(proposals, expected, images):
+        assert proposal.masks.shape == (len(records), *image.shape[:2]) and len(records) >= 16 * 3
+        assert all(np.array_equal(m, r["segmentation"]) for m, r in zip(proposal.masks, records))
+        assert np.allclose(proposal.scores, [r["predicted_iou"] for r in records], atol=1e-5)
+
+
 def test_sam_no_masks_has_image_shape() -> None:
     params = ALL_MASKS.model_copy(update={"pred_iou_thresh": 1e9})
     proposal = create_segmenter(SegmenterConfig(name="sam", builder=TINY, device="cpu", sam=params))(_natural(40, 50))

@@ -12,8 +12,8 @@ import torch
 
 from pipeline.job import run_segment
 from schemas.config import ModelConfig, SegmentConfig, TrainConfig
-from training.loop import CHECKPOINT, checkpoint_state, make_optimizers, phase_of, set_trainable
-from training.model import ProtoMask
+from training.loop import CHECKPOINT, checkpoint_state, make_optimizers, make_schedulers, phase_of, set_trainable
+from training.model import LinearHead, ProtoMask
 from training.data import ShardDataset
 from training.export import load_model
 from training.train import TrainError, run_evaluate, run_train
@@ -62,21 +62,54 @@ def test_phase_schedule_and_freezing() -> None:
     assert len(make_optimizers(model, parity)["joint"].param_groups) == 2  # no add-on group in parity mode
 
 
+def _rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    return {g["name"]: g["lr"] for g in optimizer.param_groups}
+
+
+def test_step_decay_runs_from_pretraining_when_asked() -> None:
+    """lr_decay_from joint (the paper): pre-training at constant rates, every joint rate starts in full;
+    pretrain: the decay counts pre-training epochs too and the backbone's joint rate goes on from there."""
+    model = ProtoMask(ModelConfig(**TINY), 3)
+    for decay_from, pretrain_end, joint_start in (("joint", 1.0, 1.0), ("pretrain", 0.25, 0.25)):
+        config = _config(Path("s"), Path("r"), pretrain_epochs=4, prototype_init="uniform", step_size=2, gamma=0.5,
+                         lr_decay_from=decay_from)
+        pretrainer = LinearHead(model.config, 3, trunk=(model.backbone, model.channels))
+        opts = make_optimizers(model, config, pretrainer=pretrainer)
+        schedulers = make_schedulers(opts, config)
+        for _ in range(4):
+            opts["pretrain"].step()
+            if "pretrain" in schedulers:
+                schedulers["pretrain"].step()
+        s = config.schedule
+        assert _rates(opts["pretrain"]) == {"backbone": s.lr_backbone * pretrain_end,
+                                            "classifier": s.lr_addon * pretrain_end}
+        assert _rates(opts["joint"]) == {"backbone": s.lr_backbone * joint_start, "add_on": s.lr_addon,
+                                         "prototypes": s.lr_prototypes}
+        for _ in range(2):
+            opts["joint"].step()
+            schedulers["joint"].step()
+        assert _rates(opts["joint"]) == {"backbone": s.lr_backbone * joint_start / 2, "add_on": s.lr_addon / 2,
+                                         "prototypes": s.lr_prototypes / 2}
+
+
 def test_checkpoint_is_plain_and_roundtrips(tmp_path: Path) -> None:
     config = _config(Path("s"), tmp_path)
     model = ProtoMask(ModelConfig(**TINY), 3)
     opts = make_optimizers(model, config)
-    sched = torch.optim.lr_scheduler.StepLR(opts["joint"], 2)
+    schedulers = make_schedulers(opts, config)
     model(torch.rand(2, 2, 3, 32, 32), torch.ones(2, 2, dtype=torch.bool)).logits.sum().backward()
     opts["joint"].step()
-    sched.step()
-    torch.save(checkpoint_state(model, opts, sched, 3, config, pushed=True), tmp_path / CHECKPOINT)
+    schedulers["joint"].step()
+    torch.save(checkpoint_state(model, opts, schedulers, 3, config, pushed=True), tmp_path / CHECKPOINT)
     state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     assert state["epoch"] == 3 and state["pushed"] and TrainConfig.model_validate_json(state["config"]) == config
     fresh = ProtoMask(ModelConfig(**TINY), 3)
     fresh.load_state_dict(state["model"])
     fresh_opts = make_optimizers(fresh, config)
     fresh_opts["joint"].load_state_dict(state["optimizers"]["joint"])
+    fresh_schedulers = make_schedulers(fresh_opts, config)
+    fresh_schedulers["joint"].load_state_dict(state["schedulers"]["joint"])
+    assert fresh_schedulers["joint"].last_epoch == 1
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
     assert fresh_opts["joint"].state_dict()["state"].keys() == opts["joint"].state_dict()["state"].keys()
 
@@ -213,6 +246,7 @@ def test_train_and_evaluate_on_cub_mini_shards(ray_local, cub_mini: Path, tmp_pa
 
 @pytest.mark.slow
 def test_killed_worker_resumes_from_checkpoint(shards: Path, tmp_path: Path) -> None:
+    import contextlib
     import os
     import signal
 
@@ -226,8 +260,11 @@ def test_killed_worker_resumes_from_checkpoint(shards: Path, tmp_path: Path) -> 
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
             if registered_epoch(run_dir) >= 1:  # Ray Train's controller has taken the epoch-1 checkpoint
-                for proc in psutil.process_iter(["cmdline"]):
-                    if any("RayTrainWorker" in part for part in (proc.info["cmdline"] or [])):
+                for proc in psutil.Process().children(recursive=True):  # this test's Ray only, not another job's
+                    cmdline: list[str] = []
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        cmdline = proc.cmdline()
+                    if any("RayTrainWorker" in part for part in cmdline):
                         os.kill(proc.pid, signal.SIGKILL)
                         killed.append(proc.pid)
                         return

@@ -1,8 +1,9 @@
 """Explanations: each prototype's evidence is exactly the mask it matched.
 
 * ``explain_sample``: predicted class and the top-k prototypes by contribution (similarity × the
-  predicted class's last-layer weight), each with the mask it matched; the saliency map is zero
-  outside that mask's pixels (the reference pasted relevance into the mask's box, spec §6.1).
+  predicted class's last-layer weight), each with the mask it matched; the saliency map (the mask, gradient ×
+  input, or PRP relevance) is zero outside that mask's pixels (the reference pasted PRP relevance into the mask's
+  box, spec §6.1).
 * ``part_hit_rate``: on data with ground-truth parts, the share of correctly classified images whose
   top prototype's mask overlaps the discriminative part (part id 1).
 * ``render_explanation`` / ``render_gallery``: PNGs of one explanation (saliency heatmap inside each
@@ -20,6 +21,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -30,12 +32,14 @@ from pipeline.shards import ShardError, iter_samples
 from schemas.shard import MASKS_MEMBER, SampleRecord
 from training.data import ShardDataset, decode_sample
 from training.model import ProtoMask
+from training.prp import prp_relevance
 
 OVERLAP = 0.5  # a mask "hits" a part when their intersection covers half of the smaller of the two
 OUTLINE = (255, 40, 40)
 TILE, GAP = 224, 8  # px of one image tile in the PNGs, and between tiles
 FLAG, GOOD, INK, MUTED, BACKGROUND = (215, 25, 28), (26, 130, 50), (20, 20, 20), (90, 90, 90), (236, 236, 236)
 HEAT = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)], np.float32)  # viridis
+Relevance = Literal["mask", "gradient", "prp"]
 
 
 def read_samples(dataset: ShardDataset, keys: Iterable[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -84,16 +88,19 @@ def region_masks(model: ProtoMask, members: dict[str, bytes], record: SampleReco
     return cells
 
 
-def explain_sample(model: ProtoMask, members: dict[str, bytes], k: int = 3, relevance: bool = False) -> Explanation:
+def explain_sample(model: ProtoMask, members: dict[str, bytes], k: int = 3, *, relevance: Relevance = "mask"
+                   ) -> Explanation:
     """Top-k prototypes of one sample and their saliency, zero outside each matched region's pixels:
-    the binary region, or (``relevance``) gradient × input of the prototype's similarity, mapped from the
-    crop back onto the region's box and masked by the region."""
+    the binary region (``mask``), or the positive part of the prototype's similarity's relevance in the crop
+    (``gradient``: gradient × input; ``prp``: PRP, computed on that crop only), mapped from the crop back onto
+    the region's box and masked by the region."""
     record = SampleRecord.model_validate_json(members["json"])
     patches = model.config.regions == "patches"
     crops, valid, label, key = decode_sample(members, record.masks_per_image, model.config.input_size, None,
                                              whole_image=patches)
-    crops = crops[None].requires_grad_(relevance)
-    with torch.set_grad_enabled(relevance):
+    gradient = relevance == "gradient"
+    crops = crops[None].requires_grad_(gradient)
+    with torch.set_grad_enabled(gradient):
         out = model(crops, valid[None])
     predicted = int(out.logits.argmax(1))
     contribution = (out.similarities[0] * model.last_layer.weight[predicted]).detach()
@@ -105,11 +112,16 @@ def explain_sample(model: ProtoMask, members: dict[str, bytes], k: int = 3, rele
         for p in top
     ]
     saliency = np.stack([masks[e.mask_index].astype(np.float32) for e in evidence])
-    if relevance:
-        for i, e in enumerate(evidence):
-            (grad,) = torch.autograd.grad(out.similarities[0, e.prototype], crops, retain_graph=True)
-            crop_index = 0 if patches else e.mask_index
-            rel = (grad * crops)[0, crop_index].sum(0).clamp_min(0).detach().numpy()  # [S, S], crop space
+    if relevance != "mask":
+        crop_of = [0 if patches else e.mask_index for e in evidence]
+        if gradient:
+            grads = [torch.autograd.grad(out.similarities[0, e.prototype], crops, retain_graph=True)[0][0, c]
+                     for e, c in zip(evidence, crop_of)]
+            maps = torch.stack(grads) * crops[0, crop_of]
+        else:
+            maps = prp_relevance(model, crops[0, crop_of], prototypes=torch.tensor([e.prototype for e in evidence]),
+                                 cells=torch.tensor([e.mask_index if patches else 0 for e in evidence]))
+        for i, (e, rel) in enumerate(zip(evidence, maps.sum(1).clamp_min(0).detach().numpy())):  # [S, S], crop space
             x0, y0, x1, y1 = (0, 0, record.width - 1, record.height - 1) if patches else record.boxes[e.mask_index]
             box = np.asarray(Image.fromarray(rel).resize((x1 - x0 + 1, y1 - y0 + 1), Image.BILINEAR))
             canvas = np.zeros_like(saliency[i])
@@ -464,7 +476,7 @@ def _after_pruning(log: dict) -> list[dict]:
 
 
 def run_explain(run_dir: Path, shards: Path | None, out: Path, *, keys: list[str] | None = None, k: int = 3,
-                limit: int = 8, relevance: bool = False) -> dict:
+                limit: int = 8, relevance: Relevance = "mask") -> dict:
     """``protomask explain``: the prototype gallery and local explanations (default: first test samples;
     default shards: the ones the model was trained on)."""
     from schemas.config import TrainConfig, load_config
@@ -487,7 +499,7 @@ def run_explain(run_dir: Path, shards: Path | None, out: Path, *, keys: list[str
         keys = [k for k in itertools.chain.from_iterable(rounds) if k is not None][:limit]
     records = []
     for key, members in read_samples(dataset, keys):
-        explanation = explain_sample(model, members, k, relevance)
+        explanation = explain_sample(model, members, k, relevance=relevance)
         path = out / f"explain_{key}.png"
         render_explanation(explanation, members, sources, classes, path)
         records.append({
@@ -495,7 +507,7 @@ def run_explain(run_dir: Path, shards: Path | None, out: Path, *, keys: list[str
             "png": path.name,
             "evidence": [e.__dict__ for e in explanation.evidence],
         })
-    summary = {"gallery": [p.name for p in gallery], "relevance": "gradient" if relevance else "mask",
+    summary = {"gallery": [p.name for p in gallery], "relevance": relevance,
                "prototypes": [sources[p].describe(classes) for p in sorted(sources)], "explanations": records}
     (out / "explanations.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -92,13 +92,33 @@ def make_optimizers(model: Model, config: TrainConfig, *, pretrainer: LinearHead
     for phase, rates in phase_learning_rates(config).items():
         module = pretrainer if phase == "pretrain" else model
         groups = module.parameter_groups() if module is not None else {}
-        params = [{"params": groups[name], "lr": lr} for name, lr in rates.items() if groups.get(name)]
+        params = [{"params": groups[name], "lr": lr, "name": name} for name, lr in rates.items() if groups.get(name)]
         if params:
             optimizers[phase] = torch.optim.Adam(params)
     return optimizers
 
 
-def checkpoint_state(model: Model, optimizers: dict, scheduler, epoch: int, config: TrainConfig, *, pushed: bool,
+def make_schedulers(optimizers: dict[str, torch.optim.Optimizer], config: TrainConfig
+                    ) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
+    """Step decay per epoch of the joint phase; with ``schedule.lr_decay_from: pretrain`` also per epoch of
+    pre-training, the joint backbone group going on from the pre-training's last rate."""
+    s = config.schedule
+    continued = s.lr_decay_from == "pretrain"
+    schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] = {}
+    if continued and "pretrain" in optimizers:
+        schedulers["pretrain"] = torch.optim.lr_scheduler.StepLR(optimizers["pretrain"], s.step_size, s.gamma)
+    if "joint" in optimizers:
+        def decay(offset: int):
+            return lambda epoch: s.gamma ** ((epoch + offset) // s.step_size)
+
+        offset = s.pretrain_epochs if continued else 0
+        schedulers["joint"] = torch.optim.lr_scheduler.LambdaLR(
+            optimizers["joint"], [decay(offset if g["name"] == "backbone" else 0)
+                                  for g in optimizers["joint"].param_groups])
+    return schedulers
+
+
+def checkpoint_state(model: Model, optimizers: dict, schedulers: dict, epoch: int, config: TrainConfig, *, pushed: bool,
                      placed: bool = True, pretrainer: LinearHead | None = None) -> dict:
     """A plain dict of tensors and JSON-able values: loadable with ``torch.load(weights_only=True)``."""
     return {
@@ -106,7 +126,7 @@ def checkpoint_state(model: Model, optimizers: dict, scheduler, epoch: int, conf
         "format_version": FORMAT_VERSION,
         "model": model.state_dict(),
         "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-        "scheduler": scheduler.state_dict(),
+        "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
         "epoch": epoch,  # epochs completed
         "phase": phase_of(epoch - 1, config) if epoch else "start",  # phase of the last completed epoch
         "pushed": pushed,
@@ -257,11 +277,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if pretrainer is not None:
         pretrainer.to(device)
     optimizers = make_optimizers(model, config, pretrainer=pretrainer)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizers["joint"], config.schedule.step_size, config.schedule.gamma)
+    schedulers = make_schedulers(optimizers, config)
     if state is not None:
         for k, o in optimizers.items():
             o.load_state_dict(state["optimizers"][k])
-        scheduler.load_state_dict(state["scheduler"])
+        for k, sched in schedulers.items():
+            sched.load_state_dict(state["schedulers"][k])
         reporter.note(f"resumed from the checkpoint of epoch {start_epoch} (push done: {pushed})")
         if rank == 0:
             with (config.run_dir / "events.jsonl").open("a") as f:
@@ -302,8 +323,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         row = {"epoch": epoch, "phase": phase,
                **train_one_epoch(module, net, reporter.track(train_stream, f"epoch {epoch + 1}/{epochs} {phase}"),
                                  optimizers[phase], config, phase, weights, device, micro_batch=micro_batch)}
-        if phase == "joint":
-            scheduler.step()
+        if phase in schedulers:
+            schedulers[phase].step()
         sync_buffers(module)
         val = classification(module, reporter.track(val_stream, "validation"), device)
         row.update({f"val_{k}": v for k, v in val.items() if k != "n"})
@@ -311,7 +332,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ckpt = None
             if rank == 0:
                 log.write(row)
-                torch.save(checkpoint_state(model, optimizers, scheduler, epoch + 1, config, pushed=pushed,
+                torch.save(checkpoint_state(model, optimizers, schedulers, epoch + 1, config, pushed=pushed,
                                             placed=placed, pretrainer=pretrainer), Path(d) / CHECKPOINT)
                 ckpt = ray.train.Checkpoint.from_directory(d)
             reporter.epoch(row, epochs)

@@ -20,8 +20,6 @@ from torch import nn
 from schemas.config import ModelConfig
 from training.weights import backbone_state_dict
 
-EPSILON = 1e-4  # log activation: log((d + 1) / (d + eps)), ProtoPNet's similarity
-
 
 def _convnet(width: int) -> tuple[nn.Module, int]:
     """A small VGG-style CNN for CPU runs: 4 stages, each conv-BN-ReLU twice then max-pool."""
@@ -133,11 +131,15 @@ class ProtoMask(nn.Module):
         d = (z * z).sum(-1, keepdim=True) - 2 * z @ self.prototypes.T + (self.prototypes**2).sum(-1)
         return d.clamp_min(0)
 
+    def similarity(self, d: torch.Tensor) -> torch.Tensor:
+        """ProtoPNet's log activation of squared distances: log((d + 1) / (d + model.similarity_epsilon))."""
+        return torch.log((d + 1) / (d + self.config.similarity_epsilon))
+
     def forward(self, crops: torch.Tensor, valid: torch.Tensor) -> ModelOutput:
         d = self.distances(self.embed(crops, valid))
         d = d.masked_fill(~self.region_valid(valid)[..., None], float("inf"))
         min_d, nearest = d.min(dim=1)
-        sim = torch.log((min_d + 1) / (min_d + EPSILON))
+        sim = self.similarity(min_d)
         return ModelOutput(self.last_layer(sim), min_d, nearest, sim)
 
     def prune(self, keep: torch.Tensor) -> None:

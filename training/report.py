@@ -320,7 +320,7 @@ def write_report(runs: dict[str, Path], out: Path) -> Path:
         results[name] = {k: v for k, v in test.items() if k != "confusion"}
         matrix, classes = np.array(test["confusion"]), meta["classes"]
         folder = f"run{i}"
-        summary = run_explain(run_dir, shards, out / folder, limit=4, relevance=True)
+        summary = run_explain(run_dir, shards, out / folder, limit=4, relevance="gradient")
         rows = list(csv.DictReader((run_dir / "metrics.csv").open())) if (run_dir / "metrics.csv").is_file() else []
         gallery = "".join(f'<figure><a href="{folder}/{g}"><img src="{folder}/{g}" alt="{html.escape(g)}"></a>'
                           "</figure>" for g in summary["gallery"])

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.segmenters.base import Proposal
+from pipeline.segmenters.base import Proposal, Segmenter
 from schemas.config import SegmenterConfig
 
 
-class GridSegmenter:
+class GridSegmenter(Segmenter):
     """``grid`` x ``grid`` patches that tile the image exactly (empty patches of tiny images are skipped)."""
 
     name = "grid"
@@ -33,5 +33,3 @@ class GridSegmenter:
     def params(self) -> dict:
         return {"grid": self.grid}
 
-    def checkpoint_sha256(self) -> str | None:
-        return None

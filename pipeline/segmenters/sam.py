@@ -1,43 +1,30 @@
-"""Segment Anything (v1) automatic mask generation as a segmenter.
-
-The model is built on the first call, not in the constructor, so that reading ``params()`` and
-``checkpoint_sha256()`` (the driver does this for the manifest) loads no weights.
-"""
+"""Segment Anything (v1) automatic mask generation as a segmenter (``batched.GeneratorSegmenter``)."""
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
+from collections import deque
 from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
+from segment_anything import SamAutomaticMaskGenerator, SamPredictor, sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.utils.transforms import ResizeLongestSide
 
-from pipeline.segmenters.base import Proposal
+from pipeline.segmenters.batched import EmbeddedPredictor, GeneratorSegmenter
 from schemas.config import SegmenterConfig
-from schemas.files import sha256_file
 
 CHECKPOINTS_URL = "https://github.com/facebookresearch/segment-anything#model-checkpoints"
 
 
-class SamSegmenter:
-    """``SamAutomaticMaskGenerator`` with the config's ``SamParams``; scores are the predicted IoU."""
+class SamSegmenter(GeneratorSegmenter):
+    """``SamAutomaticMaskGenerator`` with the config's ``SamParams`` (``batched.GeneratorSegmenter``)."""
 
     name = "sam"
 
     def __init__(self, config: SegmenterConfig) -> None:
-        self.config = config
-        self._builder = _resolve_builder(config.builder) if config.builder else None
-        self._checkpoint = None if self._builder else config.checkpoint
-        if self._checkpoint is not None:
-            check_checkpoint(Path(self._checkpoint), config.model_type)
-        if config.device == "auto":
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        else:
-            self.device = config.device
+        super().__init__(config, check=lambda path: check_checkpoint(path, config.model_type))
 
     @cached_property
     def generator(self) -> SamAutomaticMaskGenerator:
@@ -55,30 +42,35 @@ class SamSegmenter:
                     f"(does segmenter.model_type match the file?): {exc}"
                 ) from exc
         model.to(self.device).eval()
-        return SamAutomaticMaskGenerator(model, output_mode="binary_mask", **self.config.sam.model_dump())
+        generator = SamAutomaticMaskGenerator(model, output_mode="binary_mask", **self.config.sam.model_dump())
+        generator.predictor = EmbeddedSamPredictor(model)
+        return generator
 
-    def __call__(self, image: np.ndarray) -> Proposal:
-        # The image is RGB and SAM expects RGB (predictor.set_image's default image_format). The reference
-        # implementation passed cv2's BGR array here, a channel-order bug that this pipeline does not reproduce.
-        with torch.inference_mode():
-            records = self.generator.generate(image)
-        h, w = image.shape[:2]
-        if not records:
-            return Proposal(masks=np.zeros((0, h, w), dtype=bool), scores=np.zeros(0, dtype=np.float32))
-        masks = np.stack([r["segmentation"] for r in records]).astype(bool, copy=False)
-        scores = np.array([r["predicted_iou"] for r in records], dtype=np.float32)
-        return Proposal(masks=masks, scores=scores)
+    def model_params(self) -> dict:
+        return {"model_type": self.config.model_type}
 
-    def params(self) -> dict:
-        model = {"builder": self.config.builder} if self._builder else {"model_type": self.config.model_type}
-        return {**model, **self.config.sam.model_dump()}
+    def generator_params(self) -> dict:
+        return self.config.sam.model_dump()
 
-    def checkpoint_sha256(self) -> str | None:
-        return self._sha256
 
-    @cached_property
-    def _sha256(self) -> str | None:
-        return None if self._checkpoint is None else sha256_file(Path(self._checkpoint))
+class EmbeddedSamPredictor(EmbeddedPredictor, SamPredictor):
+    """``SamPredictor`` taking stored embeddings (``batched``)."""
+
+    def __init__(self, model: Sam) -> None:
+        super().__init__(model)
+        self.pending = deque()
+
+    def encoder_input(self, crop: np.ndarray) -> torch.Tensor:
+        resized = torch.as_tensor(self.transform.apply_image(crop), device=self.device).permute(2, 0, 1)
+        return self.model.preprocess(resized.contiguous()[None])[0]
+
+    def encode(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.model.image_encoder(batch).float()[:, None])
+
+    def install(self, state: torch.Tensor, hw: tuple[int, int]) -> None:
+        self.reset_image()
+        self.features, self.original_size, self.is_image_set = state, hw, True
+        self.input_size = ResizeLongestSide.get_preprocess_shape(*hw, self.transform.target_length)
 
 
 def check_checkpoint(path: Path, model_type: str) -> None:
@@ -105,15 +97,19 @@ def check_checkpoint(path: Path, model_type: str) -> None:
                          "match the file?)")
 
 
-def _resolve_builder(spec: str) -> Callable[[], Sam]:
-    """Import ``module:function``."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"segmenter.builder must be 'module:function', got {spec!r}")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"segmenter.builder {spec!r} cannot be imported: {exc}") from exc
+def build_random_sam(model_type: str) -> Sam:
+    """A real-size SAM ``model_type`` with random (seed 0) weights: the encoder's real cost without the weights
+    (benchmarks on GPUs)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return sam_model_registry[model_type](checkpoint=None).eval()
+
+
+build_random_vit_b = partial(build_random_sam, "vit_b")
+build_random_vit_l = partial(build_random_sam, "vit_l")
+build_random_vit_h = partial(build_random_sam, "vit_h")
+RANDOM_BUILDERS = {"tiny": f"{__name__}:build_tiny_sam",
+                   **{t: f"{__name__}:build_random_{t}" for t in ("vit_b", "vit_l", "vit_h")}}
 
 
 def build_tiny_sam(img_size: int = 256) -> Sam:

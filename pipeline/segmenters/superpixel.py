@@ -7,11 +7,11 @@ from PIL import Image
 from skimage import graph
 from skimage.segmentation import slic
 
-from pipeline.segmenters.base import Proposal
+from pipeline.segmenters.base import Proposal, Segmenter
 from schemas.config import SegmenterConfig
 
 
-class SuperpixelSegmenter:
+class SuperpixelSegmenter(Segmenter):
     """SLIC at ``work_side`` long side, RAG merge below ``merge_threshold``, one mask per merged region."""
 
     name = "superpixel"
@@ -49,9 +49,6 @@ class SuperpixelSegmenter:
             "merge_threshold": self.merge_threshold,
             "work_side": self.work_side,
         }
-
-    def checkpoint_sha256(self) -> str | None:
-        return None
 
 
 def mean_color_rag(image: np.ndarray, labels: np.ndarray) -> graph.RAG:
