@@ -151,6 +151,14 @@ def test_sam_batched_encoder_gives_the_library_loops_masks() -> None:
         assert proposal.masks.shape == (len(records), *image.shape[:2]) and len(records) >= 16 * 3
         assert all(np.array_equal(m, r["segmentation"]) for m, r in zip(proposal.masks, records))
         assert np.allclose(proposal.scores, [r["predicted_iou"] for r in records], atol=1e-5)
+    # mask generation on a second thread while the next inputs are encoded (what a GPU worker does)
+    from pipeline.segmenters.batched import generate_batch
+
+    with torch.inference_mode():
+        overlapped = generate_batch(seg.generator, images, encoder_batch=3, overlap=True)
+    for got, records in zip(overlapped, expected):
+        assert len(got) == len(records)
+        assert all(np.array_equal(a["segmentation"], r["segmentation"]) for a, r in zip(got, records))
 
 
 def test_sam_no_masks_has_image_shape() -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -53,32 +55,42 @@ class EmbeddedPredictor:
         self.install(state, hw)
 
 
-def _crops(generator: Any, image: np.ndarray) -> Iterator[np.ndarray]:
-    """The crops of ``image`` the generator encodes, in its order."""
-    boxes, _ = generate_crop_boxes(image.shape[:2], generator.crop_n_layers, generator.crop_overlap_ratio)
-    for x0, y0, x1, y1 in boxes:
-        yield image[y0:y1, x0:x1]
+def _crop_boxes(generator: Any, image: np.ndarray) -> list[list[int]]:
+    """The boxes of the crops of ``image`` the generator encodes, in its order."""
+    return generate_crop_boxes(image.shape[:2], generator.crop_n_layers, generator.crop_overlap_ratio)[0]
 
 
-def generate_batch(generator: Any, images: list[np.ndarray], *, encoder_batch: int, precision: str = "fp32"
-                   ) -> list[list[dict]]:
+def generate_batch(generator: Any, images: list[np.ndarray], *, encoder_batch: int, precision: str = "fp32",
+                   overlap: bool = False) -> list[list[dict]]:
     """``generator.generate`` for each image, with every crop of every image encoded in batched forwards (at most
-    ``encoder_batch`` inputs held at once). ``generator.predictor`` must be an ``EmbeddedPredictor``."""
+    ``encoder_batch`` inputs held at once). ``generator.predictor`` must be an ``EmbeddedPredictor``.
+
+    ``overlap``: an image's mask generation (decoder, thresholds, NMS, RLE: mostly CPU) runs on a second thread as
+    soon as its last crop is encoded, while this thread encodes the next inputs, so a GPU does not wait for the
+    post-processing. The masks are the same either way."""
     predictor: EmbeddedPredictor = generator.predictor
-    crops = ((i, crop) for i, image in enumerate(images) for crop in _crops(generator, image))
+    boxes = [_crop_boxes(generator, image) for image in images]
+    crops = ((i, image[y0:y1, x0:x1]) for i, image in enumerate(images) for x0, y0, x1, y1 in boxes[i])
     dtype = PRECISIONS[precision]
     per_image: list[list] = [[] for _ in images]
-    while chunk := list(itertools.islice(crops, encoder_batch)):
-        batch = torch.stack([predictor.encoder_input(crop) for _, crop in chunk])
-        with torch.autocast(batch.device.type, dtype=dtype, enabled=dtype is not None):
-            states = predictor.encode(batch)
-        for (owner, crop), state in zip(chunk, states):
-            per_image[owner].append((crop.shape[:2], state))
-    records = []
-    for image, embedded in zip(images, per_image):
-        predictor.pending = deque(embedded)
-        records.append(generator.generate(image))
-    return records
+
+    def generate(i: int) -> list[dict]:
+        with torch.inference_mode():  # thread-local: the caller's does not reach a second thread
+            predictor.pending = deque(per_image[i])
+            return generator.generate(images[i])
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="masks") if overlap else nullcontext() as pool:
+        results: list = []
+        while chunk := list(itertools.islice(crops, encoder_batch)):
+            batch = torch.stack([predictor.encoder_input(crop) for _, crop in chunk])
+            with torch.autocast(batch.device.type, dtype=dtype, enabled=dtype is not None):
+                states = predictor.encode(batch)
+            for (owner, crop), state in zip(chunk, states):
+                per_image[owner].append((crop.shape[:2], state))
+            while pool is not None and len(results) < len(images) and len(per_image[len(results)]) == len(
+                    boxes[len(results)]):  # every crop of the next image is encoded
+                results.append(pool.submit(generate, len(results)))
+        return [r.result() for r in results] + [generate(i) for i in range(len(results), len(images))]
 
 
 def records_to_proposal(records: list[dict], size: tuple[int, int]) -> Proposal:
@@ -124,7 +136,7 @@ class GeneratorSegmenter(Segmenter):
         # cv2's BGR array here, a channel-order bug that this pipeline does not reproduce.
         with torch.inference_mode():
             per_image = generate_batch(self.generator, images, encoder_batch=self.config.encoder_batch,
-                                       precision=self.config.precision)
+                                       precision=self.config.precision, overlap=self.device == "cuda")
         return [records_to_proposal(records, image.shape[:2]) for records, image in zip(per_image, images)]
 
     def params(self) -> dict:
