@@ -65,9 +65,10 @@ def library_loop(segmenter: str, builder: str, params: SamParams | Sam2Params, d
         return SamAutomaticMaskGenerator(model, output_mode="binary_mask", **params.model_dump())
     from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 
+    from pipeline.segmenters.sam2 import backbone_feature_sizes
+
     generator = SAM2AutomaticMaskGenerator(model, output_mode="binary_mask", **params.model_dump())
-    side = model.image_size // model.backbone_stride  # the library assumes 1024 px (tiny: 128)
-    generator.predictor._bb_feat_sizes = [(4 * side, 4 * side), (2 * side, 2 * side), (side, side)]
+    generator.predictor._bb_feat_sizes = backbone_feature_sizes(model)  # the library assumes 1024 px (tiny: 128)
     return generator
 
 

@@ -118,7 +118,33 @@ class GeneratorSegmenter(Segmenter):
 
     @cached_property
     def generator(self) -> Any:
+        """The library's generator around the model (built and moved to the device on first use)."""
+        if self._builder is not None:
+            model = self._builder()
+        else:
+            model = self.empty_model()
+            try:
+                model.load_state_dict(self.read_checkpoint(Path(self._checkpoint)))
+            except RuntimeError as exc:
+                field = next(iter(self.model_params()))
+                raise ValueError(f"{self._checkpoint} is not a {self.model_label()} checkpoint (does segmenter.{field} "
+                                 f"match the file?): {exc}") from exc
+        return self.wrap(model.to(self.device).eval())
+
+    def empty_model(self) -> torch.nn.Module:
+        """The checkpoint's model, before its weights are loaded."""
+        raise NotImplementedError
+
+    def read_checkpoint(self, path: Path) -> dict:
+        """The state dict in a checkpoint file."""
+        raise NotImplementedError
+
+    def wrap(self, model: torch.nn.Module) -> Any:
         """The library's generator around the model, with an ``EmbeddedPredictor``."""
+        raise NotImplementedError
+
+    def model_label(self) -> str:
+        """The checkpoint's model in words, for errors."""
         raise NotImplementedError
 
     def model_params(self) -> dict:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from functools import cached_property, partial
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,25 +26,19 @@ class SamSegmenter(GeneratorSegmenter):
     def __init__(self, config: SegmenterConfig) -> None:
         super().__init__(config, check=lambda path: check_checkpoint(path, config.model_type))
 
-    @cached_property
-    def generator(self) -> SamAutomaticMaskGenerator:
-        """The mask generator around the model (built and moved to the device on first use)."""
-        if self._builder is not None:
-            model = self._builder()
-        else:
-            model = sam_model_registry[self.config.model_type](checkpoint=None)
-            state = torch.load(self._checkpoint, map_location="cpu", weights_only=True)
-            try:
-                model.load_state_dict(state)
-            except RuntimeError as exc:
-                raise ValueError(
-                    f"{self._checkpoint} is not a SAM {self.config.model_type} checkpoint "
-                    f"(does segmenter.model_type match the file?): {exc}"
-                ) from exc
-        model.to(self.device).eval()
+    def empty_model(self) -> Sam:
+        return sam_model_registry[self.config.model_type](checkpoint=None)
+
+    def read_checkpoint(self, path: Path) -> dict:
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def wrap(self, model: Sam) -> SamAutomaticMaskGenerator:
         generator = SamAutomaticMaskGenerator(model, output_mode="binary_mask", **self.config.sam.model_dump())
         generator.predictor = EmbeddedSamPredictor(model)
         return generator
+
+    def model_label(self) -> str:
+        return f"SAM {self.config.model_type}"
 
     def model_params(self) -> dict:
         return {"model_type": self.config.model_type}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -34,27 +33,21 @@ class Sam2Segmenter(GeneratorSegmenter):
     def __init__(self, config: SegmenterConfig) -> None:
         super().__init__(config, check=lambda path: check_checkpoint(path, config.sam2_model))
 
-    @cached_property
-    def generator(self) -> SAM2AutomaticMaskGenerator:
-        """The mask generator around the model (built and moved to the device on first use)."""
-        if self._builder is not None:
-            model = self._builder()
-        else:
-            model = build_sam2(config_file(self.config.sam2_model), device="cpu", apply_postprocessing=False)
-            state = torch.load(self._checkpoint, map_location="cpu", weights_only=True)["model"]
-            try:
-                model.load_state_dict(state)
-            except RuntimeError as exc:
-                raise ValueError(
-                    f"{self._checkpoint} is not a {self.config.sam2_model} checkpoint "
-                    f"(does segmenter.sam2_model match the file?): {exc}"
-                ) from exc
-        model.to(self.device).eval()
+    def empty_model(self) -> SAM2Base:
+        return build_sam2(config_file(self.config.sam2_model), device="cpu", apply_postprocessing=False)
+
+    def read_checkpoint(self, path: Path) -> dict:
+        return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+    def wrap(self, model: SAM2Base) -> SAM2AutomaticMaskGenerator:
         params = self.config.sam2
         generator = SAM2AutomaticMaskGenerator(model, output_mode="binary_mask", **params.model_dump())
         generator.predictor = EmbeddedSam2Predictor(model, max_hole_area=params.min_mask_region_area,
                                                      max_sprinkle_area=params.min_mask_region_area)
         return generator
+
+    def model_label(self) -> str:
+        return self.config.sam2_model
 
     def model_params(self) -> dict:
         return {"sam2_model": self.config.sam2_model}
@@ -69,8 +62,7 @@ class EmbeddedSam2Predictor(EmbeddedPredictor, SAM2ImagePredictor):
 
     def __init__(self, model: SAM2Base, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
-        side = model.image_size // model.backbone_stride
-        self._bb_feat_sizes = [(4 * side, 4 * side), (2 * side, 2 * side), (side, side)]
+        self._bb_feat_sizes = backbone_feature_sizes(model)
         self.pending = deque()
 
     def encoder_input(self, crop: np.ndarray) -> torch.Tensor:
@@ -89,6 +81,13 @@ class EmbeddedSam2Predictor(EmbeddedPredictor, SAM2ImagePredictor):
     def install(self, state: dict, hw: tuple[int, int]) -> None:
         self.reset_predictor()
         self._orig_hw, self._features, self._is_image_set = [hw], state, True
+
+
+def backbone_feature_sizes(model: SAM2Base) -> list[tuple[int, int]]:
+    """The sides of the backbone's three feature maps at the model's ``image_size`` (256, 128, 64 at 1024 px),
+    which ``SAM2ImagePredictor`` hard-codes for 1024 px."""
+    side = model.image_size // model.backbone_stride
+    return [(4 * side, 4 * side), (2 * side, 2 * side), (side, side)]
 
 
 class _AllocateOnMeta(TorchFunctionMode):
