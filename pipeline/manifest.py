@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from pipeline.shards import ShardError, iter_samples, scan_tar
 from schemas.files import atomic_write, sha256_file
 from schemas.manifest import MANIFEST, DatasetCard, SegmenterInfo, ShardStats
-from schemas.shard import MASKS_MEMBER, SampleRecord, crop_member
+from schemas.shard import MASKS_MEMBER, OBJECT_MEMBER, PARTS_MEMBER, SampleRecord, crop_member
 from schemas.version import CODE_VERSION
 
 
@@ -129,7 +129,9 @@ def _check_sample(key: str, members: dict[str, bytes]) -> str | None:
     if record.crop_size is not None:
         expected |= {crop_member(i) for i in range(record.n_masks)}
     if record.part_names is not None:
-        expected.add("parts.png")
+        expected.add(PARTS_MEMBER)
+    if record.has_object:
+        expected.add(OBJECT_MEMBER)
     if set(members) != expected:
         return f"sample {key}: members {sorted(members)} differ from {sorted(expected)}"
     return None

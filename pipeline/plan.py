@@ -84,6 +84,7 @@ def make_plan(listing: SourceListing, shard_size: int, seed: int, test_fraction:
                     "class_name": item.class_name,
                     "split": item.split,
                     "parts_path": item.parts_path,
+                    "object_path": item.object_path,
                     "extra": json.dumps(item.extra, sort_keys=True),
                 }
             )
@@ -97,6 +98,10 @@ def shard_splits(plan: pa.Table) -> dict[int, str]:
 
 
 def plan_hash(plan: pa.Table, classes: list[str]) -> str:
+    """Hash of the plan (part of the job hash). A plan without any object mask hashes without its
+    ``object_path`` column, as plans did before it existed, so their shard directories stay resumable."""
+    if plan.column("object_path").null_count == plan.num_rows:
+        plan = plan.drop_columns(["object_path"])
     return stable_hash({"classes": classes, "rows": plan.to_pydict()})
 
 
@@ -106,5 +111,9 @@ def write_plan(plan: pa.Table, classes: list[str], path: Path) -> None:
 
 
 def read_plan(path: Path) -> tuple[pa.Table, list[str]]:
+    """The plan and classes of ``write_plan``; a plan written before ``object_path`` existed gets it as nulls."""
     table = pq.read_table(path)
+    if "object_path" not in table.column_names:
+        table = table.add_column(table.schema.get_field_index("extra"), "object_path",
+                                 pa.nulls(table.num_rows, pa.string()))
     return table, json.loads(table.schema.metadata[b"classes"])

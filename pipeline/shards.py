@@ -21,7 +21,7 @@ from PIL import Image
 from pipeline.masks import MaskSet, crop_boxes, encode_masks
 from schemas.files import atomic_write, sha256_file
 from schemas.manifest import ROW_SCHEMA, ShardStats, shard_file, shard_stem
-from schemas.shard import MASKS_MEMBER, SampleRecord, crop_member
+from schemas.shard import MASKS_MEMBER, OBJECT_MEMBER, PARTS_MEMBER, SampleRecord, crop_member
 
 TAR_MTIME = 946684800  # 2000-01-01: a constant so reruns give identical bytes
 
@@ -55,10 +55,15 @@ def encode_sample(
     parts: np.ndarray | None,
     jpeg_quality: int,
     image_jpeg: bytes | None = None,
+    *,
+    object_mask: np.ndarray | None = None,
 ) -> EncodedSample:
     """All members of one sample (format: schemas/shard.py). ``image_jpeg``: the input file's own bytes,
     stored instead of re-encoding ``image`` (see ``LoadedImage.jpeg``). Crop members are written when
-    ``record.crop_size`` is set."""
+    ``record.crop_size`` is set; ``object_mask`` (uint8 HxW, 255 = object) goes with ``record.has_object``."""
+    if record.has_object != (object_mask is not None):
+        raise ValueError(f"sample {record.key}: has_object is {record.has_object} but the object mask is "
+                         f"{'given' if object_mask is not None else 'missing'}")
     members = {
         "jpg": image_jpeg if image_jpeg is not None else _jpeg(Image.fromarray(image), jpeg_quality),
         "json": json.dumps(record.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode(),
@@ -68,7 +73,9 @@ def encode_sample(
         for i, crop in enumerate(crop_boxes(image, record.boxes, record.crop_size)):
             members[crop_member(i)] = _jpeg(Image.fromarray(crop), jpeg_quality)
     if parts is not None:
-        members["parts.png"] = _png(parts)
+        members[PARTS_MEMBER] = _png(parts)
+    if object_mask is not None:
+        members[OBJECT_MEMBER] = _png(object_mask)
     return EncodedSample(key=record.key, members=members)
 
 

@@ -11,11 +11,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 
-from pipeline.image import ImageError, LoadedImage, load_image
+from pipeline.image import ImageError, LoadedImage, load_image, load_object_mask
 from pipeline.masks import select_masks
 from pipeline.segmenters import Proposal, create_segmenter
 from pipeline.shards import EncodedSample, encode_sample, write_shard
@@ -24,6 +25,14 @@ from schemas.manifest import ShardStats
 from schemas.shard import SampleRecord
 
 PREFETCH = 4  # decoded images waiting for the segmenter
+
+
+class Decoded(NamedTuple):
+    """One input read from disk, every array at the size of ``image.pixels``."""
+
+    image: LoadedImage
+    parts: np.ndarray | None  # ground-truth part label map
+    object_mask: np.ndarray | None  # ground-truth object mask, 255 = object, 0 = background
 
 
 class ShardProcessor:
@@ -35,17 +44,21 @@ class ShardProcessor:
         self.part_names = part_names
         self.segmenter = create_segmenter(config.segmenter)
 
-    def _decode(self, row: dict) -> tuple[LoadedImage, np.ndarray | None]:
-        loaded = load_image(self.config.root / row["source_path"], self.config.max_side, self.config.max_image_pixels)
-        parts = None
+    def _decode(self, row: dict) -> Decoded:
+        root = self.config.root
+        loaded = load_image(root / row["source_path"], self.config.max_side, self.config.max_image_pixels)
+        height, width = loaded.pixels.shape[:2]
+        parts = object_mask = None
         if row["parts_path"]:
-            height, width = loaded.pixels.shape[:2]
-            with Image.open(self.config.root / row["parts_path"]) as im:
+            with Image.open(root / row["parts_path"]) as im:
                 parts = np.asarray(im.convert("L").resize((width, height), Image.NEAREST))
-        return loaded, parts
+        if row["object_path"]:
+            object_mask = load_object_mask(root / row["object_path"], (width, height))
+        return Decoded(loaded, parts, object_mask)
 
-    def _encode(self, row: dict, loaded: LoadedImage, parts: np.ndarray | None, proposal: Proposal) -> EncodedSample:
+    def _encode(self, row: dict, decoded: Decoded, proposal: Proposal) -> EncodedSample:
         cfg = self.config
+        loaded, parts = decoded.image, decoded.parts
         image, original = loaded.pixels, loaded.original_size
         mask_set = select_masks(proposal, cfg.masks_per_image)
         if len(mask_set.masks) == 0:
@@ -56,9 +69,11 @@ class ShardProcessor:
             original_width=original[0], original_height=original[1], masks_per_image=cfg.masks_per_image,
             n_masks=len(mask_set.masks), boxes=mask_set.boxes.tolist(), areas=mask_set.areas.tolist(),
             scores=[round(float(s), 6) for s in mask_set.scores], crop_size=cfg.crop_size,
-            part_names=self.part_names if parts is not None else None, extra=json.loads(row["extra"]),
+            part_names=self.part_names if parts is not None else None,
+            has_object=decoded.object_mask is not None, extra=json.loads(row["extra"]),
         )
-        return encode_sample(record, image, mask_set, parts, cfg.jpeg_quality, loaded.jpeg)
+        return encode_sample(record, image, mask_set, parts, cfg.jpeg_quality, loaded.jpeg,
+                             object_mask=decoded.object_mask)
 
     def _segment(self, images: list[np.ndarray]) -> list[Proposal | BaseException]:
         """The segmenter's proposals for a batch of images; when the batch fails, each image again on its own, so
@@ -86,12 +101,12 @@ class ShardProcessor:
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"shard{shard}-io") as pool:
             decoded: deque[Future] = deque(pool.submit(self._decode, r) for r in rows[:ahead])
             encoded: list[Future | BaseException | None] = [None] * len(rows)
-            waiting: list[tuple[int, LoadedImage, np.ndarray | None]] = []
+            waiting: list[tuple[int, Decoded]] = []
 
             def segment_waiting() -> None:
-                for (i, loaded, parts), proposal in zip(waiting, self._segment([w[1].pixels for w in waiting])):
+                for (i, read), proposal in zip(waiting, self._segment([w[1].image.pixels for w in waiting])):
                     encoded[i] = (proposal if isinstance(proposal, BaseException)
-                                  else pool.submit(self._encode, rows[i], loaded, parts, proposal))
+                                  else pool.submit(self._encode, rows[i], read, proposal))
                     if on_image is not None:
                         on_image()
                 waiting.clear()
@@ -101,7 +116,7 @@ class ShardProcessor:
                 if i + ahead < len(rows):
                     decoded.append(pool.submit(self._decode, rows[i + ahead]))
                 try:
-                    waiting.append((i, *job.result()))
+                    waiting.append((i, job.result()))
                 except Exception as exc:  # noqa: BLE001 - any failure of one input is recorded, not raised
                     encoded[i] = exc
                     if on_image is not None:

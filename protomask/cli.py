@@ -98,7 +98,8 @@ def cmd_evaluate(config: EvaluateConfig, args: argparse.Namespace) -> int:
     from training.evaluate import metrics_file
     from training.train import run_evaluate
 
-    result = run_evaluate(config.run_dir, config.shards, config.split, batch_size=config.batch_size)
+    result = run_evaluate(config.run_dir, config.shards, config.split, batch_size=config.batch_size,
+                          relevance=config.relevance)
     print(format_side_by_side({"model": result}, config.split))
     print(f"written to {metrics_file(config.run_dir, config.split)}")
     return 0
@@ -122,7 +123,7 @@ def cmd_report(config: ReportConfig, args: argparse.Namespace) -> int:
     from training.report import write_report
 
     names = config.names or [d.name for d in config.run_dir]
-    path = write_report(dict(zip(names, config.run_dir)), config.out or config.run_dir[0] / "report")
+    path = write_report(list(zip(names, config.run_dir)), config.out or config.run_dir[0] / "report")
     print(f"report: {path}")
     return 0
 
@@ -160,23 +161,27 @@ def cmd_demo(config: DemoConfig, args: argparse.Namespace) -> int:
         print(train_summary(train.run_dir, results[name], time.perf_counter() - t1))
     print()
     print(format_side_by_side(results, "test"))
-    report = write_report({"protomask": out / "run_masks", "patch baseline": out / "run_patches"}, out / "report")
+    report = write_report([("protomask", out / "run_masks"), ("patch baseline", out / "run_patches")], out / "report")
     best = results["protomask"]
     print(f"\nProtoMask test balanced accuracy {best['balanced_accuracy']:.1%} (chance {1 / len(card.classes):.0%}), "
           f"part hit rate {best['part_hit_rate']:.1%}; report: {report}")
     return 0
 
 
-PAPER_NAMES = {"balanced_accuracy": "Accuracy", "balanced_top3": "top-3 Accuracy", "balanced_macro_f1": "F1"}  # §7.1
-
-
 def format_side_by_side(results: dict[str, dict], split: str) -> str:
-    """One row per numeric metric, one column per model; the paper's name beside the metrics it reports."""
+    """One row per numeric metric, one column per model: the paper's metrics first, in its units and order
+    (``PAPER_METRICS``: shares ×100 where it prints them so) and named beside ours, then the others."""
+    from training.metrics import PAPER_METRICS
+
     names = list(results)
-    keys = [k for k, v in results[names[0]].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    numeric = [k for r in results.values() for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    keys = [k for k in PAPER_METRICS if k in numeric] + [k for k in dict.fromkeys(numeric) if k not in PAPER_METRICS]
     lines = [f"{split:<20}" + "".join(f"{n:>16}" for n in names)]
-    lines += [f"{k:<20}" + "".join(f"{results[n].get(k, float('nan')):>16.4g}" for n in names)
-              + (f"  (the paper's {PAPER_NAMES[k]})" if k in PAPER_NAMES else "") for k in keys]
+    for k in keys:
+        paper, _, factor = PAPER_METRICS.get(k, ("", "", 1))
+        values = "".join(f"{factor * results[n].get(k, float('nan')):>16.4g}" for n in names)
+        note = f"  (the paper's {paper}{', ×100' if factor != 1 else ''})" if paper else ""
+        lines.append(f"{k:<20}{values}{note}")
     return "\n".join(lines)
 
 

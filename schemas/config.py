@@ -238,6 +238,11 @@ class ModelConfig(Strict):
     head: Literal["prototypes", "linear"] = Field(
         "prototypes", description="prototypes: ProtoMask (or the patch baseline); linear: the black-box reference "
         "on the same backbone and inputs (global pool per crop, max over crops, linear layer)")
+    kind: Literal["protomask", "protopnet"] = Field("protomask", description=(
+        "prototype architecture (head: prototypes): protomask (the paper: a 1×1 add-on pooled to one embedding per "
+        "region); protopnet (ProtoPNet, Chen et al. 2019: a two-layer 1×1 add-on with ReLU and sigmoid on the "
+        "backbone's feature map of the whole image, one 1×1 prototype per map cell; implies regions: patches with "
+        "the map's own grid, and prototype_dim 128 unless set; its training recipe: --config protopnet)"))
     backbone: Literal["resnet18", "resnet34", "resnet50", "vgg16", "densenet121", "convnet"] = "resnet50"
     weights: str | None = Field(None, description=(
         "pretrained backbone: a torchvision weights name (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT; resolved through "
@@ -249,11 +254,25 @@ class ModelConfig(Strict):
     regions: Literal["masks", "patches"] = Field(
         "masks", description="masks: one embedding per mask crop (ProtoMask); patches: a patch_grid² map of "
         "the whole image (the ProtoPNet-style baseline)")
-    patch_grid: int = Field(7, ge=1, description="patches per side in regions=patches")
+    patch_grid: int = Field(7, ge=1, description="patches per side in regions=patches (kind protomask)")
     off_class_weight: float = Field(0.0, description="initial last-layer weight to other classes' prototypes")
     similarity_epsilon: float = Field(1e-4, gt=0, description=(
         "ε of the log similarity log((d + 1) / (d + ε)); the reference's is 1e-14 (its similarity at d = 0 is 32.2 "
         "against 9.2 here, so crops near a pushed prototype dominate its logits)"))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kind") == "protopnet":
+            data = {"regions": "patches", "prototype_dim": 128, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _kind_fits(self) -> ModelConfig:
+        if self.kind == "protopnet" and self.regions != "patches":
+            raise ValueError("model.regions: kind protopnet has prototypes on the whole image's feature map; "
+                             "use regions: patches (its default)")
+        return self
 
 
 class LossConfig(Strict):
@@ -263,6 +282,9 @@ class LossConfig(Strict):
     cluster: float = 0.8
     separation: float = 0.2
     diversity: float = 0.2
+    prototype_crop: float = Field(0.0, ge=0, description=(
+        "coefficient of the distance from each prototype to the nearest crop of its class in the batch (Li et "
+        "al. 2018's R1), so that push moves prototypes little; 0: the paper"))
     l1: float = 1e-3
     class_balanced: bool = True
 
@@ -366,6 +388,13 @@ class TrainConfig(Strict):
     seed: int = 4861
 
     @model_validator(mode="after")
+    def _schedule_fits_model(self) -> TrainConfig:
+        if self.schedule.addon_init == "classifier" and self.model.kind != "protomask":
+            raise ValueError(f"schedule.addon_init: classifier starts ProtoMask's one-layer add-on; model.kind "
+                             f"{self.model.kind} has its own (use addon_init: random)")
+        return self
+
+    @model_validator(mode="after")
     def _batch_splits_over_workers(self) -> TrainConfig:
         if self.data.batch_size % self.num_workers:
             raise ValueError(f"data.batch_size: {self.data.batch_size} images per step do not split evenly over "
@@ -380,6 +409,10 @@ class EvaluateConfig(Strict):
     shards: Path | None = Field(None, description="shard directory; default: the one the model was trained on")
     split: Literal["train", "val", "test"] = "test"
     batch_size: int = Field(32, ge=1, description="images per forward pass")
+    relevance: Literal["prp", "gradient", "mask"] | None = Field(None, description=(
+        "saliency of the paper's metrics (VLC, object and background overlap, IOR, consistency): prp (the paper), "
+        "gradient (gradient × input) or mask (the matched region); default: prp where the backbone has LRP "
+        "canonizers, else gradient"))
 
 
 class ExplainConfig(Strict):
@@ -401,7 +434,8 @@ class ReportConfig(Strict):
 
     run_dir: list[Path] = Field(min_length=1, description="run directories written by `protomask train`")
     out: Path | None = Field(None, description="report folder; default: RUN_DIR/report of the first run")
-    names: list[str] | None = Field(None, description="a column name per run; default: the folder names")
+    names: list[str] | None = Field(None, description=(
+        "a model name per run; runs with the same name (seeds) are one row, as mean ± std; default: the folder names"))
 
     @model_validator(mode="after")
     def _a_name_per_run(self) -> ReportConfig:

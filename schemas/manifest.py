@@ -94,6 +94,7 @@ PLAN_SCHEMA = pa.schema(
     [
         *INPUT_FIELDS,
         ("parts_path", pa.string()),  # optional ground-truth part label map (relative to root)
+        ("object_path", pa.string()),  # optional ground-truth object mask image (relative to root)
         ("extra", pa.string()),  # JSON of source metadata
     ],
     metadata={"format_version": FORMAT_VERSION},

@@ -12,6 +12,7 @@ adjacent tar members, in this order::
     K.masks.npy.gz   gzip of a .npy: uint8 [n_masks, height, ceil(width / 8)] = np.packbits(mask, axis=-1);
                      unpack with np.unpackbits(a, axis=-1, count=width).astype(bool)
     K.parts.png      optional, 8-bit ground-truth part label map (0 = none), same size as K.jpg
+    K.object.png     optional, 8-bit ground-truth object mask (255 = object, 0 = background), same size as K.jpg
 
 Padding is never written: a sample has n_masks masks (and crops). Boxes are ``[x_min, y_min, x_max,
 y_max]`` in pixels of ``K.jpg`` with **inclusive** maxima: the crop is ``image[y_min:y_max + 1,
@@ -25,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 MASKS_MEMBER = "masks.npy.gz"
+PARTS_MEMBER = "parts.png"
+OBJECT_MEMBER = "object.png"
 
 
 def crop_member(index: int) -> str:
@@ -53,4 +56,5 @@ class SampleRecord(BaseModel):
     scores: list[float] = Field(description="segmenter confidence per mask (1.0 when it has none)")
     crop_size: int | None = Field(description="size of the K.crop_NN.jpg members; null: none stored")
     part_names: list[str] | None = Field(None, description="names of the ids in K.parts.png (id = index + 1)")
+    has_object: bool = Field(False, description="K.object.png (the ground-truth object mask) is stored")
     extra: dict = Field(default_factory=dict, description="source metadata, e.g. CUB bounding box and parts")

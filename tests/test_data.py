@@ -295,7 +295,7 @@ def _one_class_per_shard(tmp: Path, classes: int, per_class: int) -> Path:
     items = listing.items  # sorted by (split, class, index)
     rows = [{"key": f"{position // per_class:05d}{position % per_class:02d}", "shard": position // per_class,
              "source_path": item.path, "label": item.label, "class_name": item.class_name, "split": item.split,
-             "parts_path": None, "extra": "{}"} for position, item in enumerate(items)]
+             "parts_path": None, "object_path": None, "extra": "{}"} for position, item in enumerate(items)]
     processor = ShardProcessor(config, "another tool")
     stats = [processor.process(s, [r for r in rows if r["shard"] == s]) for s in range(classes)]
     build_card(config.out, stats, listing.classes, "synthetic", "another tool", 1, None,

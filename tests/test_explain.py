@@ -14,9 +14,12 @@ from conftest import segment_without_ray
 from protomask.cli import main
 from schemas.config import ModelConfig, SegmentConfig, TrainConfig
 from schemas.shard import SampleRecord
-from training.data import ShardDataset, split_keys
-from training.explain import FLAG, TILE, explain_sample, overlaps, part_metrics, perturb, read_samples
+from training.data import ShardDataset, decode_sample, split_keys
+from training.explain import (FLAG, TILE, explain_sample, ground_truth_object, overlaps, read_samples,
+                              region_masks)
 from training.export import export_model
+from training.interpretability import interpretability_metrics, perturb
+from training.metrics import object_overlap
 from training.model import ProtoMask
 
 TINY = ModelConfig(backbone="convnet", width=4, prototype_dim=8, input_size=32, prototypes_per_class=2)
@@ -122,15 +125,29 @@ def test_push_log_is_renumbered_after_pruning() -> None:
     assert [e["prototype"] for e in _after_pruning({"push": log["push"]})] == [0, 1, 2, 3]
 
 
-def test_part_metrics(shards: Path, tmp_path: Path) -> None:
+def test_interpretability_metrics(shards: Path, tmp_path: Path) -> None:
     model = _fake_run(shards, tmp_path / "run").eval()
     dataset = ShardDataset.open(shards)
     test = split_keys(dataset, 0.0, 0)["test"]
-    result = part_metrics(model, dataset, test, k=2)
+    result = interpretability_metrics(model, dataset, test, k=2)
+    assert result["relevance"] == "prp"  # the paper's saliency, for a backbone with LRP canonizers
     correct = sum(explain_sample(model, m, 1).predicted == explain_sample(model, m, 1).label
                   for _, m in read_samples(dataset, test))
     assert result["part_hit_n"] == correct and 0.0 <= result["part_hit_rate"] <= 1.0
-    assert 0.0 < result["part_consistency"] <= 100.0 and 0.0 < result["part_stability"] <= 100.0
+    for key in ("vlc", "object_overlap", "background_overlap", "consistency", "part_consistency"):
+        assert 0.0 <= result[key] <= 1.0, key
+    assert 0.0 < result["part_stability"] <= 1.0 and -1.0 <= result["ior"] <= 1.0
+    # with the matched region as saliency, Ŝ is the region: object overlap by hand over the top-2 by similarity
+    by_region = interpretability_metrics(model, dataset, test, k=2, relevance="mask")
+    shares = []
+    for _, members in read_samples(dataset, test):
+        record = SampleRecord.model_validate_json(members["json"])
+        crops, valid, _, _ = decode_sample(members, record.masks_per_image, TINY.input_size, None)
+        with torch.no_grad():
+            out = model(crops[None], valid[None])
+        regions, obj = region_masks(model, members, record), ground_truth_object(members)
+        shares += [object_overlap(regions[int(out.nearest_mask[0, p])], obj) for p in out.similarities[0].topk(2).indices]
+    assert by_region["object_overlap"] == pytest.approx(sum(shares) / len(shares))
 
 
 def test_perturbed_view_is_fixed_and_different() -> None:
@@ -191,7 +208,7 @@ def report(shards: Path, tmp_path_factory) -> Path:
     meta["model"]["regions"] = "patches"
     (patches / "model_config.json").write_text(json.dumps(meta))
     (patches / "metrics.csv").write_text("epoch,phase,train_loss,val_accuracy\n0,joint,2.0,0.5\n1,joint,1.0,0.75\n")
-    return write_report({"protomask": masks, "patch baseline": patches}, tmp / "out")
+    return write_report([("protomask", masks), ("patch baseline", patches)], tmp / "out")
 
 
 def _section(page: Path, run: int) -> str:
@@ -229,7 +246,7 @@ def test_report_confusion_matrix_counts_the_test_split(report: Path, shards: Pat
         table = section[section.index('<table class="confusion">'):].split("</table>")[0]
         counts = [[int(c) for c in re.findall(r'data-count="(\d+)"', row)] for row in table.split("</tr>")[1:-1]]
         assert np.array(counts).shape == (2, 2) and np.sum(counts) == len(test) == 6
-        assert np.trace(counts) / len(test) == pytest.approx(results[name]["accuracy"])  # the same predictions
+        assert np.trace(counts) / len(test) == pytest.approx(results[name]["mean"]["accuracy"])  # same predictions
         run_dir = report.parents[1] / ("masks" if run == 0 else "patches")
         assert json.loads((run_dir / "metrics_test.json").read_text())["test"]["confusion"] == counts
         per_class = section[section.index('<table class="per-class">'):].split("</table>")[0]
@@ -347,3 +364,21 @@ def test_report_renders_in_headless_chromium(report: Path) -> None:
 
     with Image.open(shot) as im:
         assert im.size == (1200, 1600) and len(set(im.convert("L").getdata())) > 16  # not a blank page
+
+
+def test_report_aggregates_seeds_in_the_papers_layout() -> None:
+    from training.report import _metrics_tables, aggregate
+
+    seeds = [{"balanced_accuracy": 0.80, "vlc": 0.5, "global_size": 10, "part_hit_rate": 0.5, "relevance": "prp"},
+             {"balanced_accuracy": 0.84, "vlc": 0.7, "global_size": 12, "part_hit_rate": 0.7, "relevance": "prp"}]
+    summary = aggregate({"ProtoMask": seeds, "ProtoPNet": seeds[:1]})
+    assert summary["ProtoMask"]["mean"]["balanced_accuracy"] == pytest.approx(0.82)
+    assert summary["ProtoMask"]["std"]["balanced_accuracy"] == pytest.approx(np.std([0.80, 0.84], ddof=1))
+    assert "std" not in summary["ProtoPNet"] and "relevance" not in summary["ProtoMask"]["mean"]
+    page = _metrics_tables(summary)
+    paper = page[: page.index("</table>")]
+    assert '<th colspan="1">general</th><th colspan="1">compactness</th><th colspan="1">contrastivity</th>' in paper
+    assert "<th>Accuracy (×100)</th><th>Global Size</th><th>VLC (×100)</th>" in paper
+    assert "<td>ProtoMask (2 runs)</td><td>82.0 ± 2.8</td><td>11 ± 1.41</td><td>60.0 ± 14.1</td>" in paper
+    assert "<td>ProtoPNet (1 run)</td><td>80.0</td><td>10</td><td>50.0</td>" in paper
+    assert "part_hit_rate" not in paper and "<tr><td>part_hit_rate</td><td>0.6 ± 0.141</td><td>0.5</td></tr>" in page

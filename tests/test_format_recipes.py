@@ -1,5 +1,6 @@
 """The recipes of docs/format.md, run as written against a shard directory of the real job: every reader
-sees one row per input, and every member decodes (masks included, the part map single-channel)."""
+sees one row per input, and every member decodes (masks included, the part map and object mask
+single-channel)."""
 
 from __future__ import annotations
 
@@ -62,13 +63,16 @@ def test_ray_data_recipe_decodes_every_member(shards: Path) -> None:
         assert row["masks"].dtype == bool and row["masks"].shape == (record["n_masks"], record["height"], record["width"])
         assert row["masks"].reshape(record["n_masks"], -1).any(1).all()  # no empty mask
         assert row["parts.png"].shape == (record["height"], record["width"])  # one channel
+        assert record["has_object"] and row["object.png"].shape == (record["height"], record["width"])
 
 
 @pytest.mark.ray
-def test_webdataset_recipe_keeps_the_part_map_single_channel(shards: Path) -> None:
+def test_webdataset_recipe_keeps_the_label_maps_single_channel(shards: Path) -> None:
     scope = run("webdataset", shards)
     first, masks = scope["first"], scope["masks"]
     record = first["json"]
     assert first["jpg"].shape == (record["height"], record["width"], 3) and first["jpg"].dtype == np.uint8
     assert first["parts.png"].shape == (record["height"], record["width"]) and first["parts.png"].max() > 0
+    assert first["object.png"].shape == (record["height"], record["width"]) and record["has_object"]
+    assert np.array_equal(first["object.png"] == 255, first["parts.png"] == 1)  # the discriminative part
     assert masks.shape == (record["n_masks"], record["height"], record["width"])

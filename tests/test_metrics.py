@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import gloo_group
 
 from schemas.config import ModelConfig
-from training.metrics import classification_metrics, compactness, gather_predictions
+from training.metrics import (background_overlap, classification_metrics, compactness, consistency,
+                              gather_predictions, inside_outside_relevance, iou, location_change, object_overlap,
+                              percentile_mask)
 from training.model import ProtoMask
 
 
@@ -75,16 +78,16 @@ def test_compactness_hand_computed() -> None:
         head.last_layer.weight.copy_(torch.tensor([[1.0, 0.0, 0.0005], [-0.5, 0.0, 0.002]]))
     c = compactness(head)
     assert c["global_size"] == 2  # columns 0 and 2 hold a weight > 1e-3
-    assert c["sparsity"] == pytest.approx(100 * 3 / 6)  # 0, 0, 0.0005
+    assert c["sparsity"] == pytest.approx(3 / 6)  # 0, 0, 0.0005
     assert c["npr"] == pytest.approx(1 / 2)  # one negative, two positive
     with torch.no_grad():
         head.last_layer.weight.zero_()
-    assert compactness(head) == {"global_size": 0, "sparsity": 100.0, "npr": 0.0}
+    assert compactness(head) == {"global_size": 0, "sparsity": 1.0, "npr": 0.0}
     tiny = ModelConfig(backbone="convnet", width=4, prototype_dim=8, input_size=16, prototypes_per_class=1)
     model = ProtoMask(tiny, 2)
     with torch.no_grad():
         model.reset_last_layer()  # identity: one positive per column
-    assert compactness(model) == {"global_size": 2, "sparsity": 50.0, "npr": 0.0}
+    assert compactness(model) == {"global_size": 2, "sparsity": 0.5, "npr": 0.0}
     assert compactness(SimpleNamespace(module=model)) == compactness(model)  # DDP-style wrapper
 
 
@@ -148,6 +151,53 @@ def test_printed_metrics_name_the_papers_accuracy() -> None:
 
     m = classification_metrics(one_hot_logits([0, 0, 1, 1, 1], 3), torch.tensor([0, 0, 0, 1, 2]))
     rows = {line.split()[0]: line for line in format_side_by_side({"model": m}, "test").splitlines()}
-    assert rows["balanced_accuracy"].endswith("(the paper's Accuracy)") and "paper" not in rows["accuracy"]
-    assert rows["balanced_top3"].endswith("(the paper's top-3 Accuracy)")
-    assert rows["balanced_macro_f1"].endswith("(the paper's F1)")
+    assert rows["balanced_accuracy"].endswith("(the paper's Accuracy, ×100)") and "paper" not in rows["accuracy"]
+    assert float(rows["balanced_accuracy"].split()[1]) == pytest.approx(100 * (2 / 3 + 1) / 3, abs=0.01)
+    assert rows["balanced_top3"].endswith("(the paper's top-3 Accuracy, ×100)")
+    assert rows["balanced_macro_f1"].endswith("(the paper's F1, ×100)")
+    assert list(rows)[1:4] == ["balanced_accuracy", "balanced_top3", "balanced_macro_f1"]  # the paper's order first
+
+
+def test_percentile_mask_keeps_a_small_map_small() -> None:
+    """Spec §6.1: a saliency positive on 4 of 100 pixels has a 95th percentile of 0; the reference kept every
+    pixel ≥ 0, the whole image; the fix keeps the 4."""
+    level = np.zeros((10, 10), np.float32)
+    level[0, :4] = [0.1, 0.2, 0.3, 0.4]
+    assert np.percentile(level, 95) == 0 and (level >= np.percentile(level, 95)).all()  # the reference's mask
+    assert percentile_mask(level).sum() == 4
+    level = np.arange(100, dtype=np.float32).reshape(10, 10)  # 95th percentile 94.05: the top 5 pixels
+    assert percentile_mask(level).sum() == 5 and percentile_mask(level)[9, 5:].all()
+
+
+def test_location_change_hand_computed() -> None:
+    a = np.zeros((3, 4, 4), bool)
+    a[0, :2, :2] = True  # 4 px
+    a[1, :2, :4] = True  # 8 px, contains a[0]: IoU 0.5
+    a[2, 3, 3] = True  # disjoint from both: IoU 0
+    # per mask: (0.5 + 1) / 2, (0.5 + 1) / 2, (1 + 1) / 2 → mean 5/6
+    assert location_change(a) == pytest.approx(5 / 6)
+    assert location_change(a[:1]) == 0.0 and location_change(np.zeros((2, 4, 4), bool)) == 0.0
+    assert iou(a[0], a[1]) == 0.5
+
+
+def test_object_metrics_hand_computed() -> None:
+    obj = np.zeros((4, 4), bool)
+    obj[:2] = True  # 8 object pixels in the top half
+    level = np.zeros((4, 4), np.float32)
+    level[1, :2] = [2.0, 1.0]  # inside
+    level[2, 0] = 4.0  # outside
+    mask = level > 0
+    assert object_overlap(mask, obj) == pytest.approx(2 / 8)
+    assert background_overlap(mask, obj) == pytest.approx(1 - 2 / 3)
+    assert inside_outside_relevance(level, obj) == pytest.approx((0.5 + 0.25) / 2 - 1.0)  # ÷ max 4
+    empty = np.zeros((4, 4), bool)
+    assert object_overlap(mask, empty) == 0.0 and background_overlap(empty, obj) == 0.0
+    assert inside_outside_relevance(np.zeros((4, 4)), obj) == 0.0
+    assert inside_outside_relevance(level * obj, obj) == pytest.approx((1 + 0.5) / 2)  # nothing outside: mean 0
+
+
+def test_consistency_hand_computed() -> None:
+    """Prototype 0 appeared 4 times, hit part 1 in 3 and part 2 in 1: (3/4 + 1/4) / 2; prototype 1 appeared twice
+    and hit nothing: 0. The mean over both: 0.25."""
+    assert consistency({0: 4, 1: 2}, {0: {1: 3, 2: 1}}) == pytest.approx(0.25)
+    assert consistency({}, {}) == 0.0

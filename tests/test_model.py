@@ -9,7 +9,7 @@ import torch
 
 from schemas.config import LossConfig, ModelConfig
 from training.losses import class_weights, cluster_loss, diversity_loss, l1_off_class, separation_loss, total_loss
-from training.model import ProtoMask
+from training.model import ProtoMask, ProtoPNet, build_model
 
 TINY = ModelConfig(backbone="convnet", width=4, prototype_dim=8, input_size=16, prototypes_per_class=2)
 
@@ -117,3 +117,23 @@ def test_patch_baseline_regions() -> None:
     assert model.region_valid(torch.tensor([[True], [False]])).tolist() == [[True] * 9, [False] * 9]
     out = model(image, torch.ones(2, 1, dtype=torch.bool))
     assert out.logits.shape == (2, 2) and int(out.nearest_mask.max()) < 9
+
+
+def test_protopnet_architecture() -> None:
+    """Spec §8: two-layer 1×1 add-on (ReLU, sigmoid) to 128 channels on the whole image's own feature map."""
+    cfg = ModelConfig(kind="protopnet", backbone="convnet", width=4, input_size=32, prototypes_per_class=2)
+    assert (cfg.regions, cfg.prototype_dim) == ("patches", 128)  # the kind's defaults
+    assert ModelConfig(kind="protopnet", prototype_dim=16).prototype_dim == 16  # set fields win
+    with pytest.raises(ValueError, match="kind protopnet has prototypes on the whole image's feature map"):
+        ModelConfig(kind="protopnet", regions="masks")
+    model = build_model(cfg, num_classes=3)
+    assert isinstance(model, ProtoPNet) and model.grid == 2  # 32 px through 4 max-pools
+    assert [type(m) for m in model.add_on] == [torch.nn.Conv2d, torch.nn.ReLU, torch.nn.Conv2d, torch.nn.Sigmoid]
+    assert not any(model.add_on[i].bias.detach().any() for i in (0, 2))
+    assert model.prototypes.shape == (6, 128)
+    assert model.backbone.training  # sizing the grid left the backbone's mode alone
+    image = torch.rand(2, 1, 3, 32, 32)
+    assert model.embed(image).shape == (2, 4, 128)  # 2x2 cells
+    out = model(image, torch.ones(2, 1, dtype=torch.bool))
+    assert out.logits.shape == (2, 3) and int(out.nearest_mask.max()) < 4
+    assert build_model(ModelConfig(kind="protopnet", backbone="resnet18", input_size=224), 2).grid == 7

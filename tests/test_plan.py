@@ -3,6 +3,7 @@ without a split, and the job's refusal of a plan without a test split."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from pathlib import Path
@@ -11,10 +12,10 @@ import pytest
 from PIL import Image
 
 from pipeline.job import JobError, run_segment
-from pipeline.plan import assign_splits, make_plan
+from pipeline.plan import assign_splits, make_plan, plan_hash, read_plan, write_plan
 from pipeline.sources import SourceItem, SourceListing, list_source
 from schemas.config import SegmentConfig
-from schemas.manifest import SHARD_DIGITS
+from schemas.manifest import PLAN_SCHEMA, SHARD_DIGITS
 
 
 def _sorted_listing(classes: int = 10, per_class: int = 50) -> SourceListing:
@@ -49,6 +50,37 @@ def test_shards_cut_from_a_sorted_listing_mix_classes_never_splits() -> None:
     assert not other.equals(plan)
     assert sorted(other.column("source_path").to_pylist()) == sorted(plan.column("source_path").to_pylist())
     assert other.column("split").to_pylist() == plan.column("split").to_pylist()  # same shard layout
+
+
+def _small_listing() -> SourceListing:
+    items = [SourceItem(path=f"{c:03d}/{i:03d}.jpg", label=c, class_name=f"c{c}",
+                        split="test" if i % 5 == 0 else "train", parts_path=f"p/{c}/{i}.png" if i % 2 else None,
+                        extra={"i": i}) for c in range(3) for i in range(10)]
+    return SourceListing(classes=["c0", "c1", "c2"], items=items)
+
+
+def test_a_plan_without_object_masks_hashes_as_before_object_path() -> None:
+    """The job hash covers the plan: shard directories made before ``object_path`` existed keep their hash
+    (and stay resumable) when their inputs have no object mask; object masks make another job."""
+    listing = _small_listing()
+    plan = make_plan(listing, 8, seed=3, test_fraction=0.2)
+    assert plan.column("object_path").null_count == plan.num_rows
+    assert plan_hash(plan, listing.classes) == "a683373e52463311"  # what the code before object_path gave
+    with_objects = SourceListing(listing.classes, [dataclasses.replace(i, object_path=f"o/{i.path}.png")
+                                                   for i in listing.items])
+    plan = make_plan(with_objects, 8, seed=3, test_fraction=0.2)
+    assert [r["object_path"] for r in plan.to_pylist()] == [f"o/{r['source_path']}.png" for r in plan.to_pylist()]
+    assert plan_hash(plan, listing.classes) != "a683373e52463311"
+
+
+def test_read_plan_gives_an_older_plan_an_empty_object_path(tmp_path: Path) -> None:
+    listing = _small_listing()
+    plan = make_plan(listing, 8, seed=3, test_fraction=0.2)
+    write_plan(plan.drop_columns(["object_path"]), listing.classes, tmp_path / "plan.parquet")
+    table, classes = read_plan(tmp_path / "plan.parquet")
+    assert classes == listing.classes and table.column_names == PLAN_SCHEMA.names
+    assert table.column("object_path").null_count == table.num_rows
+    assert table.drop_columns(["object_path"]).equals(plan.drop_columns(["object_path"]))
 
 
 def test_shuffle_seed_changes_the_config_hash(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from schemas.config import ModelConfig, SegmentConfig
 from schemas.shard import SampleRecord
 from training.data import ShardDataset
 from training.explain import explain_sample, read_samples, region_masks
-from training.model import ProtoMask
+from training.model import ProtoMask, build_model
 from training.prp import prp_relevance
 
 
@@ -32,7 +32,7 @@ def shards(tmp_path_factory) -> Path:
 def _random_model(config: ModelConfig) -> ProtoMask:
     """An eval-mode model whose BatchNorms have non-trivial statistics, so folding them matters."""
     torch.manual_seed(0)
-    model = ProtoMask(config, num_classes=2).eval()
+    model = build_model(config, num_classes=2).eval()
     for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
         bn.running_mean.uniform_(-0.2, 0.2)
         bn.running_var.uniform_(0.5, 2.0)
@@ -41,14 +41,15 @@ def _random_model(config: ModelConfig) -> ProtoMask:
     return model
 
 
-@pytest.mark.parametrize(("backbone", "regions", "epsilon"), [
-    ("convnet", "masks", 1e-4), ("convnet", "masks", 1e-14), ("convnet", "patches", 1e-4),
-    ("resnet18", "masks", 1e-4), ("vgg16", "masks", 1e-4),
+@pytest.mark.parametrize(("backbone", "regions", "epsilon", "kind"), [
+    ("convnet", "masks", 1e-4, "protomask"), ("convnet", "masks", 1e-14, "protomask"),
+    ("convnet", "patches", 1e-4, "protomask"), ("resnet18", "masks", 1e-4, "protomask"),
+    ("vgg16", "masks", 1e-4, "protomask"), ("convnet", "patches", 1e-4, "protopnet"),
 ])
-def test_relevance_is_conserved(backbone: str, regions: str, epsilon: float) -> None:
+def test_relevance_is_conserved(backbone: str, regions: str, epsilon: float, kind: str) -> None:
     """Biases are ignored (the reference's conv2d_ignorebias), so the input relevance sums to the explained
     similarity up to the 1e-6 stabilisers: within 1e-3 relative."""
-    config = ModelConfig(backbone=backbone, width=4, prototype_dim=8, input_size=32, prototypes_per_class=2,
+    config = ModelConfig(kind=kind, backbone=backbone, width=4, prototype_dim=8, input_size=32, prototypes_per_class=2,
                          regions=regions, patch_grid=2, similarity_epsilon=epsilon)
     model = _random_model(config)
     k = 3 if regions == "masks" else 1  # mask crops, or the whole image

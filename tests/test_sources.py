@@ -44,6 +44,44 @@ def test_cub_optional_boxes_and_parts(tmp_path: Path) -> None:
     assert item.extra["part_names"] == ["back", "left eye"]
 
 
+def _cub_root(cub: Path) -> None:
+    """Two images of one class: 1 train, 2 test."""
+    for name in ("a", "b"):
+        _img(cub / "images" / "001.A" / f"{name}.jpg")
+    (cub / "images.txt").write_text("1 001.A/a.jpg\n2 001.A/b.jpg\n")
+    (cub / "image_class_labels.txt").write_text("1 1\n2 1\n")
+    (cub / "train_test_split.txt").write_text("1 1\n2 0\n")
+    (cub / "classes.txt").write_text("1 001.A\n")
+
+
+@pytest.mark.parametrize("list_at, segmentations", [
+    ("", "segmentations"),  # the usual layout: CUB_200_2011/ and segmentations/ side by side
+    ("", "CUB_200_2011/segmentations"),  # next to images/
+    ("CUB_200_2011", "CUB_200_2011/segmentations"),  # the root is the CUB folder itself
+])
+def test_cub_segmentations_become_object_paths(tmp_path: Path, list_at: str, segmentations: str) -> None:
+    _cub_root(tmp_path / "CUB_200_2011")
+    root = tmp_path / list_at
+    assert [i.object_path for i in cub.list_items(root).items] == [None, None]  # no segmentations folder
+    mask = tmp_path / segmentations / "001.A" / "a.png"  # b has no mask file: None, no error
+    mask.parent.mkdir(parents=True)
+    Image.new("L", (16, 12), 255).save(mask)
+    items = cub.list_items(root).items
+    assert [i.object_path for i in items] == [mask.relative_to(root).as_posix(), None]
+    assert (root / items[0].object_path).is_file() and items[0].path.endswith("images/001.A/a.jpg")
+
+
+def test_cub_segmentation_symlink_out_of_root_rejected(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    _cub_root(root / "CUB_200_2011")
+    outside = tmp_path / "secret.png"
+    Image.new("L", (16, 12), 255).save(outside)
+    (root / "segmentations" / "001.A").mkdir(parents=True)
+    os.symlink(outside, root / "segmentations" / "001.A" / "b.png")
+    with pytest.raises(SourceError, match=r"images.txt id 2: path 'segmentations/001.A/b.png' .*outside the root"):
+        cub.list_items(root)
+
+
 def test_cub_missing_file_named(tmp_path: Path) -> None:
     (tmp_path / "images.txt").write_text("1 a/b.jpg\n")
     with pytest.raises(SourceError, match="image_class_labels.txt"):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -28,6 +29,7 @@ def test_counts_layout_and_order(tmp_path: Path) -> None:
     assert keys == sorted(keys)
     first = listing.items[0]
     assert first.path == "images/red_circle/test_0000.png" and first.parts_path == "parts/red_circle/test_0000.png"
+    assert first.object_path == "objects/red_circle/test_0000.png"
     assert first.extra == {} and first.label == 0
     for item in listing.items:
         assert listing.classes[item.label] == item.class_name
@@ -35,6 +37,10 @@ def test_counts_layout_and_order(tmp_path: Path) -> None:
             assert im.mode == "RGB" and im.size == (96, 96)
         with Image.open(tmp_path / item.parts_path) as im:
             assert im.mode == "L" and im.size == (96, 96)
+            parts = np.asarray(im)
+        with Image.open(tmp_path / item.object_path) as im:  # the object: the discriminative part (id 1)
+            assert im.mode == "L" and im.size == (96, 96)
+            assert np.array_equal(np.asarray(im), np.where(parts == 1, 255, 0)) and (parts == 1).any()
     marker = json.loads((tmp_path / "synthetic.json").read_text())
     assert marker["config"] == SMALL.model_dump(mode="json")
     assert marker["classes"] == listing.classes
@@ -47,12 +53,30 @@ def test_deterministic_and_idempotent(tmp_path: Path) -> None:
     synthetic.generate(a, SMALL)
     synthetic.generate(b, SMALL)
     files = _files(a)
-    assert files == _files(b) and len(files) == 2 * 3 * 6 + 1
+    assert files == _files(b) and len(files) == 3 * 3 * 6 + 1  # image, part map, object map; the marker
     mtime = (a / "images/red_circle/train_0000.png").stat().st_mtime_ns
     synthetic.generate(a, SMALL)  # finished with the same config: nothing is rewritten
     assert (a / "images/red_circle/train_0000.png").stat().st_mtime_ns == mtime
     other = synthetic.render(SMALL.model_copy(update={"seed": 8}), "train", 0, 0)[0]
     assert not np.array_equal(other, synthetic.render(SMALL, "train", 0, 0)[0])
+
+
+def test_a_root_without_object_maps_gets_them_from_its_part_maps(tmp_path: Path) -> None:
+    """A root generated before object maps existed (marker, images, part maps) gets them on the next
+    generate; nothing else is rewritten and the marker stays as it was."""
+    fresh, old = tmp_path / "fresh", tmp_path / "old"
+    synthetic.generate(fresh, SMALL)
+    synthetic.generate(old, SMALL)
+    shutil.rmtree(old / "objects")
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(old.rglob("*")) if p.is_file()}
+    listing = synthetic.list_items(old, SMALL)
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before} == before
+    assert _files(old) == _files(fresh)  # the derived object maps are the ones generation writes
+    assert all((old / item.object_path).is_file() for item in listing.items)
+    (old / listing.items[0].object_path).unlink()
+    (old / listing.items[0].parts_path).write_bytes(b"not a png")
+    with pytest.raises(SourceError, match=r"parts/red_circle/test_0000.png: unreadable part map"):
+        synthetic.generate(old, SMALL)
 
 
 def test_different_config_refused(tmp_path: Path) -> None:

@@ -319,3 +319,29 @@ def test_addon_from_classifier_standardises_the_leading_directions(shards: Path)
     assert torch.allclose(pre.mean(0), torch.zeros(r), atol=1e-4) and torch.allclose(pre.std(0), torch.ones(r), atol=1e-4)
     directions = torch.nn.functional.normalize(conv.weight[:r, :, 0, 0].detach(), dim=1)  # singular directions
     assert torch.allclose(directions @ directions.T, torch.eye(r), atol=1e-4)
+
+
+def test_protopnet_learns_and_gets_the_papers_metrics(ray_local, tmp_path: Path) -> None:
+    """ProtoPNet through the same loop, push and metrics, on one shape per image (3 classes, chance 33 %)."""
+    segment = SegmentConfig(
+        source="synthetic", root=tmp_path / "syn", out=tmp_path / "shards", masks_per_image=4, shard_size=16,
+        num_workers=1, synthetic={"num_classes": 3, "train_per_class": 24, "test_per_class": 4, "image_size": 64,
+                                  "distractors": 0},
+    )
+    run_segment(segment, progress=False)
+    config = TrainConfig.model_validate({
+        "shards": segment.out, "run_dir": tmp_path / "run", "num_workers": 1,
+        "model": {"kind": "protopnet", "backbone": "convnet", "width": 8, "prototypes_per_class": 2,
+                  "prototype_dim": 16, "input_size": 64},
+        "loss": {"separation": 0.08, "diversity": 0.0},
+        "schedule": {"pretrain_epochs": 4, "prototype_init": "crops", "joint_epochs": 6, "last_layer_epochs": 2,
+                     "lr_backbone": 2e-3, "lr_last_layer": 5e-3},
+        "data": {"batch_size": 8, "loader_threads": 0, "augment": "flip"}, "seed": 0,
+    })
+    test = run_train(config, progress=False)["test"]
+    assert test["n"] == 12 and test["balanced_accuracy"] >= 0.75
+    push = json.loads((tmp_path / "run" / "push_log.json").read_text())["push"]
+    assert len(push) == 6 and all(0 <= e["mask_index"] < 16 for e in push)  # a cell of the 4x4 map (64 px)
+    assert test["relevance"] == "prp"
+    for key in ("vlc", "object_overlap", "background_overlap", "consistency", "part_consistency"):
+        assert 0.0 <= test[key] <= 1.0, key

@@ -14,12 +14,13 @@ import torch.distributed as dist
 
 from schemas.files import atomic_write
 from training.data import ShardDataset
-from training.explain import part_metrics
+from training.explain import Relevance
+from training.interpretability import interpretability_metrics
 from training.metrics import (classification_metrics, compactness, confusion_matrix, contrastivity,
                               gather_predictions)
 from training.model import Model, ProtoMask
 
-TOP_K = 5  # prototypes per image for the contrastivity and part metrics (spec §7)
+TOP_K = 5  # prototypes per image for the contrastivity and saliency metrics (spec §7)
 
 
 def metrics_file(run_dir: Path, split: str) -> Path:
@@ -55,11 +56,11 @@ def classification(model: Model, batches: Iterable[dict], device: torch.device) 
 
 
 def evaluate_split(model: Model, batches: Iterable[dict], device: torch.device, *, dataset: ShardDataset,
-                   keys: Iterable[str]) -> dict:
+                   keys: Iterable[str], relevance: Relevance | None = None) -> dict:
     """Every metric of the model on one split: classification over all workers' ``batches`` (with the
-    confusion matrix, ``confusion[true][predicted]`` counts); for prototype
-    heads also compactness, contrastivity and the part metrics (spec §7; computed where the result is
-    kept: rank 0, or the only process). Every rank must call it when distributed."""
+    confusion matrix, ``confusion[true][predicted]`` counts); for prototype heads also compactness,
+    contrastivity and the saliency metrics (spec §7, with ``relevance`` as their saliency; computed where the
+    result is kept: rank 0, or the only process). Every rank must call it when distributed."""
     p = predict(model, batches, device)
     c = model.num_classes
     joined, labels, _ = gather_predictions(torch.cat([p["logits"], p["similarities"]], 1), p["labels"], p["keys"])
@@ -71,7 +72,7 @@ def evaluate_split(model: Model, batches: Iterable[dict], device: torch.device, 
         top = sims.topk(min(TOP_K, sims.shape[1]), dim=1).indices
         result.update(**compactness(model), **contrastivity(model.prototypes.detach().cpu(), top, labels))
         on_cpu = model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu()
-        result.update(part_metrics(on_cpu, dataset, keys, TOP_K))  # zeros when the shards carry no parts
+        result.update(interpretability_metrics(on_cpu, dataset, keys, k=TOP_K, relevance=relevance))
     return result
 
 

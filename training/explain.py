@@ -4,8 +4,8 @@
   predicted class's last-layer weight), each with the mask it matched; the saliency map (the mask, gradient ×
   input, or PRP relevance) is zero outside that mask's pixels (the reference pasted PRP relevance into the mask's
   box, spec §6.1).
-* ``part_hit_rate``: on data with ground-truth parts, the share of correctly classified images whose
-  top prototype's mask overlaps the discriminative part (part id 1).
+* ``saliency``: the same maps for any (prototype, matched region) pairs of a sample (the metrics of
+  ``training.interpretability`` use it on the top-k prototypes by similarity).
 * ``render_explanation`` / ``render_gallery``: PNGs of one explanation (saliency heatmap inside each
   matched mask, beside the prototype's push source) and of every prototype's push source, grouped by
   class, flagging prototypes pushed onto another class's image or off their class's part.
@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.masks import decode_masks
 from pipeline.shards import ShardError, iter_samples
-from schemas.shard import MASKS_MEMBER, SampleRecord
+from schemas.shard import MASKS_MEMBER, OBJECT_MEMBER, PARTS_MEMBER, SampleRecord
 from training.data import ShardDataset, decode_sample
 from training.model import ProtoMask
 from training.prp import prp_relevance
@@ -90,44 +90,52 @@ def region_masks(model: ProtoMask, members: dict[str, bytes], record: SampleReco
 
 def explain_sample(model: ProtoMask, members: dict[str, bytes], k: int = 3, *, relevance: Relevance = "mask"
                    ) -> Explanation:
-    """Top-k prototypes of one sample and their saliency, zero outside each matched region's pixels:
-    the binary region (``mask``), or the positive part of the prototype's similarity's relevance in the crop
-    (``gradient``: gradient × input; ``prp``: PRP, computed on that crop only), mapped from the crop back onto
-    the region's box and masked by the region."""
+    """Top-k prototypes of one sample by contribution to the predicted class, and their saliency (``saliency``)."""
     record = SampleRecord.model_validate_json(members["json"])
-    patches = model.config.regions == "patches"
     crops, valid, label, key = decode_sample(members, record.masks_per_image, model.config.input_size, None,
-                                             whole_image=patches)
-    gradient = relevance == "gradient"
-    crops = crops[None].requires_grad_(gradient)
-    with torch.set_grad_enabled(gradient):
-        out = model(crops, valid[None])
+                                             whole_image=model.config.regions == "patches")
+    with torch.no_grad():
+        out = model(crops[None], valid[None])
     predicted = int(out.logits.argmax(1))
-    contribution = (out.similarities[0] * model.last_layer.weight[predicted]).detach()
+    contribution = out.similarities[0] * model.last_layer.weight[predicted].detach()
     top = contribution.topk(min(k, contribution.numel())).indices.tolist()
+    evidence = [Evidence(p, int(model.prototype_class[p]), int(out.nearest_mask[0, p]), float(out.similarities[0, p]),
+                         float(contribution[p])) for p in top]
+    maps = saliency(model, members, record, crops, valid, [(e.prototype, e.mask_index) for e in evidence],
+                    relevance=relevance)
+    return Explanation(key, label, predicted, evidence, maps)
+
+
+def saliency(model: ProtoMask, members: dict[str, bytes], record: SampleRecord, crops: torch.Tensor,
+             valid: torch.Tensor, matches: list[tuple[int, int]], *, relevance: Relevance) -> np.ndarray:
+    """[k, H, W] float32 saliency of each (prototype, matched region) of one sample (``crops`` [K, 3, S, S] and
+    ``valid`` [K] as ``decode_sample`` gives them), at the image's size and zero outside the region's pixels: the
+    binary region (``mask``), or the positive part of the relevance of the prototype's similarity in the region's
+    crop (``gradient``: gradient × input; ``prp``: PRP, computed on that crop only), mapped from the crop back
+    onto the region's box and masked by the region (the reference pasted PRP relevance into the box, spec §6.1)."""
     masks = region_masks(model, members, record)
-    evidence = [
-        Evidence(p, int(model.prototype_class[p]), int(out.nearest_mask[0, p]), float(out.similarities[0, p].detach()),
-                 float(contribution[p]))
-        for p in top
-    ]
-    saliency = np.stack([masks[e.mask_index].astype(np.float32) for e in evidence])
-    if relevance != "mask":
-        crop_of = [0 if patches else e.mask_index for e in evidence]
-        if gradient:
-            grads = [torch.autograd.grad(out.similarities[0, e.prototype], crops, retain_graph=True)[0][0, c]
-                     for e, c in zip(evidence, crop_of)]
-            maps = torch.stack(grads) * crops[0, crop_of]
-        else:
-            maps = prp_relevance(model, crops[0, crop_of], prototypes=torch.tensor([e.prototype for e in evidence]),
-                                 cells=torch.tensor([e.mask_index if patches else 0 for e in evidence]))
-        for i, (e, rel) in enumerate(zip(evidence, maps.sum(1).clamp_min(0).detach().numpy())):  # [S, S], crop space
-            x0, y0, x1, y1 = (0, 0, record.width - 1, record.height - 1) if patches else record.boxes[e.mask_index]
-            box = np.asarray(Image.fromarray(rel).resize((x1 - x0 + 1, y1 - y0 + 1), Image.BILINEAR))
-            canvas = np.zeros_like(saliency[i])
-            canvas[y0 : y1 + 1, x0 : x1 + 1] = box
-            saliency[i] = np.clip(canvas, 0, None) * saliency[i]
-    return Explanation(key, label, predicted, evidence, saliency)
+    maps = np.stack([masks[m].astype(np.float32) for _, m in matches]) if matches else np.zeros((0, record.height,
+                                                                                                  record.width))
+    if relevance == "mask" or not matches:
+        return maps
+    patches = model.config.regions == "patches"
+    crop_of = [0 if patches else m for _, m in matches]
+    if relevance == "gradient":
+        x = crops[None].clone().requires_grad_(True)
+        similarities = model(x, valid[None]).similarities[0]
+        grads = [torch.autograd.grad(similarities[p], x, retain_graph=True)[0][0, c]
+                 for (p, _), c in zip(matches, crop_of)]
+        relevance_maps = torch.stack(grads) * crops[crop_of]
+    else:
+        relevance_maps = prp_relevance(model, crops[crop_of], prototypes=torch.tensor([p for p, _ in matches]),
+                                       cells=torch.tensor([m if patches else 0 for _, m in matches]))
+    for i, ((_, m), rel) in enumerate(zip(matches, relevance_maps.sum(1).clamp_min(0).detach().numpy())):
+        x0, y0, x1, y1 = (0, 0, record.width - 1, record.height - 1) if patches else record.boxes[m]
+        box = np.asarray(Image.fromarray(rel).resize((x1 - x0 + 1, y1 - y0 + 1), Image.BILINEAR))
+        canvas = np.zeros_like(maps[i])
+        canvas[y0 : y1 + 1, x0 : x1 + 1] = box
+        maps[i] = np.clip(canvas, 0, None) * maps[i]
+    return maps
 
 
 def overlaps(mask: np.ndarray, part: np.ndarray) -> bool:
@@ -136,11 +144,11 @@ def overlaps(mask: np.ndarray, part: np.ndarray) -> bool:
     return smaller > 0 and int((mask & part).sum()) >= OVERLAP * smaller
 
 
-def _parts(members: dict[str, bytes], record: SampleRecord) -> dict[int, np.ndarray]:
+def ground_truth_parts(members: dict[str, bytes], record: SampleRecord) -> dict[int, np.ndarray]:
     """Ground-truth parts as pixel masks: the regions of ``parts.png`` (synthetic), or one pixel per
     visible CUB keypoint (``extra.parts``, original pixels scaled to the stored image)."""
-    if "parts.png" in members:
-        labels = np.asarray(Image.open(io.BytesIO(members["parts.png"])))
+    if PARTS_MEMBER in members:
+        labels = np.asarray(Image.open(io.BytesIO(members[PARTS_MEMBER])))
         return {int(i): labels == i for i in np.unique(labels) if i}
     parts = {}
     for part_id, x, y in record.extra.get("parts", []):
@@ -152,71 +160,15 @@ def _parts(members: dict[str, bytes], record: SampleRecord) -> dict[int, np.ndar
     return parts
 
 
-def _hit_parts(region: np.ndarray, parts: dict[int, np.ndarray]) -> set[int]:
+def ground_truth_object(members: dict[str, bytes]) -> np.ndarray | None:
+    """The ground-truth object mask [H, W] bool (``object.png``), or None where the shards carry none."""
+    if OBJECT_MEMBER not in members:
+        return None
+    return np.asarray(Image.open(io.BytesIO(members[OBJECT_MEMBER])).convert("L")) > 127
+
+
+def hit_parts(region: np.ndarray, parts: dict[int, np.ndarray]) -> set[int]:
     return {i for i, part in parts.items() if overlaps(region, part)}
-
-
-def perturb(crops: torch.Tensor, seed: int) -> torch.Tensor:
-    """The fixed second view of the stability metric (spec §7.5): colour ×1.125, hue 0.05, Gaussian noise
-    (σ = 5/255), 3×3 blur, on the un-normalised crops."""
-    import torchvision.transforms.v2.functional as TF
-
-    from training.data import IMAGENET_MEAN, IMAGENET_STD
-
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    x = (crops * std + mean).clamp(0, 1)
-    for adjust in (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation):
-        x = adjust(x, 1.125)
-    x = TF.gaussian_blur(TF.adjust_hue(x, 0.05), [3, 3])
-    x = (x + torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)) * 5 / 255).clamp(0, 1)
-    return (x - mean) / std
-
-
-@torch.no_grad()
-def part_metrics(model: ProtoMask, dataset: ShardDataset, keys: Iterable[str], k: int = 5) -> dict:
-    """Part-based interpretability on samples with ground-truth parts (spec §7.4–§7.5, fixed per §9):
-
-    * ``part_hit_rate``: share of correctly classified samples whose top prototype's region overlaps
-      part 1 (the discriminative part of the synthetic data; CUB has none, so it stays 0 there);
-    * ``part_consistency`` (×100): per prototype that appears in any top-k, the mean over the parts it
-      ever hit of how often it hit that part when in a top-k (binary saliency, no int-cast bug); mean
-      over those prototypes;
-    * ``part_stability`` (×100): per (sample, top-k prototype), 1 − |Δ| / |∪| of the parts its region hits
-      in the sample and in a fixed perturbed view of the same crops (pairs hitting no part are skipped).
-    """
-    correct = hits = 0
-    appearances: dict[int, int] = defaultdict(int)
-    part_hits: dict[int, dict[int, int]] = defaultdict(lambda: defaultdict(int))
-    stability = []
-    for index, (_, members) in enumerate(read_samples(dataset, keys)):
-        record = SampleRecord.model_validate_json(members["json"])
-        parts = _parts(members, record)
-        if not parts:
-            continue
-        explanation = explain_sample(model, members, k)
-        if explanation.predicted == explanation.label and 1 in parts and record.part_names is not None:
-            correct += 1
-            hits += overlaps(explanation.saliency[0] > 0, parts[1])
-        regions = region_masks(model, members, record)
-        crops, valid, _, _ = decode_sample(members, record.masks_per_image, model.config.input_size, None,
-                                           whole_image=model.config.regions == "patches")
-        second = model(perturb(crops, index)[None], valid[None]).nearest_mask[0]
-        for e, saliency in zip(explanation.evidence, explanation.saliency):
-            first = _hit_parts(saliency > 0, parts)
-            appearances[e.prototype] += 1
-            for part in first:
-                part_hits[e.prototype][part] += 1
-            other = _hit_parts(regions[int(second[e.prototype])], parts)
-            if first | other:
-                stability.append(1 - len(first ^ other) / len(first | other))
-    scores = [sum(n / appearances[p] for n in part_hits[p].values()) / len(part_hits[p]) if part_hits[p] else 0.0
-              for p in appearances]
-    return {
-        "part_hit_rate": hits / correct if correct else 0.0,
-        "part_hit_n": correct,
-        "part_consistency": 100 * sum(scores) / len(scores) if scores else 0.0,
-        "part_stability": 100 * sum(stability) / len(stability) if stability else 0.0,
-    }
 
 
 @functools.cache
@@ -340,8 +292,8 @@ class PrototypeSource:
 
 
 def _discriminative_part(members: dict[str, bytes], record: SampleRecord) -> np.ndarray | None:
-    """Pixels of ground-truth part 1 (the class's discriminative part, as in ``part_metrics``), or None."""
-    return None if record.part_names is None else _parts(members, record).get(1)
+    """Pixels of ground-truth part 1 (the class's discriminative part, as in ``part_hit_rate``), or None."""
+    return None if record.part_names is None else ground_truth_parts(members, record).get(1)
 
 
 def prototype_sources(model: ProtoMask, dataset: ShardDataset, push_log: list[dict]) -> dict[int, PrototypeSource]:

@@ -21,6 +21,19 @@ def separation_loss(min_distances: torch.Tensor, labels: torch.Tensor, prototype
     return min_distances.masked_fill(own, float("inf")).min(dim=1).values.mean()
 
 
+def prototype_crop_loss(min_distances: torch.Tensor, labels: torch.Tensor, prototype_class: torch.Tensor) -> torch.Tensor:
+    """Mean, over the prototypes whose class is in the batch, of the distance to the nearest crop of that class.
+
+    The prototype-side counterpart of the cluster term (Li et al. 2018's R1): cluster pulls each image's
+    nearest crop onto a prototype; this pulls each prototype onto a crop, so push later moves it little. A
+    min over images, hence over the micro-batch (not additive across micro-batches, unlike the other terms)."""
+    own = prototype_class[None, :] == labels[:, None]  # [B, P]
+    present = own.any(dim=0)
+    if not present.any():
+        return min_distances.new_zeros(())
+    return min_distances.masked_fill(~own, float("inf")).min(dim=0).values[present].mean()
+
+
 def diversity_loss(prototypes: torch.Tensor, labels: torch.Tensor, prototype_class: torch.Tensor) -> torch.Tensor:
     """Mean over images of exp(−1e‑3 · Σ pairwise L2 distances between the prototypes of its class).
 
@@ -74,6 +87,10 @@ def total_loss(
         sep = separation_loss(out.min_distances, labels, model.prototype_class)
         terms.update(cluster=clst, separation=sep)
         loss = loss + config.cluster * clst - config.separation * sep
+        if config.prototype_crop:
+            anchor = prototype_crop_loss(out.min_distances, labels, model.prototype_class)
+            terms["prototype_crop"] = anchor
+            loss = loss + config.prototype_crop * anchor
         if config.diversity:
             div = diversity_loss(model.prototypes, labels, model.prototype_class)
             terms["diversity"] = div

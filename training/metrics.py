@@ -1,7 +1,8 @@
-"""Classification metrics (spec §7.1), prediction gathering over DDP ranks, and compactness (§7.2).
+"""The paper's metrics (spec §7) as pure functions: classification (§7.1), prediction gathering over DDP ranks,
+compactness (§7.2), contrastivity (§7.3) and the saliency metrics of one image (§7.3–§7.4).
 
-Pure torch, no sklearn. Classification values are fractions in [0, 1]; ``compactness`` keeps the
-reference's units (sparsity in %, global size a count, NPR a ratio).
+Pure torch and numpy, no sklearn. Shares are stored as fractions in [0, 1] (sparsity and the saliency metrics
+too); ``PAPER_METRICS`` says which the paper prints ×100 and under which name.
 
 The reference (§7.1) weights every image by 1/(its class's share of the split): its "Accuracy", "top-3
 Accuracy" and "F1" are ``balanced_accuracy`` (the mean per-class recall), ``balanced_top3`` and
@@ -10,8 +11,28 @@ Accuracy" and "F1" are ``balanced_accuracy`` (the mean per-class recall), ``bala
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import numpy as np
 import torch
 import torch.distributed as dist
+
+# key → (the paper's name, its family, the factor it is printed with): the paper's table layout (spec §7)
+PAPER_METRICS: dict[str, tuple[str, str, int]] = {
+    "balanced_accuracy": ("Accuracy", "general", 100),
+    "balanced_top3": ("top-3 Accuracy", "general", 100),
+    "balanced_macro_f1": ("F1", "general", 100),
+    "global_size": ("Global Size", "compactness", 1),
+    "sparsity": ("Sparsity", "compactness", 100),
+    "npr": ("NPR", "compactness", 1),
+    "vlc": ("VLC", "contrastivity", 100),
+    "intra_pd": ("Intra PD", "contrastivity", 1),
+    "inter_pd": ("Inter PD", "contrastivity", 1),
+    "ior": ("IOR", "complexity", 1),
+    "object_overlap": ("Object Overlap", "complexity", 100),
+    "background_overlap": ("Background Overlap", "complexity", 100),
+    "consistency": ("Consistency", "complexity", 100),
+}
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -101,14 +122,14 @@ def confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, num_classes:
 
 def compactness(model, eps: float = 1e-3) -> dict:
     """Spec §7.2 on the last layer ``W`` [C, P]: ``global_size`` = #prototypes with any weight > eps,
-    ``sparsity`` = 100·#(|w| ≤ eps)/(C·P) (%), ``npr`` = #(w < −eps)/#(w > eps) (0 with no positive)."""
+    ``sparsity`` = #(|w| ≤ eps)/(C·P) (the paper prints it ×100), ``npr`` = #(w < −eps)/#(w > eps) (0 with no positive)."""
     net = getattr(model, "module", model)
     w = net.last_layer.weight.detach().float().cpu()
     positive = int((w > eps).sum())
     negative = int((w < -eps).sum())
     return {
         "global_size": int((w > eps).any(dim=0).sum()),
-        "sparsity": 100.0 * float((w.abs() <= eps).sum()) / w.numel() if w.numel() else 0.0,
+        "sparsity": float((w.abs() <= eps).sum()) / w.numel() if w.numel() else 0.0,
         "npr": negative / positive if positive else 0.0,
     }
 
@@ -133,3 +154,57 @@ def contrastivity(prototypes: torch.Tensor, top: torch.Tensor, labels: torch.Ten
     per_image = (per_image * other).sum(1) / other.sum(1).clamp_min(1)
     per_class = [float(per_image[labels == c].mean()) for c in torch.unique(labels).tolist()]
     return {"intra_pd": intra, "inter_pd": sum(per_class) / len(per_class)}
+
+
+def percentile_mask(saliency: np.ndarray, q: float = 95) -> np.ndarray:
+    """Ŝ: the pixels at or above the map's q-th percentile, where it is positive. The reference kept every pixel
+    at or above the percentile, so a map positive on fewer than 5 % of the image (percentile 0) became the whole
+    image (spec §6.1)."""
+    return (saliency >= np.percentile(saliency, q)) & (saliency > 0)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean masks; 1 when both are empty (the same, empty place)."""
+    union = int((a | b).sum())
+    return int((a & b).sum()) / union if union else 1.0
+
+
+def location_change(masks: np.ndarray) -> float:
+    """VLC of one image (spec §7.3): the mean over its k binary saliency masks [k, H, W] of the mean 1 − IoU with
+    the other k − 1; 0 for k < 2."""
+    k = len(masks)
+    if k < 2:
+        return 0.0
+    return sum(1 - iou(masks[i], masks[j]) for i in range(k) for j in range(k) if i != j) / (k * (k - 1))
+
+
+def object_overlap(mask: np.ndarray, obj: np.ndarray) -> float:
+    """|Ŝ ∧ O| / |O|: the share of the object the binary saliency covers (0 without object pixels)."""
+    size = int(obj.sum())
+    return int((mask & obj).sum()) / size if size else 0.0
+
+
+def background_overlap(mask: np.ndarray, obj: np.ndarray) -> float:
+    """1 − |Ŝ ∧ O| / |Ŝ|: the share of the binary saliency off the object (0 for an empty saliency)."""
+    size = int(mask.sum())
+    return 1 - int((mask & obj).sum()) / size if size else 0.0
+
+
+def inside_outside_relevance(saliency: np.ndarray, obj: np.ndarray) -> float:
+    """IOR in [−1, 1]: with the map divided by its maximum, the mean of its non-zero values inside the object
+    minus the mean of those outside (a mean over no value is 0; an all-zero map gives 0)."""
+    top = float(saliency.max(initial=0.0))
+    if top <= 0:
+        return 0.0
+    level = saliency / top
+    inside, outside = level[obj & (level != 0)], level[~obj & (level != 0)]
+    return (float(inside.mean()) if inside.size else 0.0) - (float(outside.mean()) if outside.size else 0.0)
+
+
+def consistency(appearances: Mapping[int, int], part_hits: Mapping[int, Mapping[int, int]]) -> float:
+    """Spec §7.4: per prototype that appeared in any top-k (``appearances[p]`` times), the mean over the parts it
+    ever hit of how often it hit that part when it appeared (``part_hits[p][part]`` times); the mean over those
+    prototypes, counting the ones that never hit a part as 0."""
+    scores = [sum(hits.values()) / len(hits) / appearances[p] if (hits := part_hits.get(p)) else 0.0
+              for p in appearances]
+    return sum(scores) / len(scores) if scores else 0.0

@@ -2,7 +2,8 @@
 
 - ``prototypes`` (ProtoMask, spec §1): every crop → shared backbone → 1×1 add-on → global average pool →
   sigmoid embedding; squared L2 to class-specific prototypes; min over the image's *valid* crops; log
-  similarity; bias-free last layer.
+  similarity; bias-free last layer. ``model.kind`` picks the class: ``ProtoMask``, or ``ProtoPNet`` (spec §8),
+  which differs only in its add-on and regions (the cells of the whole image's feature map).
 - ``linear`` (the black-box reference): the same backbone, global average pool per crop, element-wise
   max over the image's valid crops, a linear layer. On whole images (``regions: patches``) it is the
   plain network the prototype models are measured against.
@@ -93,16 +94,19 @@ class ProtoMask(nn.Module):
         self.config = config
         self.num_classes = num_classes
         self.backbone, self.channels = create_backbone(config.backbone, config.weights, config.width)
-        self.grid = 1 if config.regions == "masks" else config.patch_grid
-        self.add_on = nn.Sequential(
-            nn.Conv2d(self.channels, config.prototype_dim, 1), nn.AdaptiveAvgPool2d(self.grid), nn.Sigmoid()
-        )
+        self.add_on, self.grid = self.make_add_on()
         num_prototypes = num_classes * config.prototypes_per_class
         self.prototypes = nn.Parameter(torch.rand(num_prototypes, config.prototype_dim))
         # class identity is a buffer so it survives pruning and reloading (reference bug, spec §3.2)
         self.register_buffer("prototype_class", torch.arange(num_prototypes) // config.prototypes_per_class)
         self.last_layer = nn.Linear(num_prototypes, num_classes, bias=False)
         self.reset_last_layer()
+
+    def make_add_on(self) -> tuple[nn.Module, int]:
+        """The add-on from backbone features to region embeddings [D, grid, grid], and the grid (1 for masks)."""
+        grid = 1 if self.config.regions == "masks" else self.config.patch_grid
+        return nn.Sequential(nn.Conv2d(self.channels, self.config.prototype_dim, 1), nn.AdaptiveAvgPool2d(grid),
+                             nn.Sigmoid()), grid
 
     @property
     def class_identity(self) -> torch.Tensor:
@@ -159,6 +163,25 @@ class ProtoMask(nn.Module):
         }
 
 
+class ProtoPNet(ProtoMask):
+    """ProtoPNet (Chen et al. 2019; spec §8): the whole image through the backbone, then a two-layer 1×1 add-on
+    (ReLU, sigmoid; Kaiming-initialised as in the original) on every cell of its feature map; a 1×1 prototype's
+    distance to an image is the min over the cells. The grid is the feature map's own (7×7 for a ResNet at
+    224 px)."""
+
+    def make_add_on(self) -> tuple[nn.Module, int]:
+        d = self.config.prototype_dim
+        add_on = nn.Sequential(nn.Conv2d(self.channels, d, 1), nn.ReLU(), nn.Conv2d(d, d, 1), nn.Sigmoid())
+        for conv in (add_on[0], add_on[2]):
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+        was_training = self.backbone.training
+        with torch.no_grad():
+            size = self.backbone.eval()(torch.zeros(1, 3, self.config.input_size, self.config.input_size)).shape[-1]
+        self.backbone.train(was_training)
+        return add_on, size
+
+
 class LinearHead(nn.Module):
     """Black-box reference on the same inputs ``[B, K, 3, S, S]`` and validity ``[B, K]``: backbone →
     global average pool per crop → element-wise max over the valid crops → linear layer."""
@@ -190,10 +213,10 @@ class LinearHead(nn.Module):
         return {"backbone": list(self.backbone.parameters()), "classifier": list(self.classifier.parameters())}
 
 
-HEADS: dict[str, type[nn.Module]] = {"prototypes": ProtoMask, "linear": LinearHead}
+KINDS: dict[str, type[ProtoMask]] = {"protomask": ProtoMask, "protopnet": ProtoPNet}
 Model = ProtoMask | LinearHead
 
 
 def build_model(config: ModelConfig, num_classes: int) -> Model:
-    """The network of ``config.head``."""
-    return HEADS[config.head](config, num_classes)
+    """The network of ``config.head`` (and, for prototypes, ``config.kind``)."""
+    return LinearHead(config, num_classes) if config.head == "linear" else KINDS[config.kind](config, num_classes)

@@ -5,7 +5,8 @@ a shaded band per training phase; accuracy and every loss term of ``metrics.csv`
 matrix and per-class accuracy (``metrics_test.json``'s confusion matrix), the config and data lineage
 (train and model config, shard manifest, sha256 of ``model.pt``, code version, run time), the
 prototype gallery with suspect prototypes flagged, and local explanations; then the test metrics of all
-runs and the shard manifest summary. Everything it links is written beside it, so the folder can be
+runs in the paper's table layout (runs that share a name, e.g. seeds, as mean ± std) and the shard manifest
+summary. Everything it links is written beside it, so the folder can be
 copied or served as is.
 """
 
@@ -15,6 +16,8 @@ import csv
 import html
 import json
 import math
+from collections import defaultdict
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,9 +26,11 @@ import numpy as np
 from pipeline.manifest import format_inspect, inspect, load_card
 from schemas.files import sha256_file
 from schemas.version import CODE_VERSION
+from training.metrics import PAPER_METRICS
 
 ACCURACY = ("train_accuracy", "val_accuracy", "val_balanced_accuracy")
-LOSSES = ("train_loss", "train_cross_entropy", "train_cluster", "train_separation", "train_diversity", "train_l1")
+LOSSES = ("train_loss", "train_cross_entropy", "train_cluster", "train_separation", "train_diversity",
+          "train_prototype_crop", "train_l1")
 COLOURS, DASHES = ("#1f77b4", "#d62728", "#2ca02c"), ("none", "none", "5 3")  # per series of a chart
 PHASES = {"pretrain": "#e8e8e8", "warmup": "#fdf0c8", "joint": "#dde9f7", "last_layer": "#dcefd9"}
 FULL_MATRIX = 30  # classes up to which the whole confusion matrix is drawn; above: the most confused pairs
@@ -276,15 +281,47 @@ def _flagged_html(prototypes: list[dict]) -> str:
             f'<ul class="flagged">{items}</ul>')
 
 
-def _metrics_table(results: dict[str, dict]) -> str:
-    names = list(results)
-    keys = [k for k, v in results[names[0]].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
-    body = "".join(
-        f"<tr><td>{k}</td>" + "".join(f"<td>{results[n].get(k, float('nan')):.4g}</td>" for n in names) + "</tr>"
-        for k in keys
-    )
-    return f"<table><tr><th>metric</th>{head}</tr>{body}</table>"
+def aggregate(results: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per model (its runs: seeds), the mean and, over two or more runs, the sample standard deviation (pandas'
+    ``describe``, as the reference's tables) of every numeric metric the runs share."""
+    out = {}
+    for name, runs in results.items():
+        keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                and all(k in r for r in runs)]
+        values = {k: np.array([float(r[k]) for r in runs]) for k in keys}
+        out[name] = {"runs": len(runs), "mean": {k: float(v.mean()) for k, v in values.items()}}
+        if len(runs) > 1:
+            out[name]["std"] = {k: float(v.std(ddof=1)) for k, v in values.items()}
+    return out
+
+
+def _cell(summary: dict, key: str, factor: int) -> str:
+    if key not in summary["mean"]:
+        return "<td>–</td>"
+    digits = (lambda v: f"{v:.1f}") if factor == 100 else (lambda v: f"{v:.3g}")
+    spread = f" ± {digits(factor * summary['std'][key])}" if "std" in summary else ""
+    return f"<td>{digits(factor * summary['mean'][key])}{spread}</td>"
+
+
+def _metrics_tables(summaries: dict[str, dict]) -> str:
+    """The paper's table (a row per model, its metrics grouped by family, in its units) and ours below it (a row
+    per metric, a column per model)."""
+    present = {k for s in summaries.values() for k in s["mean"]}
+    paper = [k for k in PAPER_METRICS if k in present]
+    families = list(dict.fromkeys(PAPER_METRICS[k][1] for k in paper))
+    spans = "".join(f'<th colspan="{sum(PAPER_METRICS[k][1] == f for k in paper)}">{f}</th>' for f in families)
+    names = "".join(f"<th>{PAPER_METRICS[k][0]}{' (×100)' if PAPER_METRICS[k][2] != 1 else ''}</th>" for k in paper)
+    rows = "".join(f"<tr><td>{html.escape(n)} ({s['runs']} run{'s' if s['runs'] > 1 else ''})</td>"
+                   + "".join(_cell(s, k, PAPER_METRICS[k][2]) for k in paper) + "</tr>" for n, s in summaries.items())
+    ours = [k for s in summaries.values() for k in s["mean"] if k not in PAPER_METRICS]
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in summaries)
+    body = "".join(f"<tr><td>{k}</td>" + "".join(_cell(s, k, 1) for s in summaries.values()) + "</tr>"
+                   for k in dict.fromkeys(ours))
+    return (f'<table class="paper"><tr><th rowspan="2">model</th>{spans}</tr><tr>{names}</tr>{rows}</table>'
+            f"<p>Mean ± sample standard deviation over each model's runs (seeds), in the paper's units; Accuracy, "
+            f"top-3 and F1 are class-balanced (spec §7.1). The saliency metrics (VLC, IOR, overlaps, consistency) use "
+            f"each image's top-5 prototypes by similarity and PRP relevance where the backbone supports it.</p>"
+            f"<h3>All metrics</h3><table><tr><th>metric</th>{head}</tr>{body}</table>")
 
 
 STYLE = """body{font-family:sans-serif;margin:2em;max-width:1220px}table{border-collapse:collapse;margin:.5em 0}
@@ -299,25 +336,27 @@ td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}td:first-child,th{t
 pre{background:#f6f6f6;padding:1em;overflow:auto}"""
 
 
-def write_report(runs: dict[str, Path], out: Path) -> Path:
-    """Evaluate (if needed) and explain every run, then write ``out/index.html``; returns its path."""
+def write_report(runs: Sequence[tuple[str, Path]], out: Path) -> Path:
+    """Evaluate (if needed) and explain every run (name, run directory), then write ``out/index.html``; runs that
+    share a name (seeds of one model) are one row of the tables, as mean ± std. Returns the page's path."""
     from training.evaluate import metrics_file
     from training.explain import run_explain
     from training.export import require_run
     from training.train import run_evaluate
 
-    for run_dir in runs.values():  # before anything is written
+    for _, run_dir in runs:  # before anything is written
         require_run(run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results, sections, shards = {}, [], None
-    for i, (name, run_dir) in enumerate(runs.items()):
+    results: dict[str, list[dict]] = defaultdict(list)
+    sections, shards = [], None
+    for i, (name, run_dir) in enumerate(runs):
         meta = json.loads((run_dir / "model_config.json").read_text())
         shards = Path(meta["shards"])
         saved = metrics_file(run_dir, "test")
         test = json.loads(saved.read_text())["test"] if saved.is_file() else {}
         if "confusion" not in test:  # an older run: evaluate it once, into metrics_test.json
             test = run_evaluate(run_dir, shards)
-        results[name] = {k: v for k, v in test.items() if k != "confusion"}
+        results[name].append({k: v for k, v in test.items() if k != "confusion"})
         matrix, classes = np.array(test["confusion"]), meta["classes"]
         folder = f"run{i}"
         summary = run_explain(run_dir, shards, out / folder, limit=4, relevance="gradient")
@@ -344,12 +383,13 @@ def write_report(runs: dict[str, Path], out: Path) -> Path:
             f'<div class="grid explanations">{explanations}</div></section>'
         )
     manifest = html.escape(format_inspect(inspect(shards))) if shards else ""
+    summaries = aggregate(results)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>protomask report</title>
 <style>{STYLE}</style>
 </head><body><h1>protomask report</h1>
-<nav>{" · ".join(f'<a href="#run{i}">{html.escape(n)}</a>' for i, n in enumerate(runs))} · <a href="#shards">shards</a></nav>
-<h2>Test metrics</h2>{_metrics_table(results)}
+<nav>{" · ".join(f'<a href="#run{i}">{html.escape(n)}</a>' for i, (n, _) in enumerate(runs))} · <a href="#shards">shards</a></nav>
+<h2>Test metrics</h2>{_metrics_tables(summaries)}
 <p>part_hit_rate: share of correctly classified test images whose top prototype's region overlaps the
 ground-truth discriminative part (synthetic data only).</p>
 {"".join(sections)}
@@ -358,5 +398,6 @@ ground-truth discriminative part (synthetic data only).</p>
 """
     path = out / "index.html"
     path.write_text(page)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.json").write_text(json.dumps({n: {**summaries[n], "metrics": results[n]} for n in results},
+                                                 indent=1))
     return path

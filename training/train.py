@@ -15,6 +15,7 @@ from schemas.config import DataConfig, TrainConfig, load_config, write_config
 from training import TrainError
 from training.data import ShardDataset, ShardStream, split_keys
 from training.evaluate import evaluate_split, metrics_file, write_metrics
+from training.explain import Relevance
 from training.export import load_model, trained_on
 from training.loop import train_loop_per_worker
 
@@ -78,9 +79,11 @@ def out_of_memory(error: BaseException) -> bool:
     return False
 
 
-def run_evaluate(run_dir: Path, shards: Path | None = None, split: str = "test", *, batch_size: int = 32) -> dict:
+def run_evaluate(run_dir: Path, shards: Path | None = None, split: str = "test", *, batch_size: int = 32,
+                 relevance: Relevance | None = None) -> dict:
     """Every metric of the exported model on one split (default shards: the ones it was trained on), written
-    to ``metrics_<split>.json`` as the training run writes the test split's; returns them."""
+    to ``metrics_<split>.json`` as the training run writes the test split's; returns them. ``relevance``: the
+    saliency of the paper's metrics (``evaluate_split``)."""
     model, classes = load_model(run_dir)
     shards = shards or trained_on(run_dir)
     dataset = ShardDataset.open(shards)
@@ -91,6 +94,6 @@ def run_evaluate(run_dir: Path, shards: Path | None = None, split: str = "test",
     data = DataConfig(loader_threads=min(2, os.cpu_count() or 1))
     stream = ShardStream(dataset, keys, data, input_size=model.config.input_size, batch_size=batch_size, train=False,
                          whole_image=model.config.regions == "patches")
-    result = evaluate_split(model, stream, torch.device("cpu"), dataset=dataset, keys=keys)
+    result = evaluate_split(model, stream, torch.device("cpu"), dataset=dataset, keys=keys, relevance=relevance)
     write_metrics(run_dir, split, result)
     return result

@@ -17,6 +17,7 @@ class SourceItem:
     class_name: str
     split: str | None  # "train" | "val" | "test"; None: the source says nothing (the plan draws a test share)
     parts_path: str | None = None  # ground-truth part label map, relative to the root
+    object_path: str | None = None  # ground-truth object mask image, relative to the root
     extra: dict = field(default_factory=dict)  # JSON-able source metadata
 
 

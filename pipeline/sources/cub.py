@@ -1,9 +1,15 @@
 """CUB-200-2011 layout: images.txt, image_class_labels.txt, train_test_split.txt, classes.txt
-(1-based ids, space separated); bounding_boxes.txt and parts/ are optional and go into metadata."""
+(1-based ids, space separated); bounding_boxes.txt and parts/ are optional and go into metadata.
+
+The ground-truth object masks are a separate download that extracts to
+``segmentations/<class dir>/<image name>.png`` (the image's path under ``images/``, ending in ``.png``).
+It is optional and found next to ``images/`` or, in the usual layout, beside ``CUB_200_2011/`` at the
+root (the first of the two that exists); an image with a mask file gets it as ``object_path``.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from pipeline.sources.base import SourceError, SourceItem, SourceListing, inside_root
 
@@ -36,6 +42,14 @@ def _parts(root: Path) -> tuple[dict[int, str], dict[int, list[list[float]]]] | 
     return names, locs
 
 
+def _segmentations(root: Path, prefix: str) -> str | None:
+    """The ``segmentations/`` folder relative to ``root`` (with its ``/``), or None when there is none."""
+    for folder in dict.fromkeys((prefix + "segmentations/", "segmentations/")):
+        if inside_root(root, folder, f"{root / folder}").is_dir():
+            return folder
+    return None
+
+
 def list_items(root: Path) -> SourceListing:
     """Read a CUB-200-2011 folder (``root`` or ``root/CUB_200_2011``)."""
     prefix = "CUB_200_2011/" if (root / "CUB_200_2011").is_dir() else ""
@@ -46,6 +60,7 @@ def list_items(root: Path) -> SourceListing:
     classes_table = _table(base / "classes.txt", 2)
     boxes = _table(base / "bounding_boxes.txt", 5, required=False)
     parts = _parts(base)
+    segmentations = _segmentations(root, prefix)
     class_ids = sorted(classes_table)
     class_index = {cid: i for i, cid in enumerate(class_ids)}
     classes = [classes_table[cid][0] for cid in class_ids]
@@ -60,6 +75,11 @@ def list_items(root: Path) -> SourceListing:
             raise SourceError(f"{base / 'image_class_labels.txt'}: image {image_id} has unknown class {cid}")
         relative = prefix + "images/" + images[image_id][0]
         inside_root(root, relative, where)
+        object_path = None
+        if segmentations is not None:
+            mask = segmentations + PurePosixPath(images[image_id][0]).with_suffix(".png").as_posix()
+            if inside_root(root, mask, where).is_file():
+                object_path = mask
         extra: dict = {"image_id": image_id}
         if boxes and image_id in boxes:
             x, y, w, h = (float(v) for v in boxes[image_id][0])
@@ -73,6 +93,7 @@ def list_items(root: Path) -> SourceListing:
                 label=class_index[cid],
                 class_name=classes[class_index[cid]],
                 split="train" if splits[image_id][0] == "1" else "test",
+                object_path=object_path,
                 extra=extra,
             )
         )

@@ -6,13 +6,14 @@ pairs but never form a class pair, so neither colour alone nor shape alone decid
 conjunction inside one part does. A uint8 part label map is saved next to every image: 0 background,
 1 the discriminative part, ``1 + i`` distractor ``i``. Distractors are drawn in id order (a later one
 occludes an earlier one) and the discriminative part is drawn last, on top, so it is always whole.
-Every image is seeded from ``(seed, split, class, index)``: the same config gives byte-identical files.
+The object is the discriminative part (what decides the class; distractors are background): an object
+map (255 on part 1, 0 elsewhere) is saved next to every image too. Every image is seeded from
+``(seed, split, class, index)``: the same config gives byte-identical files.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +161,15 @@ def render(config: SyntheticConfig, split: str, label: int, index: int) -> tuple
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), labels
 
 
+def object_map(labels: np.ndarray) -> np.ndarray:
+    """The object map of a part label map: 255 on the discriminative part (id 1), 0 elsewhere."""
+    return np.where(labels == 1, 255, 0).astype(np.uint8)
+
+
+def _write_object_map(labels: np.ndarray, path: Path) -> None:
+    atomic_write(path, lambda f: Image.fromarray(object_map(labels), "L").save(f, format="PNG"))
+
+
 def _manifest(config: SyntheticConfig) -> dict:
     return {
         "config": config.model_dump(mode="json"),
@@ -168,11 +178,22 @@ def _manifest(config: SyntheticConfig) -> dict:
     }
 
 
+def _files(config: SyntheticConfig) -> list[tuple[int, str, str, int]]:
+    """(label, class name, split, index) of every image, in listing order: sorted by (split, class, index)."""
+    return [
+        (label, name, split, index)
+        for split, count in sorted(zip(SPLITS, (config.train_per_class, config.test_per_class)))
+        for label, name in enumerate(class_names(config.num_classes))
+        for index in range(count)
+    ]
+
+
 def generate(root: Path, config: SyntheticConfig) -> Path:
     """Write the dataset under ``root`` (idempotent) and return ``root``.
 
     ``synthetic.json`` is written last and marks a finished dataset; one made with a different config
-    is an error (nothing is deleted or overwritten).
+    is an error (nothing is deleted or overwritten). A finished root made before object maps existed
+    gets them, derived from its part maps; nothing else is touched.
     """
     marker = root / MANIFEST
     expected = _manifest(config)
@@ -187,30 +208,44 @@ def generate(root: Path, config: SyntheticConfig) -> Path:
                 f"({recorded.get('config') if isinstance(recorded, dict) else recorded}); "
                 "use another --root or remove it"
             )
+        _add_object_maps(root, config)
         return root
-    for label, name in enumerate(expected["classes"]):
-        for kind in ("images", "parts"):
+    for name in expected["classes"]:
+        for kind in ("images", "parts", "objects"):
             (root / kind / name).mkdir(parents=True, exist_ok=True)
-        for split, count in zip(SPLITS, (config.train_per_class, config.test_per_class)):
-            for index in range(count):
-                image, labels = render(config, split, label, index)
-                Image.fromarray(image, "RGB").save(root / _relative("images", name, split, index), format="PNG")
-                Image.fromarray(labels, "L").save(root / _relative("parts", name, split, index), format="PNG")
+    for label, name, split, index in _files(config):
+        image, labels = render(config, split, label, index)
+        Image.fromarray(image, "RGB").save(root / _relative("images", name, split, index), format="PNG")
+        Image.fromarray(labels, "L").save(root / _relative("parts", name, split, index), format="PNG")
+        _write_object_map(labels, root / _relative("objects", name, split, index))
     atomic_write(marker, json.dumps(expected, indent=2, sort_keys=True) + "\n")
     return root
+
+
+def _add_object_maps(root: Path, config: SyntheticConfig) -> None:
+    """Write the object maps missing from a finished root, each from its part map (atomically)."""
+    for _, name, split, index in _files(config):
+        path = root / _relative("objects", name, split, index)
+        if path.is_file():
+            continue
+        parts_path = root / _relative("parts", name, split, index)
+        try:
+            with Image.open(parts_path) as im:
+                labels = np.asarray(im)
+        except OSError as exc:
+            raise SourceError(f"{parts_path}: unreadable part map, so {path} cannot be derived ({exc})") from exc
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_object_map(labels, path)
 
 
 def list_items(root: Path, config: SyntheticConfig) -> SourceListing:
     """Generate under ``root`` when needed, then list it sorted by (split, class, index)."""
     generate(root, config)
-    classes = class_names(config.num_classes)
     items = [
         SourceItem(
             path=_relative("images", name, split, index), label=label, class_name=name, split=split,
-            parts_path=_relative("parts", name, split, index),
+            parts_path=_relative("parts", name, split, index), object_path=_relative("objects", name, split, index),
         )
-        for split, count in sorted(zip(SPLITS, (config.train_per_class, config.test_per_class)))
-        for label, name in enumerate(classes)
-        for index in range(count)
+        for label, name, split, index in _files(config)
     ]
-    return SourceListing(classes=classes, items=items)
+    return SourceListing(classes=class_names(config.num_classes), items=items)
