@@ -238,11 +238,15 @@ class ModelConfig(Strict):
     head: Literal["prototypes", "linear"] = Field(
         "prototypes", description="prototypes: ProtoMask (or the patch baseline); linear: the black-box reference "
         "on the same backbone and inputs (global pool per crop, max over crops, linear layer)")
-    kind: Literal["protomask", "protopnet"] = Field("protomask", description=(
+    kind: Literal["protomask", "protopnet", "protopool", "pipnet"] = Field("protomask", description=(
         "prototype architecture (head: prototypes): protomask (the paper: a 1×1 add-on pooled to one embedding per "
         "region); protopnet (ProtoPNet, Chen et al. 2019: a two-layer 1×1 add-on with ReLU and sigmoid on the "
-        "backbone's feature map of the whole image, one 1×1 prototype per map cell; implies regions: patches with "
-        "the map's own grid, and prototype_dim 128 unless set; its training recipe: --config protopnet)"))
+        "backbone's feature map of the whole image, one 1×1 prototype per map cell); protopool (ProtoPool, "
+        "Rymarczyk et al. 2022: a pool of pool_size prototypes shared by the classes, prototypes_per_class slots "
+        "per class choosing from it, focal similarity); pipnet (PIP-Net, Nauta et al. 2023: every backbone channel a "
+        "prototype, softmax over channels per cell, max over cells, a non-negative last layer, self-supervised "
+        "first on two views). All but protomask imply regions: patches with the map's own grid (and prototype_dim "
+        "128 unless set); their recipes: --config protopnet, protopool, pipnet"))
     backbone: Literal["resnet18", "resnet34", "resnet50", "vgg16", "densenet121", "convnet"] = "resnet50"
     weights: str | None = Field(None, description=(
         "pretrained backbone: a torchvision weights name (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT; resolved through "
@@ -255,6 +259,9 @@ class ModelConfig(Strict):
         "masks", description="masks: one embedding per mask crop (ProtoMask); patches: a patch_grid² map of "
         "the whole image (the ProtoPNet-style baseline)")
     patch_grid: int = Field(7, ge=1, description="patches per side in regions=patches (kind protomask)")
+    pool_size: int | None = Field(None, ge=1, description=(
+        "kind protopool: prototypes in the shared pool, more than prototypes_per_class; default: classes + 5 (the "
+        "reference's CUB 205, Cars 201), at least prototypes_per_class + 1"))
     off_class_weight: float = Field(0.0, description="initial last-layer weight to other classes' prototypes")
     similarity_epsilon: float = Field(1e-4, gt=0, description=(
         "ε of the log similarity log((d + 1) / (d + ε)); the reference's is 1e-14 (its similarity at d = 0 is 32.2 "
@@ -263,14 +270,14 @@ class ModelConfig(Strict):
     @model_validator(mode="before")
     @classmethod
     def _kind_defaults(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("kind") == "protopnet":
+        if isinstance(data, dict) and data.get("kind") in ("protopnet", "protopool", "pipnet"):
             data = {"regions": "patches", "prototype_dim": 128, **data}
         return data
 
     @model_validator(mode="after")
     def _kind_fits(self) -> ModelConfig:
-        if self.kind == "protopnet" and self.regions != "patches":
-            raise ValueError("model.regions: kind protopnet has prototypes on the whole image's feature map; "
+        if self.kind != "protomask" and self.regions != "patches":
+            raise ValueError(f"model.regions: kind {self.kind} has prototypes on the whole image's feature map; "
                              "use regions: patches (its default)")
         return self
 
@@ -281,7 +288,11 @@ class LossConfig(Strict):
     cross_entropy: float = 1.0
     cluster: float = 0.8
     separation: float = 0.2
-    diversity: float = 0.2
+    diversity: float = Field(0.2, description="kinds protomask and protopnet")
+    alignment: float = Field(5.0, description="kind pipnet: alignment of the two views' cell presences")
+    tanh: float = Field(2.0, description="kind pipnet: the tanh term that spreads presence over the prototypes")
+    orthogonality: float = Field(1.0, description=(
+        "kind protopool: mean cosine similarity between the presence of one class's slots (ProtoPool's L_orth)"))
     prototype_crop: float = Field(0.0, ge=0, description=(
         "coefficient of the distance from each prototype to the nearest crop of its class in the batch (Li et "
         "al. 2018's R1), so that push moves prototypes little; 0: the paper"))
@@ -322,6 +333,9 @@ class ScheduleConfig(Strict):
         "at constant rates (the paper's schedule); pretrain: the decay also runs over the pre-training epochs, "
         "and the backbone's joint rate goes on from where pre-training left it (the linear head's schedule over "
         "the same epochs), while the add-on, prototypes and classifier start in full"))
+    gumbel_epochs: int = Field(50, ge=1, description=(
+        "kind protopool: prototype epochs (warm-up and joint) over which the Gumbel-softmax's 1/τ rises from 1 "
+        "to 1000 (the reference's 50)"))
     prune: bool = False
     prune_k: int = Field(6, ge=1)
     prune_threshold: int = Field(3, ge=1)
@@ -344,6 +358,10 @@ class ParityConfig(Strict):
     push_last_batch: bool = Field(False, description="push keeps only the last batch's nearest crop")
     detached_diversity: bool = Field(False, description="diversity term without gradient")
     frozen_addon: bool = Field(False, description="add-on layers never optimised")
+    train_mode_frozen_batchnorm: bool = Field(False, description=(
+        "BatchNorm layers of a frozen backbone (warm-up and last-layer epochs) stay in training mode: they normalise "
+        "with each batch's statistics and keep updating their running ones, so the last layer trains on other "
+        "embeddings than push projected onto and evaluation sees"))
 
 
 class DataConfig(Strict):
@@ -389,9 +407,13 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _schedule_fits_model(self) -> TrainConfig:
-        if self.schedule.addon_init == "classifier" and self.model.kind != "protomask":
+        s, kind = self.schedule, self.model.kind
+        if s.addon_init == "classifier" and kind != "protomask":
             raise ValueError(f"schedule.addon_init: classifier starts ProtoMask's one-layer add-on; model.kind "
-                             f"{self.model.kind} has its own (use addon_init: random)")
+                             f"{kind} has its own (use addon_init: random)")
+        if kind in ("protopool", "pipnet") and (s.prototype_init == "crops" or s.prune):
+            raise ValueError(f"schedule: model.kind {kind} shares its prototypes between classes, so neither "
+                             "prototype_init: crops nor prune (both per class) applies")
         return self
 
     @model_validator(mode="after")

@@ -109,13 +109,15 @@ def test_console_script_installed() -> None:
     assert result.returncode == 0 and "--masks-per-image" in result.stdout
 
 
-@pytest.mark.parametrize("name", ["small-cpu", "demo", "cub-sam2"])
+@pytest.mark.parametrize("name", ["small-cpu", "demo", "cub-sam2", "protopnet", "protopool", "pipnet"])
 def test_named_configs_validate(name: str) -> None:
     from protomask.cli import config_file
     from schemas.config import TrainConfig
 
     config = load_config(TrainConfig, config_file(name), {"shards": "s", "run_dir": "r"}, section="train")
     assert config.data.batch_size % 2 == 0  # splits over 1 and 2 workers
+    if name in ("protopnet", "protopool", "pipnet"):  # the kind's architecture defaults, the reference's recipe
+        assert (config.model.kind, config.model.regions, config.model.prototype_dim) == (name, "patches", 128)
 
 
 # spec §2.4: (K, backbone rate, prototype rate, StepLR step) per dataset and segmenter

@@ -19,7 +19,7 @@ from pipeline.masks import crop_boxes
 from pipeline.shards import ShardError, iter_samples
 from schemas.config import DataConfig, SegmentConfig
 from conftest import segment_without_ray
-from training.data import ShardDataset, ShardStream, decode_sample, make_augment, split_keys
+from training.data import ShardDataset, ShardStream, decode_sample, make_augment, make_view_augments, split_keys
 
 K, CROP = 4, 32
 
@@ -125,6 +125,33 @@ def test_flip_augmentation_only_flips() -> None:
     assert DataConfig(augment=True).augment == "reference" and DataConfig(augment=False).augment == "none"
     with pytest.raises(ValueError, match="augment"):
         DataConfig(augment="strong")
+
+
+@pytest.mark.parametrize("kind", ["flip", "reference"])
+def test_two_views_share_geometry_not_colour(kind: str) -> None:
+    """PIP-Net's views: the same flip / warp, each its own colour; dark left half and bright right half stay on the
+    same side in both views (both sides across seeds), while the pixels differ."""
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[:, 16:] = 200
+    sides = []
+    for seed in range(12):
+        first, second = (augment(image) for augment in make_view_augments([seed, 1], kind))
+        side = [int(np.sign(v[:, 20:].mean() - v[:, :12].mean())) for v in (first, second)]
+        assert side[0] == side[1] != 0 and not np.array_equal(first, second)
+        sides.append(side[0])
+    assert set(sides) == {-1, 1}
+
+
+def test_two_view_stream(shards: Path) -> None:
+    dataset = ShardDataset.open(shards)
+    keys = split_keys(dataset, 0.0, 0)["train"]
+    stream = ShardStream(dataset, keys, DataConfig(batch_size=4, loader_threads=0, augment="flip"), input_size=CROP,
+                         batch_size=4, train=True, whole_image=True, views=2)
+    batch = next(iter(stream))
+    assert batch["crops"].shape == batch["crops2"].shape == (4, 1, 3, CROP, CROP)
+    assert not torch.equal(batch["crops"], batch["crops2"])
+    with pytest.raises(ValueError, match="an evaluation stream 1"):
+        ShardStream(dataset, keys, DataConfig(), input_size=CROP, batch_size=4, train=False, views=2)
 
 
 def test_augmentation_ranges() -> None:

@@ -73,7 +73,8 @@ def test_class_balanced_variants_use_the_reference_sample_weights() -> None:
 
 
 def test_compactness_hand_computed() -> None:
-    head = SimpleNamespace(last_layer=torch.nn.Linear(3, 2, bias=False))  # C=2 classes, P=3 prototypes
+    layer = torch.nn.Linear(3, 2, bias=False)  # C=2 classes, P=3 prototypes
+    head = SimpleNamespace(last_layer=layer, prototype_weights=lambda: layer.weight)
     with torch.no_grad():
         head.last_layer.weight.copy_(torch.tensor([[1.0, 0.0, 0.0005], [-0.5, 0.0, 0.002]]))
     c = compactness(head)
@@ -201,3 +202,18 @@ def test_consistency_hand_computed() -> None:
     and hit nothing: 0. The mean over both: 0.25."""
     assert consistency({0: 4, 1: 2}, {0: {1: 3, 2: 1}}) == pytest.approx(0.25)
     assert consistency({}, {}) == 0.0
+
+
+def test_protopool_global_size_counts_the_prototypes_its_slots_hold() -> None:
+    """Two classes × 2 slots over a pool of 5: with one-hot presence on prototypes 0, 1 (class 0) and 1, 3
+    (class 1), prototypes 2 and 4 add to no class's logit."""
+    from training.model import ProtoPool
+
+    model = ProtoPool(ModelConfig(kind="protopool", backbone="convnet", width=4, input_size=16,
+                                  prototypes_per_class=2, pool_size=5), 2)
+    with torch.no_grad():
+        model.proto_presence.fill_(-10.0)
+        for c, s, p in ((0, 0, 0), (0, 1, 1), (1, 0, 1), (1, 1, 3)):
+            model.proto_presence[c, p, s] = 10.0
+        model.gumbel_scale.fill_(1000.0)
+    assert compactness(model) == {"global_size": 3, "sparsity": 0.5, "npr": 0.0}  # W [2, 4]: one +1 per slot

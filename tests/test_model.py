@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from schemas.config import LossConfig, ModelConfig
-from training.losses import class_weights, cluster_loss, diversity_loss, l1_off_class, separation_loss, total_loss
-from training.model import ProtoMask, ProtoPNet, build_model
+from schemas.config import LossConfig, ModelConfig, TrainConfig
+from training.losses import (alignment_loss, class_weights, cluster_loss, diversity_loss, l1_off_class,
+                             orthogonality_loss, pool_cluster_separation, separation_loss, tanh_loss, total_loss)
+from training.model import PIPNet, ProtoMask, ProtoPNet, ProtoPool, build_model, gumbel_scale
 
 TINY = ModelConfig(backbone="convnet", width=4, prototype_dim=8, input_size=16, prototypes_per_class=2)
 
@@ -137,3 +138,88 @@ def test_protopnet_architecture() -> None:
     out = model(image, torch.ones(2, 1, dtype=torch.bool))
     assert out.logits.shape == (2, 3) and int(out.nearest_mask.max()) < 4
     assert build_model(ModelConfig(kind="protopnet", backbone="resnet18", input_size=224), 2).grid == 7
+
+
+def test_protopool_forward_presence_and_focal_similarity() -> None:
+    cfg = ModelConfig(kind="protopool", backbone="convnet", width=4, input_size=32, prototypes_per_class=2,
+                      prototype_dim=8, pool_size=5)
+    model = build_model(cfg, num_classes=3)
+    assert isinstance(model, ProtoPool) and not model.pushes and model.grid == 2
+    assert model.prototypes.shape == (5, 8) and model.proto_presence.shape == (3, 5, 2)
+    assert model.last_layer.weight.shape == (3, 6) and model.last_layer.weight.tolist()[1] == [0, 0, 1, 1, 0, 0]
+    image, valid = torch.rand(4, 1, 3, 32, 32), torch.ones(4, 1, dtype=torch.bool)
+    out = model(image, valid)
+    assert out.logits.shape == (4, 3) and out.min_distances.shape == (4, 5) and out.presence.shape == (3, 5, 2)
+    d = model.distances(model.embed(image))  # [4, 4 cells, 5]
+    focal = model.similarity(d.min(1).values) - model.similarity(d.mean(1))
+    assert torch.allclose(out.similarities, focal, atol=1e-5)
+    assert torch.allclose(out.presence.sum(1), torch.ones(3, 2))  # a distribution over the pool per slot
+    mixed = torch.einsum("bp,cps->bcs", focal, out.presence).flatten(1)
+    assert torch.allclose(out.logits, mixed @ model.last_layer.weight.T, atol=1e-5)
+    model.gumbel_scale.fill_(1000.0)
+    model.eval()
+    assert torch.equal(model(image, valid).logits, model(image, valid).logits)  # no Gumbel noise in evaluation
+    model.train()
+    assert not torch.equal(model(image, valid).presence, model(image, valid).presence)  # noise in training
+    weights = model.prototype_weights()  # [C, P]: the logit each prototype's similarity adds to
+    assert weights.shape == (3, 5)
+    assert torch.allclose(focal @ weights.T, (torch.einsum("bp,cps->bcs", focal, model.presence(noise=False))
+                                              .flatten(1) @ model.last_layer.weight.T), atol=1e-5)
+    with pytest.raises(ValueError, match="pool_size: 2 prototypes cannot fill 2 distinct slots"):
+        build_model(cfg.model_copy(update={"pool_size": 2}), 3)
+
+
+def test_gumbel_scale_schedule() -> None:
+    """The reference's: a plain softmax first, then √(1000² · (e − 1) / 50) within [1, 1000]."""
+    assert [round(gumbel_scale(e, 50), 1) for e in (0, 1, 2, 3, 26, 51, 80)] == [0.0, 1.0, 141.4, 200.0, 707.1,
+                                                                                   1000.0, 1000.0]
+
+
+def test_protopool_losses_by_hand() -> None:
+    min_d = torch.tensor([[0.5, 0.2, 0.9, 0.1]])  # one image of class 0, pool of 4
+    presence = torch.zeros(2, 4, 2)  # class 0's slots hold prototypes 2 and 0; class 1's hold 1 and 3
+    presence[0, 2, 0] = presence[0, 0, 1] = presence[1, 1, 0] = presence[1, 3, 1] = 1.0
+    clst, sep = pool_cluster_separation(min_d, torch.tensor([0]), presence)
+    assert clst.item() == pytest.approx(0.5) and sep.item() == pytest.approx(0.1)  # min of {0.5, 0.9}, {0.2, 0.1}
+    raw = torch.zeros(1, 3, 2)
+    raw[0, :, 0], raw[0, :, 1] = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([1.0, 1.0, 0.0])
+    assert orthogonality_loss(raw).item() == pytest.approx(2 * (1 / math.sqrt(2)) / 2)  # two ordered pairs / (2·1)
+
+
+def test_protopool_config_rules() -> None:
+    cfg = ModelConfig(kind="protopool")
+    assert (cfg.regions, cfg.prototype_dim) == ("patches", 128)
+    base = {"shards": "s", "run_dir": "r", "model": {"kind": "protopool"}}
+    for schedule in ({"pretrain_epochs": 1, "prototype_init": "crops"}, {"prune": True}):
+        with pytest.raises(ValueError, match="model.kind protopool shares its prototypes"):
+            TrainConfig.model_validate({**base, "schedule": schedule})
+
+
+def test_pipnet_forward_losses_and_last_layer_rules() -> None:
+    cfg = ModelConfig(kind="pipnet", backbone="convnet", width=4, input_size=32)
+    model = build_model(cfg, num_classes=3)
+    assert isinstance(model, PIPNet) and not model.pushes and model.num_prototypes == 32 and model.grid == 2
+    image, valid = torch.rand(4, 1, 3, 32, 32), torch.ones(4, 1, dtype=torch.bool)
+    out = model(image, valid)
+    assert out.cell_presence.shape == (4, 4, 32) and torch.allclose(out.cell_presence.sum(-1), torch.ones(4, 4))
+    assert torch.equal(out.similarities, out.cell_presence.max(1).values)
+    expected = torch.log1p((out.similarities @ torch.relu(model.last_layer.weight).T) ** 2.0)
+    assert torch.allclose(out.logits, expected, atol=1e-6)
+    a = torch.tensor([[[0.5, 0.5], [1.0, 0.0]]])
+    b = torch.tensor([[[0.5, 0.5], [0.5, 0.5]]])
+    assert alignment_loss(a, b).item() == pytest.approx(-(math.log(0.5) + math.log(0.5)) / 2)
+    pooled = torch.tensor([[0.5, 0.0], [0.5, 1.0]])  # Σ over images: 1 and 1
+    assert tanh_loss(pooled).item() == pytest.approx(-math.log(math.tanh(1.0) + 1e-8))
+    labels = torch.tensor([0, 1, 0, 1])  # two images, two views each
+    two = model(torch.cat([image[:2], image[:2]]), valid)
+    loss, terms = total_loss(two, labels, model, LossConfig(cross_entropy=2.0), "warmup", None)
+    assert loss.item() == pytest.approx(5 * terms["alignment"] + 2 * terms["tanh"], rel=1e-5)  # no CE in warm-up
+    loss, terms = total_loss(two, labels, model, LossConfig(cross_entropy=2.0), "joint", None)
+    assert loss.item() == pytest.approx(2 * terms["cross_entropy"] + 5 * terms["alignment"] + 2 * terms["tanh"],
+                                        rel=1e-5)
+    with torch.no_grad():
+        model.last_layer.weight[0, :3] = torch.tensor([0.0005, -0.2, 0.5])
+        model.multiplier.fill_(0.5)
+    model.after_step()
+    assert model.last_layer.weight[0, :3].tolist() == pytest.approx([0.0, 0.0, 0.499])
+    assert model.multiplier.item() == 1.0

@@ -45,6 +45,7 @@ def _random_model(config: ModelConfig) -> ProtoMask:
     ("convnet", "masks", 1e-4, "protomask"), ("convnet", "masks", 1e-14, "protomask"),
     ("convnet", "patches", 1e-4, "protomask"), ("resnet18", "masks", 1e-4, "protomask"),
     ("vgg16", "masks", 1e-4, "protomask"), ("convnet", "patches", 1e-4, "protopnet"),
+    ("convnet", "patches", 1e-4, "protopool"),
 ])
 def test_relevance_is_conserved(backbone: str, regions: str, epsilon: float, kind: str) -> None:
     """Biases are ignored (the reference's conv2d_ignorebias), so the input relevance sums to the explained
@@ -60,7 +61,8 @@ def test_relevance_is_conserved(backbone: str, regions: str, epsilon: float, kin
     crop_of, cells = (nearest, first) if regions == "masks" else (first, nearest)
     relevance = prp_relevance(model, crops[0, crop_of], prototypes=torch.arange(len(nearest)), cells=cells)
     assert relevance.shape == (len(nearest), 3, 32, 32)
-    assert torch.allclose(relevance.sum((1, 2, 3)), out.similarities[0], rtol=1e-3, atol=0)
+    explained = model.similarity(out.min_distances[0])  # ProtoPool's focal similarity subtracts its mean term
+    assert torch.allclose(relevance.sum((1, 2, 3)), explained, rtol=1e-3, atol=0)
     assert torch.equal(model(crops, valid).logits, out.logits)  # the canonizers are undone
 
 
@@ -101,3 +103,14 @@ def test_explain_cli_with_prp_relevance(shards: Path, tmp_path: Path, capsys) ->
     assert all((out / record["png"]).is_file() for record in summary["explanations"])
     assert all((out / name).is_file() for name in summary["gallery"])
     assert "gallery:" in capsys.readouterr().out
+
+
+def test_pipnet_relevance_is_its_channel_at_the_cell() -> None:
+    """PIP-Net's prototype is a backbone channel: the relevance starts from that channel's (positive) feature at
+    the matched cell, and is conserved down to the input."""
+    model = _random_model(ModelConfig(kind="pipnet", backbone="convnet", width=4, input_size=32))
+    crops = torch.randn(3, 3, 32, 32)
+    channels, cells = torch.tensor([0, 5, 9]), torch.tensor([0, 1, 3])
+    features = model.backbone(crops).flatten(2)[torch.arange(3), channels, cells]
+    relevance = prp_relevance(model, crops, prototypes=channels, cells=cells)
+    assert torch.allclose(relevance.sum((1, 2, 3)), features, rtol=1e-3, atol=1e-7)

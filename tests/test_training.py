@@ -12,9 +12,11 @@ import torch
 
 from pipeline.job import run_segment
 from schemas.config import ModelConfig, SegmentConfig, TrainConfig
-from training.loop import CHECKPOINT, checkpoint_state, make_optimizers, make_schedulers, phase_of, set_trainable
+from training.loop import (CHECKPOINT, checkpoint_state, freeze_batchnorm_statistics, make_optimizers, make_schedulers,
+                           phase_of, set_trainable)
 from training.model import LinearHead, ProtoMask
 from training.data import ShardDataset
+from training.explain import run_explain
 from training.export import load_model
 from training.train import TrainError, run_evaluate, run_train
 
@@ -321,27 +323,73 @@ def test_addon_from_classifier_standardises_the_leading_directions(shards: Path)
     assert torch.allclose(directions @ directions.T, torch.eye(r), atol=1e-4)
 
 
-def test_protopnet_learns_and_gets_the_papers_metrics(ray_local, tmp_path: Path) -> None:
-    """ProtoPNet through the same loop, push and metrics, on one shape per image (3 classes, chance 33 %)."""
+@pytest.fixture(scope="module")
+def one_shape_shards(ray_local, tmp_path_factory) -> Path:
+    """One shape per image, no distractors: 3 classes whose whole-image models learn in a few epochs."""
+    tmp = tmp_path_factory.mktemp("one_shape")
     segment = SegmentConfig(
-        source="synthetic", root=tmp_path / "syn", out=tmp_path / "shards", masks_per_image=4, shard_size=16,
+        source="synthetic", root=tmp / "syn", out=tmp / "shards", masks_per_image=4, shard_size=16,
         num_workers=1, synthetic={"num_classes": 3, "train_per_class": 24, "test_per_class": 4, "image_size": 64,
                                   "distractors": 0},
     )
     run_segment(segment, progress=False)
+    return segment.out
+
+
+RECIPES = {  # the kinds' own terms and phases, at the scale of a test
+    "protopnet": ({"separation": 0.08, "diversity": 0.0}, {"prototype_init": "crops", "last_layer_epochs": 2}),
+    "protopool": ({"separation": 0.08}, {"last_layer_epochs": 2, "gumbel_epochs": 4}),
+    "pipnet": ({"cross_entropy": 2.0}, {"warmup_epochs": 2, "last_layer_epochs": 0, "lr_last_layer": 0.05}),
+}
+
+
+@pytest.mark.parametrize("kind", list(RECIPES))
+def test_baselines_learn_and_get_the_papers_metrics(one_shape_shards: Path, tmp_path: Path, kind: str) -> None:
+    """ProtoPNet, ProtoPool and PIP-Net through the same loop, push (ProtoPNet only) and metrics (chance: 33 %)."""
+    loss, schedule = RECIPES[kind]
     config = TrainConfig.model_validate({
-        "shards": segment.out, "run_dir": tmp_path / "run", "num_workers": 1,
-        "model": {"kind": "protopnet", "backbone": "convnet", "width": 8, "prototypes_per_class": 2,
-                  "prototype_dim": 16, "input_size": 64},
-        "loss": {"separation": 0.08, "diversity": 0.0},
-        "schedule": {"pretrain_epochs": 4, "prototype_init": "crops", "joint_epochs": 6, "last_layer_epochs": 2,
-                     "lr_backbone": 2e-3, "lr_last_layer": 5e-3},
+        "shards": one_shape_shards, "run_dir": tmp_path / "run", "num_workers": 1,
+        "model": {"kind": kind, "backbone": "convnet", "width": 8, "prototypes_per_class": 2, "prototype_dim": 16,
+                  "input_size": 64},
+        "loss": loss,
+        "schedule": {"pretrain_epochs": 4, "joint_epochs": 6, "lr_backbone": 2e-3, "lr_last_layer": 5e-3,
+                     **schedule},
         "data": {"batch_size": 8, "loader_threads": 0, "augment": "flip"}, "seed": 0,
     })
     test = run_train(config, progress=False)["test"]
     assert test["n"] == 12 and test["balanced_accuracy"] >= 0.75
-    push = json.loads((tmp_path / "run" / "push_log.json").read_text())["push"]
-    assert len(push) == 6 and all(0 <= e["mask_index"] < 16 for e in push)  # a cell of the 4x4 map (64 px)
     assert test["relevance"] == "prp"
     for key in ("vlc", "object_overlap", "background_overlap", "consistency", "part_consistency"):
         assert 0.0 <= test[key] <= 1.0, key
+    model, _ = load_model(tmp_path / "run")
+    if kind == "protopnet":
+        push = json.loads((tmp_path / "run" / "push_log.json").read_text())["push"]
+        assert len(push) == 6 and all(0 <= e["mask_index"] < 16 for e in push)  # a cell of the 4x4 map (64 px)
+    else:
+        assert not (tmp_path / "run" / "push_log.json").exists()
+    if kind == "protopool":
+        assert float(model.gumbel_scale) == 1000.0  # annealed to one-hot within gumbel_epochs
+        assert test["global_size"] <= model.num_prototypes
+    if kind == "pipnet":
+        assert model.last_layer.weight.min().item() >= 0 and model.multiplier.item() >= 1  # after_step clamps
+        assert "intra_pd" not in test  # its prototypes are channels: no prototype vectors
+    summary = run_explain(tmp_path / "run", None, tmp_path / "explain", limit=2, relevance="prp")
+    assert len(summary["explanations"]) == 2 and summary["gallery"]
+    assert all(len(e["evidence"]) == 3 for e in summary["explanations"])
+
+
+def test_frozen_batchnorm_keeps_its_running_statistics() -> None:
+    """Warm-up and last-layer epochs: the frozen backbone's BatchNorm normalises with its running statistics,
+    unchanged by the epoch; joint epochs train it; parity.train_mode_frozen_batchnorm keeps the reference's."""
+    config = _config(Path("s"), Path("r"))
+    model = ProtoMask(ModelConfig(**TINY), 3)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    x = torch.rand(2, 4, 3, 32, 32)
+    for phase, frozen in (("last_layer", True), ("warmup", True), ("joint", False)):
+        set_trainable(model, phase, config)
+        model.train()
+        freeze_batchnorm_statistics(model)
+        before = norms[0].running_mean.clone()
+        model(x, torch.ones(2, 4, dtype=torch.bool))
+        assert all(not m.training for m in norms) == frozen, phase
+        assert torch.equal(norms[0].running_mean, before) == frozen, phase

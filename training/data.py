@@ -236,6 +236,21 @@ def make_augment(seed: int | Sequence[int], kind: str = "reference") -> Callable
     return lambda image: _colour(_geometry(image, rng), rng)
 
 
+def make_view_augments(seed: Sequence[int], kind: str) -> tuple[Callable[[np.ndarray], np.ndarray], ...]:
+    """Two augmentations of one image for PIP-Net's views: the same geometry (``kind``'s flip, perspective and
+    affine, drawn from one seed for both, so a cell shows the same content in both views) and each its own colour
+    jitter (the reference's ranges; PIP-Net's own are wider and add posterize and blur)."""
+    def view(index: int) -> Callable[[np.ndarray], np.ndarray]:
+        shape, colour = np.random.default_rng([*seed, 0]), np.random.default_rng([*seed, index])
+        if kind == "reference":
+            return lambda image: _colour(_geometry(image, shape), colour)
+        if kind == "flip":
+            return lambda image: _colour(image[:, ::-1] if shape.random() < 0.5 else image, colour)
+        return lambda image: _colour(image, colour)
+
+    return view(1), view(2)
+
+
 def _assign(units: list[Unit], world: int, quota: int | None) -> list[list[Unit]]:
     """Largest unit first onto the least-loaded rank (ties: the given order, then the lowest rank).
 
@@ -338,9 +353,12 @@ class ShardStream:
 
     def __init__(self, dataset: ShardDataset, keys: Iterable[str], config: DataConfig, *, input_size: int,
                  batch_size: int, train: bool, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 whole_image: bool = False) -> None:
+                 whole_image: bool = False, views: int = 1) -> None:
         """``config`` gives the shuffle buffer, augmentation and decoding threads; ``batch_size`` is the
-        images per batch this stream yields (a training step's share of one rank, or an evaluation batch)."""
+        images per batch this stream yields (a training step's share of one rank, or an evaluation batch).
+        ``views``: 2 adds ``"crops2"``, a second view of every image (``make_view_augments``; training only)."""
+        if views not in (1, 2) or (views == 2 and not train):
+            raise ValueError(f"views: {views}; a training stream has 1 or 2, an evaluation stream 1")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         row_of = {r["key"]: r for r in dataset.rows}
@@ -359,7 +377,8 @@ class ShardStream:
         self._augment = config.augment if train and config.augment != "none" else None
         self._whole_image = whole_image
         k = 1 if whole_image else dataset.masks_per_image
-        self._buffers = BatchBuffers((batch_size, k, 3, input_size, input_size), config.loader_threads + 2)
+        self._buffers = [BatchBuffers((batch_size, k, 3, input_size, input_size), config.loader_threads + 2)
+                         for _ in range(views)]
 
     def set_epoch(self, epoch: int) -> None:
         """Training streams reshuffle and reassign shards per epoch."""
@@ -402,15 +421,18 @@ class ShardStream:
 
     def _batch(self, samples: list[tuple[Path, str, dict[str, bytes], int]], epoch: int) -> dict:
         """Decode and collate one batch (runs on a decoding thread; numpy only, see decode_sample)."""
-        crops = self._buffers.get(len(samples))
+        crops = [buffers.get(len(samples)) for buffers in self._buffers]
         decoded = []
         for j, (tar, key, members, salt) in enumerate(samples):
-            augment = None
-            if self._augment:
-                augment = make_augment([self.seed, epoch, self.rank, salt, zlib.crc32(key.encode())], self._augment)
+            seed = [self.seed, epoch, self.rank, salt, zlib.crc32(key.encode())]
+            if len(crops) == 2:
+                augments = make_view_augments(seed, self._augment or "none")
+            else:
+                augments = (make_augment(seed, self._augment) if self._augment else None,)
             try:
-                sample = decode_sample(members, self.dataset.masks_per_image, self.input_size, augment,
-                                       self._whole_image, out=crops[j])
+                for view, augment in zip(crops, augments):
+                    sample = decode_sample(members, self.dataset.masks_per_image, self.input_size, augment,
+                                           self._whole_image, out=view[j])
             except (KeyError, OSError, ValueError) as exc:  # ShardError is a ValueError
                 raise ShardError(f"{tar}: sample {key}: {exc}") from exc
             if sample[2:] != (self._labels[key], key):
@@ -418,7 +440,7 @@ class ShardStream:
                                  f"the manifest says label {self._labels[key]}")
             decoded.append(sample)
         _, valid, labels, keys = zip(*decoded)
-        return {"crops": torch.from_numpy(crops),
+        return {**{name: torch.from_numpy(view) for name, view in zip(("crops", "crops2"), crops)},
                 "valid": torch.from_numpy(np.stack([v.numpy() for v in valid])),
                 "label": torch.tensor(labels, dtype=torch.int64), "key": list(keys)}
 

@@ -40,7 +40,7 @@ def predict(model: Model, batches: Iterable[dict], device: torch.device) -> dict
             sims.append(out.similarities.float().cpu())
         labels.append(batch["label"])
         keys += batch["key"]
-    c, p = model.num_classes, model.prototypes.shape[0] if isinstance(model, ProtoMask) else 0
+    c, p = model.num_classes, model.num_prototypes if isinstance(model, ProtoMask) else 0
     return {
         "logits": torch.cat(logits) if logits else torch.zeros(0, c),
         "similarities": torch.cat(sims) if sims else torch.zeros(len(keys), p),
@@ -70,7 +70,9 @@ def evaluate_split(model: Model, batches: Iterable[dict], device: torch.device, 
     if isinstance(model, ProtoMask) and (not dist.is_initialized() or dist.get_rank() == 0):
         sims = joined[:, c:]
         top = sims.topk(min(TOP_K, sims.shape[1]), dim=1).indices
-        result.update(**compactness(model), **contrastivity(model.prototypes.detach().cpu(), top, labels))
+        vectors = getattr(model, "prototypes", None)  # PIP-Net's prototypes are channels: no prototype distances
+        result.update(**compactness(model),
+                      **(contrastivity(vectors.detach().cpu(), top, labels) if vectors is not None else {}))
         on_cpu = model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu()
         result.update(interpretability_metrics(on_cpu, dataset, keys, k=TOP_K, relevance=relevance))
     return result

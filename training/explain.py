@@ -97,7 +97,7 @@ def explain_sample(model: ProtoMask, members: dict[str, bytes], k: int = 3, *, r
     with torch.no_grad():
         out = model(crops[None], valid[None])
     predicted = int(out.logits.argmax(1))
-    contribution = out.similarities[0] * model.last_layer.weight[predicted].detach()
+    contribution = out.similarities[0] * model.prototype_weights()[predicted].detach()
     top = contribution.topk(min(k, contribution.numel())).indices.tolist()
     evidence = [Evidence(p, int(model.prototype_class[p]), int(out.nearest_mask[0, p]), float(out.similarities[0, p]),
                          float(contribution[p])) for p in top]
@@ -438,7 +438,11 @@ def run_explain(run_dir: Path, shards: Path | None, out: Path, *, keys: list[str
     model, classes = load_model(run_dir)
     dataset = ShardDataset.open(shards or trained_on(run_dir))
     out.mkdir(parents=True, exist_ok=True)
-    push = _after_pruning(json.loads((run_dir / "push_log.json").read_text()))
+    push_log = run_dir / "push_log.json"
+    if push_log.is_file():
+        push = _after_pruning(json.loads(push_log.read_text()))
+    else:  # a model without push (ProtoPool): every prototype under the class it adds most to
+        push = [{"prototype": p, "class": int(c), "key": None} for p, c in enumerate(model.prototype_class.tolist())]
     sources = prototype_sources(model, dataset, push)
     gallery = render_gallery(sources, classes, out)
     if keys is None:  # the first test samples of each class in turn

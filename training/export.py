@@ -25,7 +25,7 @@ def export_model(model: Model, config: ModelConfig, classes: list[str], run_dir:
         "format_version": FORMAT_VERSION,
         "model": config.model_dump(mode="json"),
         "classes": classes,
-        "num_prototypes": int(model.prototypes.shape[0]) if isinstance(model, ProtoMask) else 0,
+        "num_prototypes": model.num_prototypes if isinstance(model, ProtoMask) else 0,
         "shards": str(shards),
     }
     atomic_write(run_dir / META, json.dumps(meta, indent=1))
@@ -58,7 +58,7 @@ def load_model(run_dir: Path) -> tuple[Model, list[str]]:
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise TrainError(f"{weights_path}: non-finite values in {bad}")
-    if isinstance(model, ProtoMask) and meta["num_prototypes"] != model.prototypes.shape[0]:
-        model.prune(torch.arange(model.prototypes.shape[0]) < meta["num_prototypes"])
+    if isinstance(model, ProtoMask) and meta["num_prototypes"] != model.num_prototypes:
+        model.prune(torch.arange(model.num_prototypes) < meta["num_prototypes"])
     model.load_state_dict(state)
     return model.eval(), meta["classes"]

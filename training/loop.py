@@ -32,7 +32,7 @@ from training.evaluate import classification, evaluate_split, write_metrics
 from training.export import export_model
 from training.losses import class_weights, total_loss
 from training.memory import plan_micro_batch
-from training.model import LinearHead, Model, ProtoMask, build_model
+from training.model import LinearHead, Model, PIPNet, ProtoMask, ProtoPool, build_model, gumbel_scale
 from training.progress import Reporter
 from training.push import addon_from_classifier, place_on_crops, prune_prototypes, push_prototypes
 
@@ -69,6 +69,9 @@ def phase_learning_rates(config: TrainConfig) -> dict[str, dict[str, float]]:
                   "classifier": s.lr_addon},
         "last_layer": {"last_layer": s.lr_last_layer},
     }
+    if config.model.kind == "pipnet":  # self-supervised warm-up of the backbone, then backbone and last layer
+        rates["warmup"] = {"backbone": s.lr_warmup}
+        rates["joint"] = {"backbone": s.lr_backbone, "last_layer": s.lr_last_layer}
     if s.joint_last_layer:
         rates["joint"]["last_layer"] = s.lr_last_layer
     if config.parity.frozen_addon:
@@ -131,7 +134,7 @@ def checkpoint_state(model: Model, optimizers: dict, schedulers: dict, epoch: in
         "phase": phase_of(epoch - 1, config) if epoch else "start",  # phase of the last completed epoch
         "pushed": pushed,
         "prototypes_placed": placed,  # schedule.prototype_init done (or not asked for)
-        "num_prototypes": int(model.prototypes.shape[0]) if isinstance(model, ProtoMask) else 0,
+        "num_prototypes": model.num_prototypes if isinstance(model, ProtoMask) else 0,
         "config": config.model_dump_json(),
     }
 
@@ -141,6 +144,16 @@ def _wrap(model: nn.Module, device: torch.device) -> nn.Module:
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return model
     return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def freeze_batchnorm_statistics(model: nn.Module) -> None:
+    """BatchNorm layers whose parameters are frozen in this phase (the backbone's in warm-up and last-layer epochs)
+    run in eval mode: they normalise with their running statistics and stop updating them, so the layers after
+    them train on the embeddings that push projected onto and that evaluation sees."""
+    for m in model.modules():
+        params = list(m.parameters())
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and params and not any(p.requires_grad for p in params):
+            m.eval()
 
 
 def _all_sum(values: list[float], device: torch.device) -> list[float]:
@@ -159,6 +172,8 @@ def train_one_epoch(model: Model, net: nn.Module, stream: Iterable[dict], optimi
     most ``micro_batch`` images, each loss weighted by its share of the batch, so the accumulated gradient
     is the batch's (DDP averages it over workers at the last micro-batch only)."""
     model.train()
+    if not config.parity.train_mode_frozen_batchnorm:
+        freeze_batchnorm_statistics(model)
     last_layer_l1 = "last_layer" in phase_learning_rates(config)[phase]  # L1 whenever the last layer trains
     sums: dict[str, float] = {}
     correct = seen = 0
@@ -171,21 +186,24 @@ def train_one_epoch(model: Model, net: nn.Module, stream: Iterable[dict], optimi
         starts = range(0, n_step, micro_batch)
         for start_index in starts:
             part = slice(start_index, start_index + micro_batch)
-            crops, valid = batch["crops"][part].to(device), batch["valid"][part].to(device)
+            views = [batch[name][part] for name in ("crops", "crops2") if name in batch]  # PIP-Net: two views
+            crops, valid = torch.cat(views).to(device), batch["valid"][part].repeat(len(views), 1).to(device)
             labels = batch["label"][part].to(device)
+            n = len(labels)
             last = start_index == starts[-1]
             with contextlib.nullcontext() if last or net is model else net.no_sync():
                 out = net(crops, valid)
-                loss, terms = total_loss(out, labels, model, config.loss, phase, weights,
+                loss, terms = total_loss(out, labels.repeat(len(views)), model, config.loss, phase, weights,
                                          detached_diversity=config.parity.detached_diversity,
                                          last_layer_l1=last_layer_l1)
-                (loss * (len(labels) / n_step)).backward()
-            n = len(labels)
+                (loss * (n / n_step)).backward()
             for k, v in {"loss": float(loss.detach()), **terms}.items():
                 sums[k] = sums.get(k, 0.0) + v * n
-            correct += int((out.logits.argmax(1) == labels).sum())
+            correct += int((out.logits[:n].argmax(1) == labels).sum())
             seen += n
         optimizer.step()
+        if isinstance(model, PIPNet) and phase != "warmup":
+            model.after_step()
     elapsed = time.perf_counter() - start
     keys = sorted(sums)
     totals = _all_sum([sums[k] for k in keys] + [correct, seen, elapsed], device)
@@ -253,11 +271,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     step_share = config.data.batch_size // world  # images per optimiser step on this worker
     micro_batch = plan_micro_batch(model, config, dataset.masks_per_image, step_share, device,
                                    workers_on_node=context.get_local_world_size())
+    views = 2 if isinstance(model, PIPNet) else 1  # PIP-Net trains on two views of each image at once
+    micro_batch = max(1, micro_batch // views)
 
     def stream(split: str, train: bool) -> ShardStream:
         return ShardStream(dataset, splits[split], config.data, input_size=config.model.input_size,
                            batch_size=step_share if train else micro_batch, train=train, rank=rank, world_size=world,
-                           seed=config.seed, whole_image=config.model.regions == "patches")
+                           seed=config.seed, whole_image=config.model.regions == "patches",
+                           views=views if train else 1)
 
     start_epoch, pushed = 0, False
     s = config.schedule  # after pre-training: the add-on and/or the prototypes start from the pre-trained head
@@ -267,8 +288,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / CHECKPOINT, map_location="cpu", weights_only=True)
-        if isinstance(model, ProtoMask) and state["num_prototypes"] != model.prototypes.shape[0]:
-            model.prune(torch.arange(model.prototypes.shape[0]) < state["num_prototypes"])  # pruned before
+        if isinstance(model, ProtoMask) and state["num_prototypes"] != model.num_prototypes:
+            model.prune(torch.arange(model.num_prototypes) < state["num_prototypes"])  # pruned before
         model.load_state_dict(state["model"])
         if pretrainer is not None:
             pretrainer.classifier.load_state_dict(state["pretrain_classifier"])
@@ -312,9 +333,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0:
                 (run_dir / "prototype_init.json").write_text(json.dumps(init, indent=1))
             placed, net_phase = True, None
-        if phase == "last_layer" and not pushed:
+        if phase == "last_layer" and not pushed and model.pushes:
             push(model, optimizers, config, stream, device, rank, reporter)
             pushed, net_phase = True, None
+        if isinstance(model, ProtoPool) and phase in ("warmup", "joint"):
+            model.gumbel_scale.fill_(gumbel_scale(epoch - s.pretrain_epochs, s.gumbel_epochs))
         module = pretrainer if phase == "pretrain" else model
         if phase != net_phase:
             set_trainable(module, phase, config)
@@ -340,7 +363,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     if log is not None:
         log.close()
-    if has_prototypes and not pushed:  # no last-layer epochs: push after the joint phase
+    if has_prototypes and model.pushes and not pushed:  # no last-layer epochs: push after the joint phase
         push(model, optimizers, config, stream, device, rank, reporter)
     sync_buffers(model)  # every rank evaluates the model that rank 0 exports
     test = evaluate_split(model, reporter.track(stream("test", False), "test"), device, dataset=dataset,

@@ -21,7 +21,8 @@ def separation_loss(min_distances: torch.Tensor, labels: torch.Tensor, prototype
     return min_distances.masked_fill(own, float("inf")).min(dim=1).values.mean()
 
 
-def prototype_crop_loss(min_distances: torch.Tensor, labels: torch.Tensor, prototype_class: torch.Tensor) -> torch.Tensor:
+def prototype_crop_loss(min_distances: torch.Tensor, labels: torch.Tensor, prototype_class: torch.Tensor
+                        ) -> torch.Tensor:
     """Mean, over the prototypes whose class is in the batch, of the distance to the nearest crop of that class.
 
     The prototype-side counterpart of the cluster term (Li et al. 2018's R1): cluster pulls each image's
@@ -52,9 +53,49 @@ def diversity_loss(prototypes: torch.Tensor, labels: torch.Tensor, prototype_cla
     return torch.stack(per_class)[labels].mean()
 
 
+def slotted_min_distance(min_distances: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Tensor:
+    """ProtoPool's cluster and separation (spec §8): per image, the smallest distance among the ``k`` prototypes
+    of the largest ``weight`` [B, P] (detached); the mean over images."""
+    chosen = torch.zeros_like(min_distances, dtype=torch.bool).scatter_(1, weight.detach().topk(k, dim=1).indices,
+                                                                         True)
+    return min_distances.masked_fill(~chosen, float("inf")).min(dim=1).values.mean()
+
+
+def pool_cluster_separation(min_distances: torch.Tensor, labels: torch.Tensor, presence: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ProtoPool's cluster (the nearest of the ``slots`` prototypes most present in the image's class) and
+    separation (the nearest of the others), from the forward's ``presence`` [C, P, slots]."""
+    held = presence[labels].sum(-1)  # [B, P]: how much of each prototype the class's slots hold
+    slots, pool = presence.shape[2], presence.shape[1]
+    return (slotted_min_distance(min_distances, held, slots),
+            slotted_min_distance(min_distances, slots - held, pool - slots))
+
+
+def orthogonality_loss(presence: torch.Tensor) -> torch.Tensor:
+    """ProtoPool's L_orth: the sum over classes of the cosine similarities between the (raw) presence vectors
+    over the pool of every two distinct slots, divided by slots · classes (upstream's; the reference compares
+    neighbouring slots only), so that a class's slots hold different prototypes."""
+    q = F.normalize(presence.transpose(1, 2), dim=-1)  # [C, slots, P]
+    cos = q @ q.transpose(1, 2)  # [C, slots, slots]
+    c, slots = presence.shape[0], presence.shape[2]
+    return (cos.sum() - cos.diagonal(dim1=1, dim2=2).sum()) / (slots * c)
+
+
+def alignment_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """PIP-Net's alignment of two views' cell presences [B, cells, P] (each cell a distribution over the
+    prototypes): −mean over cells of log(a · b)."""
+    return -torch.log((a * b).sum(-1) + 1e-12).mean()
+
+
+def tanh_loss(pooled: torch.Tensor) -> torch.Tensor:
+    """PIP-Net's spread term on the image presences [B, P]: −mean over prototypes of log(tanh(Σ_images) + 1e-8),
+    so that every prototype is present in some image of the batch."""
+    return -torch.log(torch.tanh(pooled.sum(0)) + 1e-8).mean()
+
+
 def l1_off_class(model: ProtoMask) -> torch.Tensor:
     """L1 norm of the last-layer weights that connect prototypes to other classes."""
-    return (model.last_layer.weight * (1 - model.class_identity.T)).abs().sum()
+    return (model.last_layer.weight * (1 - model.class_identity)).abs().sum()
 
 
 def class_weights(counts: list[int]) -> torch.Tensor:
@@ -72,17 +113,34 @@ def total_loss(
     Every term is a plain mean over the batch's images (class-balanced cross-entropy too: the mean of
     ``w_y · CE``, not PyTorch's ``Σ w_y · CE / Σ w_y``), so micro-batch losses weighted by their share of
     images add up exactly to the loss of the whole batch, on any number of workers. The linear head has
-    cross-entropy only. ``last_layer_l1``: add the L1 term (default: in the last-layer phase only)."""
+    cross-entropy only; ProtoPool has its own cluster, separation and orthogonality terms instead of ProtoMask's;
+    PIP-Net's batch holds two views of its images (the first half and the second), and its loss is the alignment
+    of their cell presences and the tanh term, with cross-entropy except in warm-up (its self-supervised phase).
+    The tanh term and ProtoMask's prototype_crop take a batch-wide sum or min, so they are the micro-batch's.
+    ``last_layer_l1``: add the L1 term (default: in the last-layer phase only)."""
     ce = F.cross_entropy(out.logits, labels, weight=weights, reduction="none").mean()
     terms = {"cross_entropy": ce}
     loss = config.cross_entropy * ce
+    if out.cell_presence is not None:  # PIP-Net: two views of the same images, one after the other
+        half = len(labels) // 2
+        z1, z2 = out.cell_presence[:half], out.cell_presence[half:]
+        align = (alignment_loss(z1, z2.detach()) + alignment_loss(z2, z1.detach())) / 2
+        spread = (tanh_loss(out.similarities[:half]) + tanh_loss(out.similarities[half:])) / 2
+        terms.update(alignment=align, tanh=spread)
+        loss = (0 if phase == "warmup" else loss) + config.alignment * align + config.tanh * spread
+        return loss, {k: float(v.detach()) for k, v in terms.items()}
     if out.min_distances is None:  # linear head
         return loss, {k: float(v.detach()) for k, v in terms.items()}
     if last_layer_l1 if last_layer_l1 is not None else phase == "last_layer":
         l1 = l1_off_class(model)
         terms["l1"] = l1
         loss = loss + config.l1 * l1
-    if phase != "last_layer":
+    if phase != "last_layer" and out.presence is not None:  # ProtoPool
+        clst, sep = pool_cluster_separation(out.min_distances, labels, out.presence)
+        orth = orthogonality_loss(model.proto_presence)
+        terms.update(cluster=clst, separation=sep, orthogonality=orth)
+        loss = loss + config.cluster * clst - config.separation * sep + config.orthogonality * orth
+    elif phase != "last_layer":
         clst = cluster_loss(out.min_distances, labels, model.prototype_class)
         sep = separation_loss(out.min_distances, labels, model.prototype_class)
         terms.update(cluster=clst, separation=sep)

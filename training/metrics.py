@@ -121,14 +121,17 @@ def confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, num_classes:
 
 
 def compactness(model, eps: float = 1e-3) -> dict:
-    """Spec §7.2 on the last layer ``W`` [C, P]: ``global_size`` = #prototypes with any weight > eps,
-    ``sparsity`` = #(|w| ≤ eps)/(C·P) (the paper prints it ×100), ``npr`` = #(w < −eps)/#(w > eps) (0 with no positive)."""
+    """Spec §7.2 on the last layer ``W``: ``global_size`` = #prototypes with any weight > eps on a class (for
+    ProtoPool through its slots: ``prototype_weights``, where the reference counted every prototype any slot held
+    above 1e-6, nearly the whole pool), ``sparsity`` = #(|w| ≤ eps)/|W| (the paper prints it ×100), ``npr`` =
+    #(w < −eps)/#(w > eps) (0 with no positive)."""
     net = getattr(model, "module", model)
     w = net.last_layer.weight.detach().float().cpu()
+    per_prototype = net.prototype_weights().detach().float().cpu()
     positive = int((w > eps).sum())
     negative = int((w < -eps).sum())
     return {
-        "global_size": int((w > eps).any(dim=0).sum()),
+        "global_size": int((per_prototype > eps).any(dim=0).sum()),
         "sparsity": float((w.abs() <= eps).sum()) / w.numel() if w.numel() else 0.0,
         "npr": negative / positive if positive else 0.0,
     }

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -84,6 +85,8 @@ class ModelOutput:
     min_distances: torch.Tensor | None = None  # [B, P]
     nearest_mask: torch.Tensor | None = None  # [B, P] index of the region (mask, or patch) each prototype matched
     similarities: torch.Tensor | None = None  # [B, P]
+    presence: torch.Tensor | None = None  # ProtoPool: [C, P, slots] the slot assignment this forward used
+    cell_presence: torch.Tensor | None = None  # PIP-Net: [B, cells, P] each cell's softmax over the prototypes
 
 
 class ProtoMask(nn.Module):
@@ -95,12 +98,16 @@ class ProtoMask(nn.Module):
         self.num_classes = num_classes
         self.backbone, self.channels = create_backbone(config.backbone, config.weights, config.width)
         self.add_on, self.grid = self.make_add_on()
-        num_prototypes = num_classes * config.prototypes_per_class
-        self.prototypes = nn.Parameter(torch.rand(num_prototypes, config.prototype_dim))
-        # class identity is a buffer so it survives pruning and reloading (reference bug, spec §3.2)
-        self.register_buffer("prototype_class", torch.arange(num_prototypes) // config.prototypes_per_class)
-        self.last_layer = nn.Linear(num_prototypes, num_classes, bias=False)
+        self.last_layer = nn.Linear(self.make_prototypes(), num_classes, bias=False)
         self.reset_last_layer()
+
+    def make_prototypes(self) -> int:
+        """Register the prototypes (U[0, 1) draws) and their classes; return the number of last-layer inputs."""
+        n = self.num_classes * self.config.prototypes_per_class
+        self.prototypes = nn.Parameter(torch.rand(n, self.config.prototype_dim))
+        # class identity is a buffer so it survives pruning and reloading (reference bug, spec §3.2)
+        self.register_buffer("prototype_class", torch.arange(n) // self.config.prototypes_per_class)
+        return n
 
     def make_add_on(self) -> tuple[nn.Module, int]:
         """The add-on from backbone features to region embeddings [D, grid, grid], and the grid (1 for masks)."""
@@ -108,14 +115,24 @@ class ProtoMask(nn.Module):
         return nn.Sequential(nn.Conv2d(self.channels, self.config.prototype_dim, 1), nn.AdaptiveAvgPool2d(grid),
                              nn.Sigmoid()), grid
 
+    pushes = True  # push projects the prototypes onto training regions before the last-layer phase
+
+    @property
+    def num_prototypes(self) -> int:
+        return self.prototypes.shape[0]
+
     @property
     def class_identity(self) -> torch.Tensor:
-        """[P, C] one-hot: prototype p belongs to class c."""
-        return F.one_hot(self.prototype_class, self.num_classes).to(self.prototypes.dtype)
+        """[C, inputs of the last layer] one-hot: input i (here prototype i) belongs to class c."""
+        return F.one_hot(self.prototype_class, self.num_classes).to(self.prototypes.dtype).T
+
+    def prototype_weights(self) -> torch.Tensor:
+        """[C, P]: how much each prototype's similarity adds to each class's logit."""
+        return self.last_layer.weight
 
     def reset_last_layer(self) -> None:
-        """+1 to own-class prototypes, ``off_class_weight`` to the others."""
-        identity = self.class_identity.T
+        """+1 to own-class inputs, ``off_class_weight`` to the others."""
+        identity = self.class_identity
         self.last_layer.weight.data.copy_(identity + self.config.off_class_weight * (1 - identity))
 
     def embed(self, crops: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -172,14 +189,149 @@ class ProtoPNet(ProtoMask):
     def make_add_on(self) -> tuple[nn.Module, int]:
         d = self.config.prototype_dim
         add_on = nn.Sequential(nn.Conv2d(self.channels, d, 1), nn.ReLU(), nn.Conv2d(d, d, 1), nn.Sigmoid())
-        for conv in (add_on[0], add_on[2]):
-            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(conv.bias)
-        was_training = self.backbone.training
-        with torch.no_grad():
-            size = self.backbone.eval()(torch.zeros(1, 3, self.config.input_size, self.config.input_size)).shape[-1]
-        self.backbone.train(was_training)
-        return add_on, size
+        _kaiming(add_on[0], add_on[2])
+        return add_on, feature_grid(self.backbone, self.config.input_size)
+
+
+def _kaiming(*convs: nn.Conv2d) -> None:
+    """The add-on initialisation of ProtoPNet and ProtoPool: Kaiming normal (fan out, ReLU), zero bias."""
+    for conv in convs:
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(conv.bias)
+
+
+def feature_grid(backbone: nn.Module, input_size: int) -> int:
+    """Side of the backbone's feature map for ``input_size`` inputs (its mode is left as it was)."""
+    was_training = backbone.training
+    with torch.no_grad():
+        size = backbone.eval()(torch.zeros(1, 3, input_size, input_size)).shape[-1]
+    backbone.train(was_training)
+    return size
+
+
+def gumbel_scale(epoch: int, epochs: int) -> float:
+    """ProtoPool's 1/τ in its ``epoch``-th prototype epoch (0-based; the reference's schedule, spec §8): 0 (a
+    plain softmax) in the first, then √(1000² · (epoch − 1) / ``epochs``) clipped to [1, 1000]."""
+    return 0.0 if epoch == 0 else min(max(math.sqrt(1000.0**2 * (epoch - 1) / epochs), 1.0), 1000.0)
+
+
+class ProtoPool(ProtoMask):
+    """ProtoPool (Rymarczyk et al. 2022; spec §8): a pool of prototypes shared by all classes on the whole
+    image's feature map (a 1×1 add-on with sigmoid, as ProtoPNet's grid), each class with ``prototypes_per_class``
+    slots that learn, through a Gumbel-softmax over the pool annealed to one-hot, which prototype they hold
+    (``proto_presence`` [C, P, slots]). A prototype's similarity is focal: the log similarity of its nearest cell
+    minus that of its mean distance; a slot's is the presence-weighted sum; the last layer maps slots to classes.
+    No push (the reference registers none). Fixed against the reference: evaluation draws no Gumbel noise (a
+    plain softmax at the current scale)."""
+
+    pushes = False
+
+    def make_add_on(self) -> tuple[nn.Module, int]:
+        add_on = nn.Sequential(nn.Conv2d(self.channels, self.config.prototype_dim, 1), nn.Sigmoid())
+        _kaiming(add_on[0])
+        return add_on, feature_grid(self.backbone, self.config.input_size)
+
+    def make_prototypes(self) -> int:
+        c, slots = self.num_classes, self.config.prototypes_per_class
+        pool = self.config.pool_size or max(c + 5, slots + 1)
+        if pool <= slots:
+            raise ValueError(f"model.pool_size: {pool} prototypes cannot fill {slots} distinct slots per class "
+                             "(prototypes_per_class); use more")
+        self.prototypes = nn.Parameter(torch.rand(pool, self.config.prototype_dim))
+        self.proto_presence = nn.Parameter(nn.init.xavier_normal_(torch.empty(c, pool, slots)))
+        self.register_buffer("slot_class", torch.arange(c * slots) // slots)
+        self.register_buffer("gumbel_scale", torch.zeros(()))  # set by the training loop per epoch
+        return c * slots
+
+    @property
+    def class_identity(self) -> torch.Tensor:
+        return F.one_hot(self.slot_class, self.num_classes).to(self.prototypes.dtype).T
+
+    def presence(self, *, noise: bool) -> torch.Tensor:
+        """[C, P, slots]: each slot's distribution over the pool (over dim 1)."""
+        scale = float(self.gumbel_scale)
+        if scale == 0:
+            return F.softmax(self.proto_presence, dim=1)
+        if noise:
+            return F.gumbel_softmax(self.proto_presence * scale, tau=1.0, hard=False, dim=1)
+        return F.softmax(self.proto_presence * scale, dim=1)
+
+    def prototype_weights(self) -> torch.Tensor:
+        slots = self.presence(noise=False).permute(0, 2, 1).flatten(0, 1)  # [C·slots, P]: the last layer's inputs
+        return self.last_layer.weight @ slots
+
+    @property
+    def prototype_class(self) -> torch.Tensor:
+        """[P]: the class each pool prototype adds most to."""
+        return self.prototype_weights().detach().argmax(0)
+
+    def forward(self, crops: torch.Tensor, valid: torch.Tensor) -> ModelOutput:
+        d = self.distances(self.embed(crops, valid))
+        regions = self.region_valid(valid)[..., None]
+        min_d, nearest = d.masked_fill(~regions, float("inf")).min(dim=1)
+        mean_d = (d * regions).sum(1) / regions.sum(1).clamp_min(1)
+        sim = self.similarity(min_d) - self.similarity(mean_d)
+        presence = self.presence(noise=self.training)
+        logits = self.last_layer(torch.einsum("bp,cps->bcs", sim, presence).flatten(1))
+        return ModelOutput(logits, min_d, nearest, sim, presence)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {**super().parameter_groups(), "prototypes": [self.prototypes, self.proto_presence]}
+
+
+class PIPNet(ProtoMask):
+    """PIP-Net (Nauta et al. 2023; spec §8, as the reference): no prototype vectors; each backbone channel of the
+    whole image's feature map is a prototype, its presence at a cell the softmax over channels there, and in the
+    image the max over cells. The last layer is non-negative (ReLU on its weights, which shrink by 1e-3 and
+    are clamped at 0 after every joint step: ``after_step``), and the logits are log1p(out ** multiplier).
+    Training is self-supervised first (alignment of two views' cell presences and the tanh spread loss), then
+    joint with cross-entropy; no push. ``prototypes_per_class`` and ``prototype_dim`` do not apply."""
+
+    pushes = False
+
+    def make_add_on(self) -> tuple[nn.Module, int]:
+        return nn.Softmax(dim=1), feature_grid(self.backbone, self.config.input_size)
+
+    def make_prototypes(self) -> int:
+        self.multiplier = nn.Parameter(torch.tensor(2.0))  # the reference trains it with the last layer
+        return self.channels
+
+    @property
+    def num_prototypes(self) -> int:
+        return self.channels
+
+    def reset_last_layer(self) -> None:
+        nn.init.normal_(self.last_layer.weight, 1.0, 0.1)
+
+    def prototype_weights(self) -> torch.Tensor:
+        return F.relu(self.last_layer.weight)
+
+    @property
+    def prototype_class(self) -> torch.Tensor:
+        """[P]: the class each prototype adds most to."""
+        return self.prototype_weights().detach().argmax(0)
+
+    def embed(self, crops: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, 1, 3, S, S] → [B, cells, P]: each cell's presence of every prototype (sums to 1 over P)."""
+        z = run_on_crops(lambda x: self.add_on(self.backbone(x)), crops, valid, self.config.input_size)
+        return z.flatten(3).transpose(2, 3).flatten(1, 2)
+
+    def forward(self, crops: torch.Tensor, valid: torch.Tensor) -> ModelOutput:
+        cells = self.embed(crops, valid)
+        pooled, nearest = cells.max(dim=1)
+        out = pooled @ self.prototype_weights().T
+        return ModelOutput(torch.log1p(out ** self.multiplier), None, nearest, pooled, cell_presence=cells)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """The reference's LastLayerCallback, after every joint step: weights shrink by 1e-3 and stay ≥ 0 (sparse
+        and non-negative), the multiplier stays ≥ 1."""
+        self.last_layer.weight.sub_(1e-3).clamp_(min=0)
+        self.multiplier.clamp_(min=1)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"backbone": list(self.backbone.parameters()), "add_on": [], "prototypes": [],
+                "last_layer": [self.last_layer.weight, self.multiplier]}
 
 
 class LinearHead(nn.Module):
@@ -213,7 +365,8 @@ class LinearHead(nn.Module):
         return {"backbone": list(self.backbone.parameters()), "classifier": list(self.classifier.parameters())}
 
 
-KINDS: dict[str, type[ProtoMask]] = {"protomask": ProtoMask, "protopnet": ProtoPNet}
+KINDS: dict[str, type[ProtoMask]] = {"protomask": ProtoMask, "protopnet": ProtoPNet, "protopool": ProtoPool,
+                                     "pipnet": PIPNet}
 Model = ProtoMask | LinearHead
 
 

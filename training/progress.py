@@ -70,7 +70,8 @@ def format_epoch(row: dict, epochs: int) -> str:
     parts = [f"epoch {row['epoch'] + 1:>{len(str(epochs))}}/{epochs} {row['phase']:<10}",
              f"loss {row['train_loss']:.3f}"]
     terms = [("train_cross_entropy", "ce"), ("train_cluster", "clst"), ("train_separation", "sep"),
-             ("train_diversity", "div"), ("train_prototype_crop", "anchor"), ("train_l1", "l1")]
+             ("train_diversity", "div"), ("train_prototype_crop", "anchor"), ("train_orthogonality", "orth"),
+             ("train_alignment", "align"), ("train_tanh", "tanh"), ("train_l1", "l1")]
     if any(key in row for key, _ in terms[1:]):  # the loss has more than cross-entropy: show each term
         parts += [f"{name} {row[key]:.3f}" for key, name in terms if key in row]
     parts.append(f"train {row['train_accuracy']:.1%}")

@@ -9,6 +9,8 @@ BatchNorm is folded into the convolution before it (zennit's canonizers: ``ResNe
 residual additions into modules, for ResNets; ``SequentialMergeBatchNorm`` for vgg16 and convnet). With the biases
 ignored relevance is conserved: the input relevance sums to ``s`` (the reference starts from 1 instead of ``s``, so
 its maps differ by that factor), short only of the stabilisers and of units no input feeds positively.
+PIP-Net's prototypes are backbone channels: the relevance starts from the channel's feature at the cell (the
+reference skips the softmax too).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 from zennit.types import Convolution
 
 from training.data import IMAGENET_MEAN, IMAGENET_STD
-from training.model import ProtoMask
+from training.model import PIPNet, ProtoMask
 
 STABILIZER = 1e-6  # the reference's ε of residual sums and pools, and the stabiliser of z⁺ and zᴮ
 CHANNEL_EPSILON = 1e-12  # PRP's L2 rule: the share of channel c is ∝ 1 / ((z_c - p_c)² + ε)
@@ -60,6 +62,15 @@ def prp_relevance(model: ProtoMask, crops: torch.Tensor, *, prototypes: torch.Te
     if model.training:
         raise ValueError("relevance prp: the model must be in eval mode")
     rows = torch.arange(len(crops))
+    if isinstance(model, PIPNet):  # a prototype is a backbone channel: its feature value at the cell, as the reference
+        def feature_relevance(features: torch.Tensor) -> torch.Tensor:
+            relevance = torch.zeros_like(features).flatten(2)
+            relevance[rows, prototypes, cells] = features.detach().flatten(2)[rows, prototypes, cells]
+            return relevance.view_as(features)
+
+        composite = prp_composite(model.config.backbone)
+        _, relevance = Gradient(model.backbone, composite)(crops.detach().clone(), feature_relevance)
+        return relevance
     p = model.prototypes.detach()[prototypes]  # [N, D]
 
     def similarity_relevance(embedding: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from training.metrics import PAPER_METRICS
 
 ACCURACY = ("train_accuracy", "val_accuracy", "val_balanced_accuracy")
 LOSSES = ("train_loss", "train_cross_entropy", "train_cluster", "train_separation", "train_diversity",
-          "train_prototype_crop", "train_l1")
+          "train_prototype_crop", "train_orthogonality", "train_alignment", "train_tanh", "train_l1")
 COLOURS, DASHES = ("#1f77b4", "#d62728", "#2ca02c"), ("none", "none", "5 3")  # per series of a chart
 PHASES = {"pretrain": "#e8e8e8", "warmup": "#fdf0c8", "joint": "#dde9f7", "last_layer": "#dcefd9"}
 FULL_MATRIX = 30  # classes up to which the whole confusion matrix is drawn; above: the most confused pairs
