@@ -295,12 +295,27 @@ def aggregate(results: dict[str, list[dict]]) -> dict[str, dict]:
     return out
 
 
-def _cell(summary: dict, key: str, factor: int) -> str:
+def format_value(summary: dict, key: str, factor: int) -> str:
+    """``mean ± std`` of one metric of one model in the paper's units (×``factor``), or "–" when it has none."""
     if key not in summary["mean"]:
-        return "<td>–</td>"
+        return "–"
     digits = (lambda v: f"{v:.1f}") if factor == 100 else (lambda v: f"{v:.3g}")
     spread = f" ± {digits(factor * summary['std'][key])}" if "std" in summary else ""
-    return f"<td>{digits(factor * summary['mean'][key])}{spread}</td>"
+    return f"{digits(factor * summary['mean'][key])}{spread}"
+
+
+def _cell(summary: dict, key: str, factor: int) -> str:
+    return f"<td>{format_value(summary, key, factor)}</td>"
+
+
+def paper_markdown(summaries: dict[str, dict]) -> str:
+    """The paper's table as Markdown: a row per model, its metrics in its units (``aggregate``'s summaries)."""
+    keys = [k for k in PAPER_METRICS if any(k in s["mean"] for s in summaries.values())]
+    head = [f"{PAPER_METRICS[k][0]}{' ×100' if PAPER_METRICS[k][2] != 1 else ''}" for k in keys]
+    lines = ["| model | runs | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(keys)]
+    lines += [f"| {name} | {s['runs']} | " + " | ".join(format_value(s, k, PAPER_METRICS[k][2]) for k in keys) + " |"
+              for name, s in summaries.items()]
+    return "\n".join(lines)
 
 
 def _metrics_tables(summaries: dict[str, dict]) -> str:
