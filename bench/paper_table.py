@@ -1,6 +1,6 @@
-"""The paper's comparison on one set of shards: ProtoMask, ProtoPNet, ProtoPool and PIP-Net, each trained with
-several seeds through the same loop, then ``protomask report`` over all runs (seeds of one model as mean ± std)
-and the paper's table printed as Markdown.
+"""The paper's comparison on one set of shards: ProtoMask, ProtoPNet, ProtoPool, PIP-Net and the black-box on the
+same trunk (the whole image, a linear head), each trained with several seeds through the same loop, then
+``protomask report`` over all runs (seeds of one model as mean ± std) and the paper's table printed as Markdown.
 
     .venv/bin/python bench/paper_table.py --work /tmp/paper              # the demo's synthetic shards, 3 seeds
     .venv/bin/python bench/paper_table.py --work /tmp/paper-cub --shards S --config small-cpu --seeds 1
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ MODELS = {  # row name -> (model kind, its own settings)
     "ProtoPool": ("protopool", {"loss.separation": 0.08}),
     "PIP-Net": ("pipnet", {"loss.cross_entropy": 2.0, "schedule.last_layer_epochs": 0,
                            "schedule.lr_last_layer": 0.05}),
+    "black-box": ("protomask", {"model.head": "linear", "model.regions": "patches"}),  # the same trunk, whole image
 }
 
 
@@ -67,14 +69,16 @@ def main() -> int:
     runs = []
     for name in args.models:
         kind, own = MODELS[name]
-        if kind != "protomask":  # the whole image; the base config's ProtoMask-only starts do not apply
-            own = {**own, "model.input_size": args.whole_image_size, "schedule.addon_init": "random"}
+        if own.get("model.regions", "patches" if kind != "protomask" else "masks") == "patches":  # the whole image
+            own = {**own, "model.input_size": args.whole_image_size}
+        if kind != "protomask":  # the base config's ProtoMask-only starts do not apply
+            own = {**own, "schedule.addon_init": "random"}
         if kind in ("protopool", "pipnet"):
             own = {**own, "schedule.prototype_init": "uniform", "schedule.prune": False}
         if kind == "protopool":  # annealed to one-hot by the end of the joint phase
             own = {**own, "schedule.gumbel_epochs": base.schedule.warmup_epochs + base.schedule.joint_epochs}
         for seed in range(args.seeds):
-            run_dir = args.work / "runs" / f"{kind}-seed{seed}"
+            run_dir = args.work / "runs" / f"{re.sub('[^a-z0-9]', '', name.lower())}-seed{seed}"
             train = load_config(TrainConfig, config_file(args.config), {
                 **common, "model.kind": kind, **own, "seed": seed, "shards": shards, "run_dir": run_dir,
                 "num_workers": args.workers, "cpus_per_worker": 1 / args.workers})

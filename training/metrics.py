@@ -33,6 +33,9 @@ PAPER_METRICS: dict[str, tuple[str, str, int]] = {
     "background_overlap": ("Background Overlap", "complexity", 100),
     "consistency": ("Consistency", "complexity", 100),
 }
+OUR_COLUMNS: dict[str, tuple[str, str, int]] = {  # our own metrics in the paper's table, after its columns
+    "part_hit_rate": ("part hit rate", "ours", 100),
+}
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:

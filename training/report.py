@@ -26,7 +26,9 @@ import numpy as np
 from pipeline.manifest import format_inspect, inspect, load_card
 from schemas.files import sha256_file
 from schemas.version import CODE_VERSION
-from training.metrics import PAPER_METRICS
+from training.metrics import OUR_COLUMNS, PAPER_METRICS
+
+TABLE = {**PAPER_METRICS, **OUR_COLUMNS}  # the columns of the paper's table, ours last
 
 ACCURACY = ("train_accuracy", "val_accuracy", "val_balanced_accuracy")
 LOSSES = ("train_loss", "train_cross_entropy", "train_cluster", "train_separation", "train_diversity",
@@ -310,10 +312,10 @@ def _cell(summary: dict, key: str, factor: int) -> str:
 
 def paper_markdown(summaries: dict[str, dict]) -> str:
     """The paper's table as Markdown: a row per model, its metrics in its units (``aggregate``'s summaries)."""
-    keys = [k for k in PAPER_METRICS if any(k in s["mean"] for s in summaries.values())]
-    head = [f"{PAPER_METRICS[k][0]}{' ×100' if PAPER_METRICS[k][2] != 1 else ''}" for k in keys]
+    keys = [k for k in TABLE if any(k in s["mean"] for s in summaries.values())]
+    head = [f"{TABLE[k][0]}{' ×100' if TABLE[k][2] != 1 else ''}" for k in keys]
     lines = ["| model | runs | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(keys)]
-    lines += [f"| {name} | {s['runs']} | " + " | ".join(format_value(s, k, PAPER_METRICS[k][2]) for k in keys) + " |"
+    lines += [f"| {name} | {s['runs']} | " + " | ".join(format_value(s, k, TABLE[k][2]) for k in keys) + " |"
               for name, s in summaries.items()]
     return "\n".join(lines)
 
@@ -322,13 +324,13 @@ def _metrics_tables(summaries: dict[str, dict]) -> str:
     """The paper's table (a row per model, its metrics grouped by family, in its units) and ours below it (a row
     per metric, a column per model)."""
     present = {k for s in summaries.values() for k in s["mean"]}
-    paper = [k for k in PAPER_METRICS if k in present]
-    families = list(dict.fromkeys(PAPER_METRICS[k][1] for k in paper))
-    spans = "".join(f'<th colspan="{sum(PAPER_METRICS[k][1] == f for k in paper)}">{f}</th>' for f in families)
-    names = "".join(f"<th>{PAPER_METRICS[k][0]}{' (×100)' if PAPER_METRICS[k][2] != 1 else ''}</th>" for k in paper)
+    paper = [k for k in TABLE if k in present]
+    families = list(dict.fromkeys(TABLE[k][1] for k in paper))
+    spans = "".join(f'<th colspan="{sum(TABLE[k][1] == f for k in paper)}">{f}</th>' for f in families)
+    names = "".join(f"<th>{TABLE[k][0]}{' (×100)' if TABLE[k][2] != 1 else ''}</th>" for k in paper)
     rows = "".join(f"<tr><td>{html.escape(n)} ({s['runs']} run{'s' if s['runs'] > 1 else ''})</td>"
-                   + "".join(_cell(s, k, PAPER_METRICS[k][2]) for k in paper) + "</tr>" for n, s in summaries.items())
-    ours = [k for s in summaries.values() for k in s["mean"] if k not in PAPER_METRICS]
+                   + "".join(_cell(s, k, TABLE[k][2]) for k in paper) + "</tr>" for n, s in summaries.items())
+    ours = [k for s in summaries.values() for k in s["mean"] if k not in TABLE]
     head = "".join(f"<th>{html.escape(n)}</th>" for n in summaries)
     body = "".join(f"<tr><td>{k}</td>" + "".join(_cell(s, k, 1) for s in summaries.values()) + "</tr>"
                    for k in dict.fromkeys(ours))
