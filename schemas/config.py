@@ -291,6 +291,9 @@ class LossConfig(Strict):
     diversity: float = Field(0.2, description="kinds protomask and protopnet")
     alignment: float = Field(5.0, description="kind pipnet: alignment of the two views' cell presences")
     tanh: float = Field(2.0, description="kind pipnet: the tanh term that spreads presence over the prototypes")
+    tanh_warmup: float = Field(5.0, description=(
+        "kind pipnet: the tanh term's weight in the self-supervised warm-up, where the alignment weight ramps from "
+        "alignment / warmup_epochs up to alignment (the reference's)"))
     orthogonality: float = Field(1.0, description=(
         "kind protopool: mean cosine similarity between the presence of one class's slots (ProtoPool's L_orth)"))
     prototype_crop: float = Field(0.0, ge=0, description=(

@@ -131,8 +131,8 @@ def test_flip_augmentation_only_flips() -> None:
 def test_two_views_share_geometry_not_colour(kind: str) -> None:
     """PIP-Net's views: the same flip / warp, each its own colour; dark left half and bright right half stay on the
     same side in both views (both sides across seeds), while the pixels differ."""
-    image = np.zeros((32, 32, 3), np.uint8)
-    image[:, 16:] = 200
+    image = np.random.default_rng(0).integers(0, 60, (32, 32, 3), dtype=np.uint8)
+    image[:, 16:] += 150
     sides = []
     for seed in range(12):
         first, second = (augment(image) for augment in make_view_augments([seed, 1], kind))

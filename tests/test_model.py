@@ -212,8 +212,8 @@ def test_pipnet_forward_losses_and_last_layer_rules() -> None:
     assert tanh_loss(pooled).item() == pytest.approx(-math.log(math.tanh(1.0) + 1e-8))
     labels = torch.tensor([0, 1, 0, 1])  # two images, two views each
     two = model(torch.cat([image[:2], image[:2]]), valid)
-    loss, terms = total_loss(two, labels, model, LossConfig(cross_entropy=2.0), "warmup", None)
-    assert loss.item() == pytest.approx(5 * terms["alignment"] + 2 * terms["tanh"], rel=1e-5)  # no CE in warm-up
+    loss, terms = total_loss(two, labels, model, LossConfig(cross_entropy=2.0), "warmup", None, warmup_progress=0.5)
+    assert loss.item() == pytest.approx(0.5 * 5 * terms["alignment"] + 5 * terms["tanh"], rel=1e-5)  # no CE
     loss, terms = total_loss(two, labels, model, LossConfig(cross_entropy=2.0), "joint", None)
     assert loss.item() == pytest.approx(2 * terms["cross_entropy"] + 5 * terms["alignment"] + 2 * terms["tanh"],
                                         rel=1e-5)

@@ -197,19 +197,21 @@ def _geometry(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
 
 
-def _colour(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """ColorJitter(brightness=.15, contrast=.15, saturation=.15, hue=.025) in random order. Each step
+def _colour(image: np.ndarray, rng: np.random.Generator, *, strength: float = 0.15, hue: float = 0.025
+            ) -> np.ndarray:
+    """ColorJitter(brightness=strength, contrast=strength, saturation=strength, hue=hue) in random order (default:
+    the reference's .15 and .025). Each step
     is an affine colour map (hue: a rotation about the grey axis in YIQ instead of an HSV round trip),
     so the four are composed into one matrix and applied once, without intermediate clipping."""
     mean = np.array(cv2.mean(image)[:3])
     matrix, offset = _EYE, np.zeros(3)
     for step in rng.permutation(4):
         if step == 3:  # hue
-            t = 2 * np.pi * rng.uniform(-0.025, 0.025)
+            t = 2 * np.pi * rng.uniform(-hue, hue)
             m = _YIQ_INV @ np.array([[1, 0, 0], [0, np.cos(t), np.sin(t)], [0, -np.sin(t), np.cos(t)]]) @ _YIQ
             matrix, offset = m @ matrix, m @ offset
             continue
-        f = rng.uniform(0.85, 1.15)
+        f = rng.uniform(1 - strength, 1 + strength)
         if step == 2:  # saturation: towards each pixel's grey
             m = f * _EYE + (1 - f) * _TO_GREY
             matrix, offset = m @ matrix, m @ offset
@@ -236,17 +238,26 @@ def make_augment(seed: int | Sequence[int], kind: str = "reference") -> Callable
     return lambda image: _colour(_geometry(image, rng), rng)
 
 
+def _view_photometry(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The reference's photometric augmentation of one PIP-Net view: ColorJitter(.25, .25, .25, hue .05), then
+    posterize to 2–8 bits, then a 3×3 blur half of the time."""
+    image = _colour(image, rng, strength=0.25, hue=0.05)
+    bits = int(rng.integers(2, 9))
+    image = image & np.uint8((0xFF << (8 - bits)) & 0xFF)
+    return cv2.blur(image, (3, 3)) if rng.random() < 0.5 else image
+
+
 def make_view_augments(seed: Sequence[int], kind: str) -> tuple[Callable[[np.ndarray], np.ndarray], ...]:
     """Two augmentations of one image for PIP-Net's views: the same geometry (``kind``'s flip, perspective and
-    affine, drawn from one seed for both, so a cell shows the same content in both views) and each its own colour
-    jitter (the reference's ranges; PIP-Net's own are wider and add posterize and blur)."""
+    affine, drawn from one seed for both, so a cell shows the same content in both views) and each its own
+    photometry (``_view_photometry``)."""
     def view(index: int) -> Callable[[np.ndarray], np.ndarray]:
         shape, colour = np.random.default_rng([*seed, 0]), np.random.default_rng([*seed, index])
         if kind == "reference":
-            return lambda image: _colour(_geometry(image, shape), colour)
+            return lambda image: _view_photometry(_geometry(image, shape), colour)
         if kind == "flip":
-            return lambda image: _colour(image[:, ::-1] if shape.random() < 0.5 else image, colour)
-        return lambda image: _colour(image, colour)
+            return lambda image: _view_photometry(image[:, ::-1] if shape.random() < 0.5 else image, colour)
+        return lambda image: _view_photometry(image, colour)
 
     return view(1), view(2)
 

@@ -165,12 +165,13 @@ def _all_sum(values: list[float], device: torch.device) -> list[float]:
 
 def train_one_epoch(model: Model, net: nn.Module, stream: Iterable[dict], optimizer: torch.optim.Optimizer,
                     config: TrainConfig, phase: str, weights: torch.Tensor | None, device: torch.device,
-                    *, micro_batch: int) -> dict[str, float]:
+                    *, micro_batch: int, warmup_progress: float = 1.0) -> dict[str, float]:
     """One pass over this worker's part of the train split; returns epoch means over all workers.
 
     Each batch of the stream is this worker's share of one optimiser step; it runs as micro-batches of at
     most ``micro_batch`` images, each loss weighted by its share of the batch, so the accumulated gradient
-    is the batch's (DDP averages it over workers at the last micro-batch only)."""
+    is the batch's (DDP averages it over workers at the last micro-batch only). ``warmup_progress``: the share
+    of the warm-up done by the end of this epoch (PIP-Net's alignment ramp)."""
     model.train()
     if not config.parity.train_mode_frozen_batchnorm:
         freeze_batchnorm_statistics(model)
@@ -195,7 +196,7 @@ def train_one_epoch(model: Model, net: nn.Module, stream: Iterable[dict], optimi
                 out = net(crops, valid)
                 loss, terms = total_loss(out, labels.repeat(len(views)), model, config.loss, phase, weights,
                                          detached_diversity=config.parity.detached_diversity,
-                                         last_layer_l1=last_layer_l1)
+                                         last_layer_l1=last_layer_l1, warmup_progress=warmup_progress)
                 (loss * (n / n_step)).backward()
             for k, v in {"loss": float(loss.detach()), **terms}.items():
                 sums[k] = sums.get(k, 0.0) + v * n
@@ -345,7 +346,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         train_stream.set_epoch(epoch)
         row = {"epoch": epoch, "phase": phase,
                **train_one_epoch(module, net, reporter.track(train_stream, f"epoch {epoch + 1}/{epochs} {phase}"),
-                                 optimizers[phase], config, phase, weights, device, micro_batch=micro_batch)}
+                                 optimizers[phase], config, phase, weights, device, micro_batch=micro_batch,
+                                 warmup_progress=(epoch - s.pretrain_epochs + 1) / max(s.warmup_epochs, 1))}
         if phase in schedulers:
             schedulers[phase].step()
         sync_buffers(module)

@@ -107,6 +107,7 @@ def class_weights(counts: list[int]) -> torch.Tensor:
 def total_loss(
     out: ModelOutput, labels: torch.Tensor, model: ProtoMask, config: LossConfig, phase: str,
     weights: torch.Tensor | None, *, detached_diversity: bool = False, last_layer_l1: bool | None = None,
+    warmup_progress: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The phase's training loss and its terms (as floats, for logging).
 
@@ -115,7 +116,8 @@ def total_loss(
     images add up exactly to the loss of the whole batch, on any number of workers. The linear head has
     cross-entropy only; ProtoPool has its own cluster, separation and orthogonality terms instead of ProtoMask's;
     PIP-Net's batch holds two views of its images (the first half and the second), and its loss is the alignment
-    of their cell presences and the tanh term, with cross-entropy except in warm-up (its self-supervised phase).
+    of their cell presences and the tanh term, with cross-entropy except in warm-up (its self-supervised phase,
+    where the alignment weight grows with ``warmup_progress``, the share of warm-up epochs done by this one).
     The tanh term and ProtoMask's prototype_crop take a batch-wide sum or min, so they are the micro-batch's.
     ``last_layer_l1``: add the L1 term (default: in the last-layer phase only)."""
     ce = F.cross_entropy(out.logits, labels, weight=weights, reduction="none").mean()
@@ -127,7 +129,10 @@ def total_loss(
         align = (alignment_loss(z1, z2.detach()) + alignment_loss(z2, z1.detach())) / 2
         spread = (tanh_loss(out.similarities[:half]) + tanh_loss(out.similarities[half:])) / 2
         terms.update(alignment=align, tanh=spread)
-        loss = (0 if phase == "warmup" else loss) + config.alignment * align + config.tanh * spread
+        if phase == "warmup":  # the reference's self-supervised start: alignment ramps up, a stronger tanh term
+            loss = warmup_progress * config.alignment * align + config.tanh_warmup * spread
+        else:
+            loss = loss + config.alignment * align + config.tanh * spread
         return loss, {k: float(v.detach()) for k, v in terms.items()}
     if out.min_distances is None:  # linear head
         return loss, {k: float(v.detach()) for k, v in terms.items()}
