@@ -383,3 +383,21 @@ def test_report_aggregates_seeds_in_the_papers_layout() -> None:
     assert "<td>ProtoPNet (1 run)</td><td>80.0</td><td>10</td><td>50.0</td>" in paper
     assert "<th>part hit rate (×100)</th>" in paper and "<td>60.0 ± 14.1</td></tr>" in paper  # ours, last
     assert "<tr><td>part_hit_rate</td>" not in page  # not twice
+
+
+def test_report_of_a_black_box_has_no_gallery(shards: Path, tmp_path: Path) -> None:
+    from training.explain import run_explain
+    from training.model import LinearHead
+    from training.report import write_report
+
+    dataset = ShardDataset.open(shards)
+    config = TrainConfig(shards=shards, run_dir=tmp_path / "bb", model=TINY.model_copy(update={"head": "linear"}))
+    config.run_dir.mkdir()
+    export_model(LinearHead(config.model, dataset.num_classes), config.model, dataset.classes, config.run_dir,
+                 shards=shards)
+    (config.run_dir / "train_config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    page = write_report([("black-box", config.run_dir)], tmp_path / "out").read_text()
+    section = page[page.index('<section id="run0">'):]
+    assert "Test confusion" in section and "Prototype gallery" not in section
+    with pytest.raises(ValueError, match="a linear head has no prototypes to explain"):
+        run_explain(config.run_dir, shards, tmp_path / "explain")

@@ -436,6 +436,8 @@ def run_explain(run_dir: Path, shards: Path | None, out: Path, *, keys: list[str
     from training.export import load_model, trained_on
 
     model, classes = load_model(run_dir)
+    if not isinstance(model, ProtoMask):
+        raise ValueError(f"{run_dir}: a {model.config.head} head has no prototypes to explain")
     dataset = ShardDataset.open(shards or trained_on(run_dir))
     out.mkdir(parents=True, exist_ok=True)
     push_log = run_dir / "push_log.json"

@@ -376,28 +376,32 @@ def write_report(runs: Sequence[tuple[str, Path]], out: Path) -> Path:
         results[name].append({k: v for k, v in test.items() if k != "confusion"})
         matrix, classes = np.array(test["confusion"]), meta["classes"]
         folder = f"run{i}"
-        summary = run_explain(run_dir, shards, out / folder, limit=4, relevance="gradient")
         rows = list(csv.DictReader((run_dir / "metrics.csv").open())) if (run_dir / "metrics.csv").is_file() else []
-        gallery = "".join(f'<figure><a href="{folder}/{g}"><img src="{folder}/{g}" alt="{html.escape(g)}"></a>'
-                          "</figure>" for g in summary["gallery"])
-        explanations = "".join(
-            f'<figure><a href="{folder}/{e["png"]}"><img src="{folder}/{e["png"]}" alt="explanation {e["key"]}"></a>'
-            f'<figcaption>{e["key"]}: {html.escape(e["label"])} → {html.escape(e["predicted"])}</figcaption></figure>'
-            for e in summary["explanations"]
-        )
+        prototypes = ""
+        if meta["model"]["head"] != "linear":  # a black-box has no prototypes to show
+            summary = run_explain(run_dir, shards, out / folder, limit=4, relevance="gradient")
+            gallery = "".join(f'<figure><a href="{folder}/{g}"><img src="{folder}/{g}" alt="{html.escape(g)}"></a>'
+                              "</figure>" for g in summary["gallery"])
+            explanations = "".join(
+                f'<figure><a href="{folder}/{e["png"]}"><img src="{folder}/{e["png"]}" alt="explanation {e["key"]}">'
+                f'</a><figcaption>{e["key"]}: {html.escape(e["label"])} → {html.escape(e["predicted"])}</figcaption>'
+                "</figure>" for e in summary["explanations"]
+            )
+            prototypes = (
+                f'<h3>Prototype gallery</h3><p>Each prototype beside the training image region it was pushed onto, '
+                f'with that image\'s class and the push distance.</p>{_flagged_html(summary["prototypes"])}'
+                f'<div class="grid">{gallery}</div><h3>Explanations</h3><p>Top prototypes of test images: the '
+                f'matched mask outlined with its saliency (gradient × input of the prototype\'s similarity, zero '
+                f'outside the mask) as a heatmap, beside the training image region the prototype was pushed onto.</p>'
+                f'<div class="grid explanations">{explanations}</div>'
+            )
         sections.append(
             f'<section id="{folder}"><h2>{html.escape(name)} <small>({html.escape(str(run_dir))}, regions='
             f'{html.escape(meta["model"]["regions"])})</small></h2>'
             f'<h3>Training curves</h3><p>Per epoch, from metrics.csv; the background shows the training phase.</p>'
             f'{_curves(rows)}<h3>Test confusion and per-class accuracy</h3>'
             f'{_confusion_html(matrix, classes)}'
-            f'<h3>Config and data lineage</h3>{_lineage_html(lineage(run_dir, rows))}'
-            f'<h3>Prototype gallery</h3><p>Each prototype beside the training image region it was pushed onto, '
-            f'with that image\'s class and the push distance.</p>{_flagged_html(summary["prototypes"])}'
-            f'<div class="grid">{gallery}</div><h3>Explanations</h3><p>Top prototypes of test images: the '
-            f'matched mask outlined with its saliency (gradient × input of the prototype\'s similarity, zero outside '
-            f'the mask) as a heatmap, beside the training image region the prototype was pushed onto.</p>'
-            f'<div class="grid explanations">{explanations}</div></section>'
+            f'<h3>Config and data lineage</h3>{_lineage_html(lineage(run_dir, rows))}{prototypes}</section>'
         )
     manifest = html.escape(format_inspect(inspect(shards))) if shards else ""
     summaries = aggregate(results)
