@@ -334,7 +334,8 @@ def _metrics_tables(summaries: dict[str, dict]) -> str:
     head = "".join(f"<th>{html.escape(n)}</th>" for n in summaries)
     body = "".join(f"<tr><td>{k}</td>" + "".join(_cell(s, k, 1) for s in summaries.values()) + "</tr>"
                    for k in dict.fromkeys(ours))
-    return (f'<table class="paper"><tr><th rowspan="2">model</th>{spans}</tr><tr>{names}</tr>{rows}</table>'
+    return (f'<div class="wide"><table class="paper"><tr><th rowspan="2">model</th>{spans}</tr><tr>{names}</tr>'
+            f'{rows}</table></div>'
             f"<p>Mean ± sample standard deviation over each model's runs (seeds), in the paper's units; Accuracy, "
             f"top-3 and F1 are class-balanced (spec §7.1). The saliency metrics (VLC, IOR, overlaps, consistency) use "
             f"each image's top-5 prototypes by similarity and PRP relevance where the backbone supports it.</p>"
@@ -345,7 +346,7 @@ STYLE = """body{font-family:sans-serif;margin:2em;max-width:1220px}table{border-
 td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}td:first-child,th{text-align:left}
 .lineage td{text-align:left}.lineage code{word-break:break-all}
 .wide{overflow-x:auto}.confusion{font-size:12px}.confusion td{text-align:center;min-width:1.5em;padding:1px 2px}
-.confusion th{white-space:nowrap;padding:1px 4px}.per-class caption{text-align:left;color:#555}
+.confusion th{white-space:nowrap;padding:1px 4px}.paper td{white-space:nowrap}.per-class caption{text-align:left;color:#555}
 .scroll{max-height:32em;overflow:auto;display:inline-block}.charts{display:flex;flex-wrap:wrap;gap:8px}
 .grid{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}figure{margin:0}
 .explanations figure{max-width:590px}.explanations img{width:100%}img{max-width:100%;border:1px solid #ddd}
