@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.shards import ShardError, iter_samples, scan_tar
-from schemas.files import atomic_write, sha256_file
+from pipeline.shards import ShardError, TarScan, iter_samples, scan_tar
+from schemas.files import atomic_write
 from schemas.manifest import MANIFEST, DatasetCard, SegmenterInfo, ShardStats
 from schemas.shard import MASKS_MEMBER, OBJECT_MEMBER, PARTS_MEMBER, SampleRecord, crop_member
+from schemas.storage import Location, read_bytes, size
 from schemas.version import CODE_VERSION
 
+SCAN_THREADS = 4  # shards hashed at once by shard_problems (on S3 each also reads ahead: storage.open_read)
 
-def read_rows(out: Path, shards: list[ShardStats]) -> pa.Table:
+
+def read_rows(out: Location | Path, shards: list[ShardStats]) -> pa.Table:
     """All per-shard parquet rows of a shard directory."""
-    return pa.concat_tables([pq.read_table(out / s.file("parquet")) for s in shards])
+    out = Location.parse(out)
+    return pa.concat_tables([pq.read_table((out / s.file("parquet")).fs_path, filesystem=out.fs) for s in shards])
 
 
 def build_card(
@@ -58,18 +64,25 @@ def build_card(
     return card
 
 
-def load_card(out: Path) -> DatasetCard:
+def load_card(out: Location | Path) -> DatasetCard:
+    """The ``manifest.json`` of a shard directory; ``ShardError`` naming it when missing or invalid."""
+    out = Location.parse(out)
     path = out / MANIFEST
-    if not path.is_file():
-        raise ShardError(f"{path}: no manifest (is {out} a finished shard directory?)")
     try:
-        return DatasetCard.model_validate_json(path.read_bytes())
+        data = read_bytes(path)
+    except (FileNotFoundError, IsADirectoryError):
+        raise ShardError(f"{path}: no manifest (is {out} a finished shard directory?)") from None
+    except OSError as exc:
+        raise ShardError(f"{path}: cannot read the manifest: {exc}") from exc
+    try:
+        return DatasetCard.model_validate_json(data)
     except ValueError as exc:
         raise ShardError(f"{path}: invalid manifest: {exc}") from exc
 
 
-def inspect(out: Path) -> dict:
+def inspect(out: Location | Path) -> dict:
     """A summary of a shard directory (what ``protomask manifest inspect`` prints)."""
+    out = Location.parse(out)
     card = load_card(out)
     failures = Counter(
         r["error_message"] for r in read_rows(out, card.shards).to_pylist() if r["status"] != "ok"
@@ -137,23 +150,30 @@ def _check_sample(key: str, members: dict[str, bytes]) -> str | None:
     return None
 
 
-def _checksum_differs(stats: ShardStats, tar: Path) -> str:
+def _checksum_differs(stats: ShardStats, tar: Location) -> str:
     return f"shard {stats.name}: {tar} checksum differs from the manifest (corrupt or replaced)"
 
 
-def shard_problems(out: Path, card: DatasetCard) -> list[str]:
+def _scan(tar: Location) -> TarScan | ShardError:
+    try:
+        return scan_tar(tar)
+    except ShardError as exc:
+        return exc
+
+
+def shard_problems(out: Location | Path, card: DatasetCard) -> list[str]:
     """The quick check before training: one line per shard whose tar differs from the manifest in
     sha256 or in sample and member counts. One read of every tar (``scan_tar``: hashing plus a walk
-    over the tar headers); ``verify`` is the full check."""
+    over the tar headers), ``SCAN_THREADS`` at a time; ``verify`` is the full check."""
+    out = Location.parse(out)
+    tars = [out / stats.file("tar") for stats in card.shards]
+    with ThreadPoolExecutor(SCAN_THREADS, thread_name_prefix="shard-scan") as pool:
+        scans = list(pool.map(_scan, tars))
     problems = []
-    for stats in card.shards:
-        tar = out / stats.file("tar")
-        try:
-            scan = scan_tar(tar)
-        except ShardError as exc:
-            problems.append(f"shard {stats.name}: {exc}")
-            continue
-        if scan.sha256 != stats.tar_sha256:
+    for stats, tar, scan in zip(card.shards, tars, scans):
+        if isinstance(scan, ShardError):
+            problems.append(f"shard {stats.name}: {scan}")
+        elif scan.sha256 != stats.tar_sha256:
             problems.append(_checksum_differs(stats, tar))
         elif (scan.samples, scan.members) != (stats.ok, stats.tar_members):
             problems.append(f"shard {stats.name}: {tar} holds {scan.samples} samples / {scan.members} members, "
@@ -161,8 +181,29 @@ def shard_problems(out: Path, card: DatasetCard) -> list[str]:
     return problems
 
 
-def verify(out: Path) -> list[str]:
+def _tar_problems(stats: ShardStats, tar: Location) -> list[str]:
+    """What is wrong with one shard's tar, from one read of it: checksum, then samples, then counts."""
+    digest, problems = hashlib.sha256(), []
+    members = samples = 0
+    try:
+        for key, sample in iter_samples(tar, digest):
+            samples += 1
+            members += len(sample)
+            if (issue := _check_sample(key, sample)) is not None:
+                problems.append(f"shard {stats.name}: {issue}")
+    except ShardError as exc:  # the checksum is unknown: the tar was not read to its end
+        return [*problems, f"shard {stats.name}: {exc}"]
+    if digest.hexdigest() != stats.tar_sha256:
+        problems.insert(0, _checksum_differs(stats, tar))
+    if members != stats.tar_members or samples != stats.ok:
+        problems.append(f"shard {stats.name}: {samples} samples / {members} members, manifest says "
+                        f"{stats.ok} / {stats.tar_members}")
+    return problems
+
+
+def verify(out: Location | Path) -> list[str]:
     """Check every shard against the manifest; return one problem per line (empty: all good)."""
+    out = Location.parse(out)
     try:
         card = load_card(out)
     except ShardError as exc:
@@ -170,29 +211,17 @@ def verify(out: Path) -> list[str]:
     problems = []
     for stats in card.shards:
         tar, parquet = out / stats.file("tar"), out / stats.file("parquet")
-        if not tar.is_file():
+        if size(tar) is None:
             problems.append(f"shard {stats.name}: {tar} is missing")
             continue
-        if sha256_file(tar) != stats.tar_sha256:
-            problems.append(_checksum_differs(stats, tar))
+        problems += _tar_problems(stats, tar)
         try:
-            members = samples = 0
-            for key, sample in iter_samples(tar):
-                samples += 1
-                members += len(sample)
-                if (issue := _check_sample(key, sample)) is not None:
-                    problems.append(f"shard {stats.name}: {issue}")
-            if members != stats.tar_members or samples != stats.ok:
-                problems.append(
-                    f"shard {stats.name}: {samples} samples / {members} members, manifest says "
-                    f"{stats.ok} / {stats.tar_members}"
-                )
-        except ShardError as exc:
-            problems.append(f"shard {stats.name}: {exc}")
-        if not parquet.is_file():
+            data = read_bytes(parquet)
+        except (FileNotFoundError, IsADirectoryError):
             problems.append(f"shard {stats.name}: {parquet} is missing")
-        elif sha256_file(parquet) != stats.parquet_sha256:
+            continue
+        if hashlib.sha256(data).hexdigest() != stats.parquet_sha256:
             problems.append(f"shard {stats.name}: {parquet} checksum differs from the manifest")
-        elif pq.read_metadata(parquet).num_rows != stats.count:
+        elif pq.read_metadata(pa.BufferReader(data)).num_rows != stats.count:
             problems.append(f"shard {stats.name}: {parquet} has a different row count than the manifest")
     return problems

@@ -6,12 +6,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import mmap
-import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +21,7 @@ from pipeline.masks import MaskSet, crop_boxes, encode_masks
 from schemas.files import atomic_write, sha256_file
 from schemas.manifest import ROW_SCHEMA, ShardStats, shard_file, shard_stem
 from schemas.shard import MASKS_MEMBER, OBJECT_MEMBER, PARTS_MEMBER, SampleRecord, crop_member
+from schemas.storage import Location, open_read
 
 TAR_MTIME = 946684800  # 2000-01-01: a constant so reruns give identical bytes
 
@@ -86,50 +86,69 @@ class TarScan:
     samples: int
 
 
-def _plain_member(tar_path: Path, name: str, regular: bool) -> str:
+def _plain_member(tar_path: Location, name: str, regular: bool) -> str:
     """The member's name; ``ShardError`` unless it is a plain ``key.ext`` regular file (no traversal)."""
     if not regular or "/" in name or "\\" in name or name.startswith(".") or "." not in name:
         raise ShardError(f"{tar_path}: unexpected member {name!r} (only plain 'key.ext' files allowed)")
     return name
 
 
-def scan_tar(tar_path: Path) -> TarScan:
+def _members(f: BinaryIO, tar_path: Location, digest: Any = None) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of every member of the USTAR tar read forward from ``f`` (what ``_write_tar`` writes; anything
+    else is refused), up to the end-of-archive marker, two zero blocks. ``digest`` (a hashlib object) is fed every
+    byte of the file, through to its end. Raises ``ShardError`` naming ``tar_path``: a truncated or odd tar, or a
+    member that is not a plain ``key.ext`` file."""
+    block, offset = tarfile.BLOCKSIZE, 0
+
+    def read(n: int) -> bytes:
+        nonlocal offset
+        data = f.read(n)
+        if digest is not None:
+            digest.update(data)
+        offset += len(data)
+        return data
+
+    while True:
+        at = offset
+        header = read(block)
+        if header == tarfile.NUL * block and read(block) == tarfile.NUL * block:
+            break
+        if len(header) < block or header == tarfile.NUL * block:  # cut in a header, or after one zero block
+            raise ShardError(f"{tar_path}: unreadable tar: no end-of-archive marker at byte {at} (truncated)")
+        if header[257:265] != tarfile.POSIX_MAGIC:
+            raise ShardError(f"{tar_path}: unreadable tar: not a USTAR header at byte {at}")
+        try:
+            name = header[:100].split(b"\0", 1)[0].decode()
+            if prefix := header[345:500].split(b"\0", 1)[0]:  # USTAR long names: a path, never ours
+                name = f"{prefix.decode()}/{name}"
+            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ShardError(f"{tar_path}: unreadable tar: bad header at byte {at}: {exc}") from exc
+        _plain_member(tar_path, name, header[156:157] in (b"0", b"\0"))
+        data = read(size)
+        if len(data) < size or len(read(-size % block)) < -size % block:
+            raise ShardError(f"{tar_path}: unreadable tar: member {name!r} runs past the end")
+        yield name, data
+    if digest is not None:
+        while read(1 << 20):  # the zero padding after the marker
+            pass
+
+
+def scan_tar(tar_path: Location | Path) -> TarScan:
     """One read of a shard: its sha256 and its member and sample counts.
 
-    Walks the 512-byte USTAR headers only (what ``_write_tar`` writes; anything else is refused), so it
-    costs little more than ``sha256_file``. Odd members raise ``ShardError`` as in ``iter_samples``."""
-    members, keys, block = 0, set(), tarfile.BLOCKSIZE
+    Walks the USTAR headers as ``iter_samples`` does, refusing what it refuses (``ShardError``), so it costs
+    little more than hashing the file."""
+    tar_path = Location.parse(tar_path)
+    members, keys, digest = 0, set(), hashlib.sha256()
     try:
-        with open(tar_path, "rb") as f:
-            if os.fstat(f.fileno()).st_size == 0:
-                raise ShardError(f"{tar_path}: unreadable tar: empty file")
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                digest = hashlib.sha256(data).hexdigest()
-                offset, end = 0, len(data)
-                while True:
-                    if offset + block > end:
-                        raise ShardError(f"{tar_path}: unreadable tar: no end-of-archive marker (truncated)")
-                    header = data[offset : offset + block]
-                    if header == tarfile.NUL * block:  # end-of-archive marker
-                        break
-                    if header[257:265] != tarfile.POSIX_MAGIC:
-                        raise ShardError(f"{tar_path}: unreadable tar: not a USTAR header at byte {offset}")
-                    try:
-                        name = header[:100].split(b"\0", 1)[0].decode()
-                        if prefix := header[345:500].split(b"\0", 1)[0]:  # USTAR long names: a path, never ours
-                            name = f"{prefix.decode()}/{name}"
-                        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-                    except (UnicodeDecodeError, ValueError) as exc:
-                        raise ShardError(f"{tar_path}: unreadable tar: bad header at byte {offset}: {exc}") from exc
-                    _plain_member(tar_path, name, header[156:157] in (b"0", b"\0"))
-                    offset += block + -(-size // block) * block
-                    if offset > end:
-                        raise ShardError(f"{tar_path}: unreadable tar: member {name!r} runs past the end")
-                    members += 1
-                    keys.add(name.split(".", 1)[0])
+        with open_read(tar_path) as f:
+            for name, _ in _members(f, tar_path, digest):
+                members += 1
+                keys.add(name.split(".", 1)[0])
     except OSError as exc:
         raise ShardError(f"{tar_path}: unreadable tar: {exc}") from exc
-    return TarScan(sha256=digest, members=members, samples=len(keys))
+    return TarScan(sha256=digest.hexdigest(), members=members, samples=len(keys))
 
 
 def _write_tar(f, samples: list[EncodedSample]) -> None:
@@ -189,27 +208,23 @@ def read_stats(out: Path, split: str, shard: int) -> ShardStats | None:
         return None  # a damaged marker means the shard is redone
 
 
-def iter_samples(tar_path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield (key, {extension: bytes}) per sample; refuse member names that are not plain ``key.ext``."""
+def iter_samples(tar_path: Location | Path, digest: Any = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {extension: bytes}) per sample, reading the tar once, forward (on S3 with read-ahead); refuse
+    member names that are not plain ``key.ext`` and a tar cut short (``ShardError`` naming it). ``digest``: a
+    hashlib object fed the whole file, complete once the iterator is exhausted."""
+    tar_path = Location.parse(tar_path)
     current: str | None = None
     members: dict[str, bytes] = {}
     try:
-        with tarfile.open(tar_path, mode="r:") as tar:
-            for info in tar:
-                key, ext = _plain_member(tar_path, info.name, info.isfile()).split(".", 1)
+        with open_read(tar_path) as f:
+            for name, data in _members(f, tar_path, digest):
+                key, ext = name.split(".", 1)
                 if key != current:
                     if current is not None:
                         yield current, members
                     current, members = key, {}
-                f = tar.extractfile(info)
-                assert f is not None
-                members[ext] = f.read()
-            # tarfile ends quietly at a header cut short: only the end-of-archive marker (two zero blocks
-            # where the next header would be) tells a complete tar from one truncated between members
-            tar.fileobj.seek(tar.offset)
-            if tar.fileobj.read(2 * tarfile.BLOCKSIZE) != tarfile.NUL * (2 * tarfile.BLOCKSIZE):
-                raise ShardError(f"{tar_path}: unreadable tar: no end-of-archive marker at byte {tar.offset} (truncated)")
-    except (tarfile.TarError, OSError, EOFError) as exc:
+                members[ext] = data
+    except OSError as exc:
         raise ShardError(f"{tar_path}: unreadable tar: {exc}") from exc
     if current is not None:
         yield current, members

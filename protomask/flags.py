@@ -14,6 +14,8 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+from schemas.storage import Location
+
 
 def _strip_optional(annotation: Any) -> Any:
     if typing.get_origin(annotation) in (Union, types.UnionType):
@@ -47,7 +49,8 @@ PATH_METAVARS = {"out": "DIR", "shards": "DIR", "run-dir": "DIR", "root": "DIR"}
 
 def _argument_options(dotted: str, field: FieldInfo, name: str) -> dict[str, Any]:
     """argparse options for a field's type: a --flag/--no-flag pair for bool, choices for Literal, several
-    values for list, else the type with a short metavar."""
+    values for list, a string for a Location (a path or URL, parsed by the config), else the type with a short
+    metavar."""
     kind = _strip_optional(field.annotation)
     if kind is bool:
         return {"action": argparse.BooleanOptionalAction}
@@ -57,6 +60,8 @@ def _argument_options(dotted: str, field: FieldInfo, name: str) -> dict[str, Any
     if typing.get_origin(kind) is list:
         kind = typing.get_args(kind)[0]
         return {"nargs": "+", "type": kind, "metavar": _metavar(kind, name)}
+    if kind is Location:
+        return {"type": str, "metavar": _metavar(Path, name)}
     if kind in (int, float, str, Path):
         return {"type": kind, "metavar": _metavar(kind, name)}
     raise TypeError(f"{dotted}: no flag for a field of type {kind}")

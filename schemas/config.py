@@ -6,13 +6,18 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, field_validator,
+                      model_validator)
 
 from schemas.files import atomic_write
+from schemas.storage import Location
 from schemas.version import FORMAT_VERSION
+
+# a folder that may be on object storage: a local path or s3://bucket/prefix; configs hold it as its string
+StoragePath = Annotated[Location, PlainValidator(Location.parse), PlainSerializer(str)]
 
 
 class Strict(BaseModel):
@@ -394,7 +399,7 @@ class DataConfig(Strict):
 class TrainConfig(Strict):
     """``protomask train``: cached shards → a trained ProtoMask model in run_dir."""
 
-    shards: Path
+    shards: StoragePath
     run_dir: Path
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
@@ -472,7 +477,8 @@ class ReportConfig(Strict):
 class ManifestConfig(Strict):
     """``protomask manifest inspect|verify``: a shard directory's summary, or a check of every shard."""
 
-    shards: Path = Field(description="shard directory written by `protomask segment`")
+    shards: StoragePath = Field(description="shard directory written by `protomask segment` (a path or "
+                                "s3://bucket/prefix)")
     as_json: bool = Field(False, description="inspect: print the summary as JSON")
 
 

@@ -1,11 +1,14 @@
 """Shared fixtures: a local Ray instance for the session, the real photos in ../shared/data/cub_mini and
-../shared/data/cub_dev."""
+../shared/data/cub_dev, and a local S3 server (moto) with a fresh bucket per test."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import socket
 import tempfile
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,6 +22,20 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# S3 goes to the test server only: set before anything starts Ray, so that its workers inherit the variables
+S3_PORT = _free_port()
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+                  AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}")
+for _name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+    os.environ.pop(_name, None)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for all tests that need it (2 logical CPUs, fractional CPUs per worker)."""
@@ -29,6 +46,28 @@ def ray_local():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1:S3_PORT (a real HTTP endpoint, as pyarrow and boto3 see one)."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server) -> str:
+    """``s3://<a new bucket>`` on the test server."""
+    import boto3
+
+    name = f"t{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)  # boto3 reads AWS_ENDPOINT_URL
+    return f"s3://{name}"
 
 
 @pytest.fixture(scope="session")

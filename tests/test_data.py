@@ -18,6 +18,7 @@ import training.data as data
 from pipeline.masks import crop_boxes
 from pipeline.shards import ShardError, iter_samples
 from schemas.config import DataConfig, SegmentConfig
+from schemas.storage import Location
 from conftest import segment_without_ray
 from training.data import ShardDataset, ShardStream, decode_sample, make_augment, make_view_augments, split_keys
 
@@ -54,7 +55,8 @@ def _keys(stream: ShardStream) -> list[str]:
 
 def test_open_counts(shards: Path) -> None:
     ds = ShardDataset.open(shards)
-    assert ds.root == shards and ds.num_classes == 3 and len(ds.classes) == 3 and ds.masks_per_image == K
+    assert ds.root == Location.parse(shards) and ds.num_classes == 3 and len(ds.classes) == 3
+    assert ds.masks_per_image == K
     assert len(ds.rows) == 36 and set(ds.rows[0]) == {"key", "shard", "label", "split", "n_masks"}
     assert Counter(r["split"] for r in ds.rows) == {"train": 27, "test": 9}
     assert all(r["n_masks"] == 4 for r in ds.rows)  # grid 2x2
@@ -63,7 +65,7 @@ def test_open_counts(shards: Path) -> None:
         *((f"train-{i:05d}", "train", 5 if i < 5 else 2) for i in range(6)), ("test-00006", "test", 5),
         ("test-00007", "test", 4)]
     assert sorted(p.name for p in shards.glob("train-*.tar")) == [f"train-{i:05d}.tar" for i in range(6)]
-    assert ds.tar_path(6) == shards / "test-00006.tar"
+    assert ds.tar_path(6) == Location.parse(shards / "test-00006.tar")
     assert all(r["split"] == ds.card.shards[r["shard"]].split for r in ds.rows)  # a shard holds one split
 
 
@@ -380,6 +382,7 @@ def test_format_3_directory_still_reads(copy: Path) -> None:
         s["name"] = f"{s['shard']:05d}"
     (copy / "manifest.json").write_text(json.dumps({**card, "format_version": "3"}))
     ds = ShardDataset.open(copy)
-    assert ds.card.shuffle_seed is None and ds.tar_path(6) == copy / "00006.tar" and verify(copy) == []
+    assert ds.card.shuffle_seed is None and ds.tar_path(6) == Location.parse(copy / "00006.tar")
+    assert verify(copy) == []
     test = split_keys(ds, 0.0, 0)["test"]
     assert sorted(_keys(ShardStream(ds, test, DataConfig(loader_threads=0), input_size=8, batch_size=4, train=False))) == test

@@ -231,7 +231,6 @@ def test_output_under_a_file_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_disk_full_during_a_shard_keeps_finished_shards(tmp_path: Path, monkeypatch) -> None:
     """ENOSPC while shard 2 is written: the error names the file, no partial file, shards 0–1 intact."""
-    from pipeline import shards as shards_module
     from pipeline.plan import make_plan
     from pipeline.sources import list_source
     from pipeline.worker import ShardProcessor
@@ -250,7 +249,7 @@ def test_disk_full_during_a_shard_keeps_finished_shards(tmp_path: Path, monkeypa
             raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(fd)
 
-    monkeypatch.setattr(shards_module.os, "fsync", full)
+    monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(OSError, match=r"No space left on device: '.*/train-00002.tar'"):
         processor.process(2, [r for r in rows if r["shard"] == 2])
     assert {p.name: p.read_bytes() for p in config.out.iterdir()} == before  # nothing partial, nothing lost

@@ -35,6 +35,7 @@ from pipeline.masks import crop_boxes
 from pipeline.shards import ShardError, iter_samples
 from schemas.config import DataConfig
 from schemas.manifest import MANIFEST, DatasetCard, ShardStats
+from schemas.storage import Location, size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,9 +49,10 @@ Unit = tuple[int, list[str]]  # a shard id and the wanted keys a rank decodes fr
 
 @dataclass
 class ShardDataset:
-    """A finished shard directory: its manifest and the rows of its successful samples."""
+    """A finished shard directory (a local folder or an S3 prefix): its manifest and the rows of its successful
+    samples."""
 
-    root: Path
+    root: Location
     card: DatasetCard
     rows: list[dict]  # ok samples only, sorted by key: key, shard, label, split, n_masks
 
@@ -58,16 +60,16 @@ class ShardDataset:
         self._stats: dict[int, ShardStats] = {s.shard: s for s in self.card.shards}
 
     @classmethod
-    def open(cls, shards_dir: Path) -> ShardDataset:
+    def open(cls, shards_dir: Location | Path) -> ShardDataset:
         """Load the manifest and rows; refuse a missing or truncated shard tar (ShardError naming it)."""
-        root = Path(shards_dir)
+        root = Location.parse(shards_dir)
         card = load_card(root)
         for stats in card.shards:
             tar = root / stats.file("tar")
-            if not tar.is_file():
+            if (found := size(tar)) is None:
                 raise ShardError(f"{tar}: shard listed in {root / MANIFEST} is missing")
-            if (size := tar.stat().st_size) != stats.tar_bytes:
-                raise ShardError(f"{tar}: {size} bytes, the manifest says {stats.tar_bytes} (truncated or replaced)")
+            if found != stats.tar_bytes:
+                raise ShardError(f"{tar}: {found} bytes, the manifest says {stats.tar_bytes} (truncated or replaced)")
         try:
             table = read_rows(root, card.shards)
         except (OSError, pa.ArrowException) as exc:
@@ -92,7 +94,7 @@ class ShardDataset:
     def masks_per_image(self) -> int:
         return self.card.masks_per_image
 
-    def tar_path(self, shard: int) -> Path:
+    def tar_path(self, shard: int) -> Location:
         return self.root / self._stats[shard].file("tar")
 
 
@@ -405,7 +407,7 @@ class ShardStream:
     def _eval_units(self) -> list[Unit]:
         return sorted(_assign(self._units, self.world_size, None)[self.rank])
 
-    def _read(self, unit: Unit, salt: int) -> Iterator[tuple[Path, str, dict[str, bytes], int]]:
+    def _read(self, unit: Unit, salt: int) -> Iterator[tuple[Location, str, dict[str, bytes], int]]:
         """(tar, key, the json and jpg members, salt) of the unit's keys; other samples are skipped."""
         shard, keys = unit
         tar, wanted = self.dataset.tar_path(shard), set(keys)
@@ -417,7 +419,7 @@ class ShardStream:
             raise ShardError(f"{tar}: {len(wanted)} samples of the manifest are missing from the tar "
                              f"(e.g. {min(wanted)})")
 
-    def _train_samples(self, epoch: int) -> Iterator[tuple[Path, str, dict[str, bytes], int]]:
+    def _train_samples(self, epoch: int) -> Iterator[tuple[Location, str, dict[str, bytes], int]]:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self._units))  # same on all ranks
         steps, b = self.steps_per_epoch(), self.batch_size
         parts = _assign([self._units[i] for i in order], self.world_size, steps * b)
@@ -430,7 +432,7 @@ class ShardStream:
 
         return itertools.islice(itertools.chain.from_iterable(map(one_pass, itertools.count())), steps * b)
 
-    def _batch(self, samples: list[tuple[Path, str, dict[str, bytes], int]], epoch: int) -> dict:
+    def _batch(self, samples: list[tuple[Location, str, dict[str, bytes], int]], epoch: int) -> dict:
         """Decode and collate one batch (runs on a decoding thread; numpy only, see decode_sample)."""
         crops = [buffers.get(len(samples)) for buffers in self._buffers]
         decoded = []

@@ -10,6 +10,7 @@ import torch
 
 from schemas.config import ModelConfig
 from schemas.files import atomic_write
+from schemas.storage import Location
 from schemas.version import FORMAT_VERSION
 from training import TrainError
 from training.model import Model, ProtoMask, build_model
@@ -17,7 +18,8 @@ from training.model import Model, ProtoMask, build_model
 WEIGHTS, META = "model.pt", "model_config.json"
 
 
-def export_model(model: Model, config: ModelConfig, classes: list[str], run_dir: Path, *, shards: Path) -> None:
+def export_model(model: Model, config: ModelConfig, classes: list[str], run_dir: Path, *,
+                 shards: Location | Path) -> None:
     """Write ``model.pt`` and ``model_config.json`` into ``run_dir``."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_write(run_dir / WEIGHTS, lambda f: torch.save(state, f))
@@ -39,10 +41,10 @@ def require_run(run_dir: Path) -> None:
                              "writes it at the end)")
 
 
-def trained_on(run_dir: Path) -> Path:
-    """The shard directory the exported model was trained on."""
+def trained_on(run_dir: Path) -> Location:
+    """The shard directory the exported model was trained on (a local path or an S3 prefix)."""
     require_run(run_dir)
-    return Path(json.loads((run_dir / META).read_text())["shards"])
+    return Location.parse(json.loads((run_dir / META).read_text())["shards"])
 
 
 def load_model(run_dir: Path) -> tuple[Model, list[str]]:

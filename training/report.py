@@ -25,6 +25,7 @@ import numpy as np
 
 from pipeline.manifest import format_inspect, inspect, load_card
 from schemas.files import sha256_file
+from schemas.storage import Location
 from schemas.version import CODE_VERSION
 from training.metrics import OUR_COLUMNS, PAPER_METRICS
 
@@ -223,7 +224,7 @@ def lineage(run_dir: Path, rows: list[dict]) -> list[tuple[str, str]]:
 
     meta = json.loads((run_dir / "model_config.json").read_text())
     config = load_config(TrainConfig, run_dir / "train_config.yaml", {})
-    shards = Path(meta["shards"])
+    shards = Location.parse(meta["shards"])
     card = load_card(shards)
     m, s, d = config.model, config.schedule, config.data
     lrs = ", ".join(f"{k.removeprefix('lr_')} {getattr(s, k):g}" for k in
@@ -369,7 +370,7 @@ def write_report(runs: Sequence[tuple[str, Path]], out: Path) -> Path:
     sections, shards = [], None
     for i, (name, run_dir) in enumerate(runs):
         meta = json.loads((run_dir / "model_config.json").read_text())
-        shards = Path(meta["shards"])
+        shards = Location.parse(meta["shards"])
         saved = metrics_file(run_dir, "test")
         test = json.loads(saved.read_text())["test"] if saved.is_file() else {}
         if "confusion" not in test:  # an older run: evaluate it once, into metrics_test.json

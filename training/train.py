@@ -12,6 +12,7 @@ from cluster.connect import init_ray
 from pipeline.manifest import shard_problems
 from pipeline.shards import ShardError
 from schemas.config import DataConfig, TrainConfig, load_config, write_config
+from schemas.storage import Location
 from training import TrainError
 from training.data import ShardDataset, ShardStream, split_keys
 from training.evaluate import evaluate_split, metrics_file, write_metrics
@@ -79,7 +80,7 @@ def out_of_memory(error: BaseException) -> bool:
     return False
 
 
-def run_evaluate(run_dir: Path, shards: Path | None = None, split: str = "test", *, batch_size: int = 32,
+def run_evaluate(run_dir: Path, shards: Location | Path | None = None, split: str = "test", *, batch_size: int = 32,
                  relevance: Relevance | None = None) -> dict:
     """Every metric of the exported model on one split (default shards: the ones it was trained on), written
     to ``metrics_<split>.json`` as the training run writes the test split's; returns them. ``relevance``: the
