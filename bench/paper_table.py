@@ -48,7 +48,7 @@ def demo_shards(work: Path, workers: int) -> Path:
     config = SegmentConfig(source="synthetic", root=work / "synthetic", out=work / "shards", masks_per_image=6,
                            shard_size=32, num_workers=workers, cpus_per_worker=2 / workers)
     run_segment(config, progress=False)
-    return config.out
+    return config.out.local
 
 
 def main() -> int:

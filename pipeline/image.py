@@ -10,6 +10,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageOps
 
+from schemas.storage import Location, read_bytes
+
 HIGH_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 # A ground-truth object mask may be soft (CUB's are greyscale averages of several annotators, 0..255): after
 # the bilinear resize to the image, object = value > 127. This is the spec's "min-max normalise, > 0.5"
@@ -41,12 +43,13 @@ class LoadedImage(NamedTuple):
     # without EXIF turn or downscale): stored as is, no re-encoding and no second generation loss
 
 
-def load_image(path: Path, max_side: int, max_image_pixels: int) -> LoadedImage:
-    """Decode one input; every failure is an ``ImageError`` with the reason."""
+def load_image(path: Location | Path, max_side: int, max_image_pixels: int) -> LoadedImage:
+    """Decode one input (a file, or an object read in one request); every failure is an ``ImageError`` with the
+    reason."""
     try:
-        data = path.read_bytes()
+        data = read_bytes(Location.parse(path))
     except OSError as exc:
-        raise ImageError(f"cannot read file: {exc.strerror}") from exc
+        raise ImageError(f"cannot read file: {exc.strerror or exc}") from exc
     if not data:
         raise ImageError("empty file (0 bytes)")
     try:
@@ -81,12 +84,12 @@ def load_image(path: Path, max_side: int, max_image_pixels: int) -> LoadedImage:
     return LoadedImage(np.asarray(rgb), original, data if as_is else None)
 
 
-def load_object_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
+def load_object_mask(path: Location | Path, size: tuple[int, int]) -> np.ndarray:
     """The object mask image at ``path`` as uint8 HxW, 255 = object, 0 = background, at ``size`` (width,
     height): greyscale, bilinear resize, then value > ``OBJECT_THRESHOLD``. Every failure is an ``ImageError``
     naming the file."""
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(read_bytes(Location.parse(path)))) as im:
             soft = np.asarray(im.convert("L").resize(size, Image.BILINEAR))
     except Image.UnidentifiedImageError:
         raise ImageError(f"object mask {path}: not an image (format not recognised)") from None

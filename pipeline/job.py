@@ -1,9 +1,10 @@
 """The segmentation job: plan the shards, spread them over Ray workers, write the manifest.
 
 One ``ShardWorker`` actor per worker holds one segmenter (one GPU each when the cluster has GPUs).
-Shards whose completion marker exists are skipped, so a rerun only redoes unfinished work; a shard
-that failed (its worker died, its node was lost, or writing it raised) is queued again for any live
-worker, up to ``max_shard_retries`` times.
+Shards whose completion marker exists (and whose tar has the size it records) are skipped, so a rerun
+only redoes unfinished work; a shard that failed (its worker died, its node was lost, or writing it
+raised) is queued again for any live worker, up to ``max_shard_retries`` times. The inputs and the
+output may be local or under an s3:// prefix (``schemas.storage``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import re
 import shutil
 import time
 from collections import deque
-from pathlib import Path
 
 import pyarrow as pa
 
@@ -26,9 +26,9 @@ from pipeline.segmenters.base import Segmenter
 from pipeline.shards import read_stats
 from pipeline.sources import list_source
 from schemas.config import SegmentConfig, stable_hash, write_config
-from schemas.files import atomic_write
 from schemas.manifest import (CONFIG_FILE, JOB_DIR, JOB_FILE, MANIFEST, PLAN_FILE, SHARD_FILE, SHARD_TMP, DatasetCard,
                               SegmenterInfo, ShardStats, shard_stem)
+from schemas.storage import Location, delete, list_files, makedirs, put, read_text, size
 
 log = logging.getLogger("protomask.segment")
 
@@ -39,39 +39,53 @@ PROGRESS_INTERVAL_S = 0.5  # how often a worker reports its images to the progre
 OTHER_FILES = re.compile(rf"^({re.escape(MANIFEST)}|{re.escape(CONFIG_FILE)}|\..*\.tmp)$")
 
 
-def is_ours(path: Path) -> bool:
-    """A file (or the job's folder) this tool writes into a shard directory."""
-    return path.name == JOB_DIR and path.is_dir() or bool(SHARD_FILE.match(path.name) or OTHER_FILES.match(path.name))
+def is_ours(name: str, *, folder: bool = False) -> bool:
+    """Whether this tool writes ``name`` (``/``-separated, relative to a shard directory): the shard files, the
+    manifest, the config and temp files at its top, and the job's folder (``folder``: ``name`` is a local folder)
+    with everything in it."""
+    top, below, _ = name.partition("/")
+    if below or folder and name == JOB_DIR:
+        return top == JOB_DIR
+    return bool(SHARD_FILE.match(name) or OTHER_FILES.match(name))
 
 
 class JobError(RuntimeError):
     """The job cannot start or finish; the message says why and what was kept."""
 
 
+def _ours(out: Location) -> list[Location]:
+    """This tool's files in ``out`` (``is_ours``): locally its top level, the job's folder as one entry; on S3
+    every object below the prefix, from one LIST."""
+    if out.is_local:
+        entries = sorted(out.local.iterdir()) if out.local.is_dir() else []
+        return [Location.parse(p) for p in entries if is_ours(p.name, folder=p.is_dir())]
+    return [out / name for name in sorted(list_files(out)) if is_ours(name)]
+
+
 def _prepare_out(config: SegmentConfig, job_hash: str) -> None:
-    """Refuse to mix outputs of different configs; ``overwrite`` removes only this tool's files."""
+    """Refuse to mix outputs of different configs; ``overwrite`` removes only this tool's files (never another
+    file or object, on S3 neither). Then write the config: the first write, so an output that takes none fails
+    here, before Ray starts."""
     out = config.out
-    job_file = out / JOB_FILE
-    if out.exists() and not out.is_dir():
+    if size(out) is not None:
         raise JobError(f"{out}: exists and is not a directory")
-    ours = [p for p in out.iterdir() if is_ours(p)] if out.is_dir() else []
+    ours = _ours(out)
     if ours and not config.overwrite:
-        previous = json.loads(job_file.read_text()).get("job_hash") if job_file.is_file() else None
+        job_file = out / JOB_FILE
+        previous = json.loads(read_text(job_file)).get("job_hash") if size(job_file) is not None else None
         if previous != job_hash:
             raise JobError(
                 f"{out} holds shards of a different configuration (job hash {previous} != {job_hash}); "
                 "use another --out or pass --overwrite to replace them"
             )
     if config.overwrite:
-        for path in ours:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        for loc in ours:
+            shutil.rmtree(loc.local) if loc.is_local and loc.local.is_dir() else delete(loc)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-probe-{os.getpid()}.tmp"
-        probe.write_bytes(b"")
-        probe.unlink()
+        makedirs(out)
+        write_config(config, out / CONFIG_FILE)
     except OSError as exc:
-        raise JobError(f"{out}: output directory is not writable: {exc.strerror}") from exc
+        raise JobError(f"{out}: output directory is not writable: {exc.strerror or exc}") from exc
 
 
 def _check_segmenter(config: SegmentConfig) -> Segmenter:
@@ -133,11 +147,10 @@ def run_segment(config: SegmentConfig, address: str | None = None, progress: boo
     job_hash = stable_hash({"config": config.output_hash(), "plan": plan_hash(plan, listing.classes)})
     _prepare_out(config, job_hash)
     out = config.out
-    write_config(config, out / CONFIG_FILE)
-    (out / JOB_DIR).mkdir(exist_ok=True)
-    if not (out / PLAN_FILE).is_file():
+    makedirs(out / JOB_DIR)
+    if size(out / PLAN_FILE) is None:
         write_plan(plan, listing.classes, out / PLAN_FILE)
-    atomic_write(out / JOB_FILE, json.dumps({"job_hash": job_hash, "config_hash": config.output_hash()}, indent=1))
+    put(out / JOB_FILE, json.dumps({"job_hash": job_hash, "config_hash": config.output_hash()}, indent=1))
 
     split_of = shard_splits(plan)
     shards = sorted(split_of)
@@ -160,9 +173,10 @@ def run_segment(config: SegmentConfig, address: str | None = None, progress: boo
             f"shards {[shard_stem(split_of[s], s) for s in failed]} failed after {config.max_shard_retries} retries; "
             f"{len(done)} finished shards are kept in {out}; rerun the same command to redo only the failed ones"
         )
-    for path in out.iterdir():  # every shard is finished: temp files of writes cut short earlier are garbage
-        if SHARD_TMP.match(path.name):
-            path.unlink(missing_ok=True)
+    if out.is_local:  # every shard is finished: temp files of writes cut short earlier are garbage (S3 has none)
+        for path in out.local.iterdir():
+            if SHARD_TMP.match(path.name):
+                path.unlink(missing_ok=True)
     if info is None:
         info = _segmenter_info(segmenter, out)
     return build_card(
@@ -171,13 +185,15 @@ def run_segment(config: SegmentConfig, address: str | None = None, progress: boo
     )
 
 
-def _segmenter_info(segmenter: Segmenter, out: Path) -> SegmenterInfo:
+def _segmenter_info(segmenter: Segmenter, out: Location) -> SegmenterInfo:
     """When every shard was finished earlier: the recorded info, else the driver's segmenter's (no model
     is loaded)."""
-    if (out / MANIFEST).is_file():
-        recorded = json.loads((out / MANIFEST).read_text()).get("segmenter")
-        if recorded:
-            return SegmenterInfo.model_validate(recorded)
+    try:
+        recorded = json.loads(read_text(out / MANIFEST)).get("segmenter")
+    except FileNotFoundError:
+        recorded = None
+    if recorded:
+        return SegmenterInfo.model_validate(recorded)
     return SegmenterInfo(name=segmenter.name, params=segmenter.params(),
                          checkpoint_sha256=segmenter.checkpoint_sha256())
 

@@ -13,10 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.shards import ShardError, TarScan, iter_samples, scan_tar
-from schemas.files import atomic_write
 from schemas.manifest import MANIFEST, DatasetCard, SegmenterInfo, ShardStats
 from schemas.shard import MASKS_MEMBER, OBJECT_MEMBER, PARTS_MEMBER, SampleRecord, crop_member
-from schemas.storage import Location, read_bytes, size
+from schemas.storage import Location, put, read_bytes, size
 from schemas.version import CODE_VERSION
 
 SCAN_THREADS = 4  # shards hashed at once by shard_problems (on S3 each also reads ahead: storage.open_read)
@@ -29,10 +28,12 @@ def read_rows(out: Location | Path, shards: list[ShardStats]) -> pa.Table:
 
 
 def build_card(
-    out: Path, shards: list[ShardStats], classes: list[str], source: str, config_hash: str,
+    out: Location | Path, shards: list[ShardStats], classes: list[str], source: str, config_hash: str,
     masks_per_image: int, crop_size: int | None, segmenter: SegmenterInfo, shuffle_seed: int,
 ) -> DatasetCard:
-    """Aggregate the finished shards into a DatasetCard and write ``manifest.json`` (atomically)."""
+    """Aggregate the finished shards into a DatasetCard and write ``manifest.json`` (``storage.put``: whole or
+    not at all)."""
+    out = Location.parse(out)
     rows = read_rows(out, shards).to_pylist()
     per_split: dict[str, Counter] = defaultdict(Counter)
     per_class: dict[str, Counter] = {c: Counter() for c in classes}
@@ -60,7 +61,7 @@ def build_card(
         masks_hist=dict(sorted(hist.items())),
         total_bytes=sum(s.tar_bytes for s in shards),
     )
-    atomic_write(out / MANIFEST, card.model_dump_json(indent=1))
+    put(out / MANIFEST, card.model_dump_json(indent=1))
     return card
 
 

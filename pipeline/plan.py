@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 
 from pipeline.sources import SourceItem, SourceListing
 from schemas.config import stable_hash
-from schemas.files import atomic_write
 from schemas.manifest import PLAN_SCHEMA, SHARD_DIGITS, SPLITS
+from schemas.storage import Location, put
 
 log = logging.getLogger("protomask.segment")
 
@@ -105,14 +105,16 @@ def plan_hash(plan: pa.Table, classes: list[str]) -> str:
     return stable_hash({"classes": classes, "rows": plan.to_pydict()})
 
 
-def write_plan(plan: pa.Table, classes: list[str], path: Path) -> None:
+def write_plan(plan: pa.Table, classes: list[str], path: Location | Path) -> None:
+    """The plan as Parquet, with the classes in its schema's metadata (``storage.put``: whole or not at all)."""
     schema = plan.schema.with_metadata({**plan.schema.metadata, b"classes": json.dumps(classes).encode()})
-    atomic_write(path, lambda f: pq.write_table(plan.cast(schema), f))
+    put(Location.parse(path), lambda f: pq.write_table(plan.cast(schema), f))
 
 
-def read_plan(path: Path) -> tuple[pa.Table, list[str]]:
+def read_plan(path: Location | Path) -> tuple[pa.Table, list[str]]:
     """The plan and classes of ``write_plan``; a plan written before ``object_path`` existed gets it as nulls."""
-    table = pq.read_table(path)
+    path = Location.parse(path)
+    table = pq.read_table(path.fs_path, filesystem=path.fs)
     if "object_path" not in table.column_names:
         table = table.add_column(table.schema.get_field_index("extra"), "object_path",
                                  pa.nulls(table.num_rows, pa.string()))

@@ -1,5 +1,6 @@
-"""Write and read shards. Writes are atomic (temp name, then rename) and byte-reproducible
-(fixed mtime/owner/mode, sorted members, deterministic encoders); the stats marker comes last."""
+"""Write and read shards. Writes are whole or not at all (``storage.put``: temp name and rename locally, one
+request on S3) and byte-reproducible (fixed mtime/owner/mode, sorted members, deterministic encoders); the stats
+marker comes last."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import hashlib
 import io
 import json
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -18,10 +19,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.masks import MaskSet, crop_boxes, encode_masks
-from schemas.files import atomic_write, sha256_file
 from schemas.manifest import ROW_SCHEMA, ShardStats, shard_file, shard_stem
 from schemas.shard import MASKS_MEMBER, OBJECT_MEMBER, PARTS_MEMBER, SampleRecord, crop_member
-from schemas.storage import Location, open_read
+from schemas.storage import Location, open_read, put, read_bytes, size
 
 TAR_MTIME = 946684800  # 2000-01-01: a constant so reruns give identical bytes
 
@@ -163,49 +163,58 @@ def _write_tar(f, samples: list[EncodedSample]) -> None:
                 tar.addfile(info, io.BytesIO(data))
 
 
+def _in_memory(write: Callable[[BinaryIO], None]) -> bytes:
+    """What ``write`` writes to a binary file."""
+    buffer = io.BytesIO()
+    write(buffer)
+    return buffer.getvalue()
+
+
 def write_shard(
-    out: Path, shard: int, samples: list[EncodedSample], rows: list[dict], config_hash: str, duration_s: float
+    out: Location | Path, shard: int, samples: list[EncodedSample], rows: list[dict], config_hash: str,
+    duration_s: float,
 ) -> ShardStats:
-    """Write ``<split>-<shard>.tar`` and ``.parquet`` atomically, then the ``_stats.json`` marker (names:
-    ``schemas.manifest.shard_file``). The split is the rows' own: a shard never holds two splits."""
+    """Write ``<split>-<shard>.tar`` and ``.parquet``, then the ``_stats.json`` marker (names:
+    ``schemas.manifest.shard_file``), each whole or not at all (``storage.put``: one request on S3). Both files
+    are built in memory first, so their sizes and checksums come from the bytes written. The split is the
+    rows' own: a shard never holds two splits."""
     splits = sorted({str(r["split"]) for r in rows})
     if len(splits) != 1:
         raise ValueError(f"shard {shard}: its rows must all have one split, got {splits or 'no rows'}")
-    split = splits[0]
-    name = shard_stem(split, shard)
-    tar_path, parquet_path = out / shard_file(split, shard, "tar"), out / shard_file(split, shard, "parquet")
-    atomic_write(tar_path, lambda f: _write_tar(f, samples))
+    out, split = Location.parse(out), splits[0]
     table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["key"]), schema=ROW_SCHEMA)
-    atomic_write(parquet_path, lambda f: pq.write_table(table, f, compression="zstd"))
+    tar_bytes = _in_memory(lambda f: _write_tar(f, samples))
+    parquet_bytes = _in_memory(lambda f: pq.write_table(table, f, compression="zstd"))
+    put(out / shard_file(split, shard, "tar"), tar_bytes)
+    put(out / shard_file(split, shard, "parquet"), parquet_bytes)
     ok = sum(r["status"] == "ok" for r in rows)
     stats = ShardStats(
         shard=shard,
-        name=name,
+        name=shard_stem(split, shard),
         split=split,
         count=len(rows),
         ok=ok,
         failed=len(rows) - ok,
         tar_members=sum(len(s.members) for s in samples),
-        tar_bytes=tar_path.stat().st_size,
-        tar_sha256=sha256_file(tar_path),
-        parquet_sha256=sha256_file(parquet_path),
+        tar_bytes=len(tar_bytes),
+        tar_sha256=hashlib.sha256(tar_bytes).hexdigest(),
+        parquet_sha256=hashlib.sha256(parquet_bytes).hexdigest(),
         duration_s=round(duration_s, 3),
         config_hash=config_hash,
     )
-    payload = json.dumps(stats.model_dump(), indent=1).encode()
-    atomic_write(out / stats.file("stats"), lambda f: f.write(payload))
+    put(out / stats.file("stats"), json.dumps(stats.model_dump(), indent=1).encode())
     return stats
 
 
-def read_stats(out: Path, split: str, shard: int) -> ShardStats | None:
-    """The completion marker of a shard, or None when the shard is unfinished."""
-    path = out / shard_file(split, shard, "stats")
-    if not path.is_file():
-        return None
+def read_stats(out: Location | Path, split: str, shard: int) -> ShardStats | None:
+    """The completion marker of a shard, or None when the shard is unfinished: no marker, a damaged one, or a tar
+    whose size is not the marker's (one GET and one HEAD on S3)."""
+    out = Location.parse(out)
     try:
-        return ShardStats.model_validate_json(path.read_bytes())
-    except ValueError:
-        return None  # a damaged marker means the shard is redone
+        stats = ShardStats.model_validate_json(read_bytes(out / shard_file(split, shard, "stats")))
+    except (FileNotFoundError, IsADirectoryError, ValueError):  # none, or a damaged one: the shard is redone
+        return None
+    return stats if size(out / stats.file("tar")) == stats.tar_bytes else None
 
 
 def iter_samples(tar_path: Location | Path, digest: Any = None) -> Iterator[tuple[str, dict[str, bytes]]]:

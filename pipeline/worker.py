@@ -6,6 +6,7 @@ only expensive step on a GPU) never waits for files.
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections import deque
@@ -20,9 +21,11 @@ from pipeline.image import ImageError, LoadedImage, load_image, load_object_mask
 from pipeline.masks import select_masks
 from pipeline.segmenters import Proposal, create_segmenter
 from pipeline.shards import EncodedSample, encode_sample, write_shard
+from pipeline.sources.base import inside_root
 from schemas.config import SegmentConfig
 from schemas.manifest import ShardStats
 from schemas.shard import SampleRecord
+from schemas.storage import Location, read_bytes
 
 PREFETCH = 4  # decoded images waiting for the segmenter
 
@@ -36,7 +39,7 @@ class Decoded(NamedTuple):
 
 
 class ShardProcessor:
-    """Holds one segmenter; turns planned rows of a shard into a finished shard on disk."""
+    """Holds one segmenter; turns planned rows of a shard into a finished shard under ``config.out``."""
 
     def __init__(self, config: SegmentConfig, config_hash: str, part_names: list[str] | None = None) -> None:
         self.config = config
@@ -45,15 +48,18 @@ class ShardProcessor:
         self.segmenter = create_segmenter(config.segmenter)
 
     def _decode(self, row: dict) -> Decoded:
-        root = self.config.root
-        loaded = load_image(root / row["source_path"], self.config.max_side, self.config.max_image_pixels)
+        """Read one planned input and its maps under ``config.root`` (a folder, or objects read one request each)."""
+        def file(field: str) -> Location:
+            return inside_root(self.config.root, row[field], f"input {row['key']}")
+
+        loaded = load_image(file("source_path"), self.config.max_side, self.config.max_image_pixels)
         height, width = loaded.pixels.shape[:2]
         parts = object_mask = None
         if row["parts_path"]:
-            with Image.open(root / row["parts_path"]) as im:
+            with Image.open(io.BytesIO(read_bytes(file("parts_path")))) as im:
                 parts = np.asarray(im.convert("L").resize((width, height), Image.NEAREST))
         if row["object_path"]:
-            object_mask = load_object_mask(root / row["object_path"], (width, height))
+            object_mask = load_object_mask(file("object_path"), (width, height))
         return Decoded(loaded, parts, object_mask)
 
     def _encode(self, row: dict, decoded: Decoded, proposal: Proposal) -> EncodedSample:

@@ -18,10 +18,13 @@ from schemas.storage import Location
 
 
 def _strip_optional(annotation: Any) -> Any:
+    """The type of a field without ``| None`` and without ``Annotated`` (``StoragePath | None``: ``Location``)."""
     if typing.get_origin(annotation) in (Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(args) == 1:
-            return args[0]
+            annotation = args[0]
+    if typing.get_origin(annotation) is typing.Annotated:
+        return typing.get_args(annotation)[0]
     return annotation
 
 

@@ -12,8 +12,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, field_validator,
                       model_validator)
 
-from schemas.files import atomic_write
-from schemas.storage import Location
+from schemas.storage import Location, put
 from schemas.version import FORMAT_VERSION
 
 # a folder that may be on object storage: a local path or s3://bucket/prefix; configs hold it as its string
@@ -139,9 +138,10 @@ class SegmentConfig(Strict):
     """``protomask segment``: source → masks → shards."""
 
     source: Literal["synthetic", "cub", "imagefolder", "listing"] = "synthetic"
-    root: Path
-    out: Path
-    listing: Path | None = Field(None, description="CSV/Parquet file (path,label[,split]) for source=listing")
+    root: StoragePath = Field(description="the source's folder (a path or s3://bucket/prefix)")
+    out: StoragePath = Field(description="the shard directory written (a path or s3://bucket/prefix)")
+    listing: StoragePath | None = Field(None, description=(
+        "CSV/Parquet file (path,label[,split]) for source=listing (a path or s3:// URL)"))
     synthetic: SyntheticConfig = SyntheticConfig()
     segmenter: SegmenterConfig = SegmenterConfig()
     masks_per_image: int = Field(8, ge=1, le=64)
@@ -232,9 +232,9 @@ def load_config(model: type[Strict], file: Path | None, overrides: dict[str, Any
         raise ConfigError(f"invalid {model.__name__}{where}:\n" + "\n".join(lines)) from None
 
 
-def write_config(config: Strict, path: Path) -> None:
-    """Write the resolved config as YAML beside an output."""
-    atomic_write(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+def write_config(config: Strict, path: Location | Path) -> None:
+    """Write the resolved config as YAML beside an output (``storage.put``: whole or not at all)."""
+    put(Location.parse(path), yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
 class ModelConfig(Strict):

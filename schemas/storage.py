@@ -207,6 +207,12 @@ def list_files(prefix: Location) -> dict[str, int]:
     return {i.path[start:]: i.size for i in infos if i.type == pafs.FileType.File}
 
 
+def makedirs(loc: Location) -> None:
+    """Create a local folder and its parents (as ``mkdir -p``); nothing on S3, where a key needs no folder."""
+    if loc.is_local:
+        loc.local.mkdir(parents=True, exist_ok=True)
+
+
 def delete(loc: Location) -> None:
     """Delete one file; ``FileNotFoundError`` naming ``loc`` when there is none."""
     if loc.is_local:

@@ -94,7 +94,7 @@ def segment_without_ray(config) -> Path:
     from pipeline.worker import ShardProcessor
     from schemas.manifest import SegmenterInfo
 
-    config.out.mkdir(parents=True)
+    config.out.local.mkdir(parents=True)
     listing = list_source(config)
     rows_by_shard: dict[int, list[dict]] = {}
     for row in make_plan(listing, config.shard_size, config.shuffle_seed, config.test_fraction).to_pylist():
@@ -105,7 +105,7 @@ def segment_without_ray(config) -> Path:
     segmenter = create_segmenter(config.segmenter)
     build_card(config.out, stats, listing.classes, config.source, "test", config.masks_per_image,
                config.crop_size, SegmenterInfo(name=segmenter.name, params=segmenter.params()), config.shuffle_seed)
-    return config.out
+    return config.out.local
 
 
 @contextlib.contextmanager

@@ -77,7 +77,7 @@ def main(tmp: Path, retries: int, replace: bool) -> None:
         victim, in_flight, removed_after, started_before = nodes[1].node_id, None, None, 0  # nodes[0] stays
         deadline = time.time() + 120
         while time.time() < deadline and job.is_alive() and in_flight is None:
-            finished = {int(SHARD_FILE.match(p.name)["shard"]) for p in config.out.glob(shard_glob(part="stats"))}
+            finished = {int(SHARD_FILE.match(p.name)["shard"]) for p in config.out.local.glob(shard_glob(part="stats"))}
             trace = starts(Path(TRACE))
             running = [s for s, node, _ in trace if node == victim and s not in finished]
             if 2 <= len(finished) < TOTAL_SHARDS and running:
@@ -99,8 +99,8 @@ def main(tmp: Path, retries: int, replace: bool) -> None:
             (tmp / "outcome.json").write_text(json.dumps({"error": result.get("error", "the job did not finish in 240 s")}))
             return
         card = result["card"]
-        plan, _ = read_plan(config.out / PLAN_FILE)
-        keys = read_rows(config.out, card.shards).column("key").to_pylist()
+        plan, _ = read_plan(config.out.local / PLAN_FILE)
+        keys = read_rows(config.out.local, card.shards).column("key").to_pylist()
         trace = starts(Path(TRACE))
         (tmp / "outcome.json").write_text(json.dumps({
             "in_flight": in_flight, "removed_after_shards": removed_after, "seconds": seconds,
@@ -109,10 +109,10 @@ def main(tmp: Path, retries: int, replace: bool) -> None:
             "after_removal_on_victim": [s for s, n, _ in trace[started_before:] if n == victim],
             "inputs": card.counts["inputs"], "planned": plan.num_rows, "shards": len(card.shards),
             "rows": len(keys), "distinct": len(set(keys)), "same_keys": sorted(keys) == sorted(plan.column("key").to_pylist()),
-            "stale_tmp": sorted(p.name for p in config.out.glob(".*.tmp")),
+            "stale_tmp": sorted(p.name for p in config.out.local.glob(".*.tmp")),
             "in_flight_marker": in_flight is not None
-            and (config.out / shard_file(shard_splits(plan)[in_flight], in_flight, "stats")).is_file(),
-            "problems": verify(config.out),
+            and (config.out.local / shard_file(shard_splits(plan)[in_flight], in_flight, "stats")).is_file(),
+            "problems": verify(config.out.local),
         }))
     finally:
         ray.shutdown()

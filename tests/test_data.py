@@ -319,7 +319,7 @@ def _one_class_per_shard(tmp: Path, classes: int, per_class: int) -> Path:
         segmenter={"name": "grid", "grid": 1},
         synthetic={"num_classes": classes, "train_per_class": per_class, "test_per_class": 0, "image_size": 32},
     ))
-    config.out.mkdir()
+    config.out.local.mkdir()
     listing = list_source(config)
     items = listing.items  # sorted by (split, class, index)
     rows = [{"key": f"{position // per_class:05d}{position % per_class:02d}", "shard": position // per_class,
@@ -329,7 +329,7 @@ def _one_class_per_shard(tmp: Path, classes: int, per_class: int) -> Path:
     stats = [processor.process(s, [r for r in rows if r["shard"] == s]) for s in range(classes)]
     build_card(config.out, stats, listing.classes, "synthetic", "another tool", 1, None,
                SegmenterInfo(name="grid", params={}), 0)
-    return config.out
+    return config.out.local
 
 
 def test_interleaving_mixes_shards_of_one_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,8 +31,8 @@ def shards(ray_local, tmp_path_factory) -> Path:
                            shard_size=4, num_workers=2, cpus_per_worker=0.5,
                            synthetic={"num_classes": 2, "train_per_class": 4, "test_per_class": 2, "image_size": 48})
     run_segment(config, progress=False)
-    assert (config.out / PLAN_FILE).is_file() and (config.out / JOB_FILE).is_file()
-    return config.out
+    assert (config.out.local / PLAN_FILE).is_file() and (config.out.local / JOB_FILE).is_file()
+    return config.out.local
 
 
 def run(name: str, shards: Path) -> dict:

@@ -44,41 +44,41 @@ def test_synthetic_job_resume_and_guard(ray_local, tmp_path: Path) -> None:
     assert card.shuffle_seed == 0 and card.format_version == "5"
     assert card.per_split == {"test": {"ok": 6, "failed": 0}, "train": {"ok": 12, "failed": 0}}
     assert sum(card.masks_hist.values()) == 18 and max(card.masks_hist) <= 4
-    assert verify(config.out) == []
-    summary = inspect(config.out)
+    assert verify(config.out.local) == []
+    summary = inspect(config.out.local)
     assert summary["samples"]["ok"] == 18 and summary["segmenter"]["name"] == "superpixel"
-    (sample,) = [m for m in tarfile.open(config.out / "train-00000.tar").getnames() if m == "000000.json"]
-    assert (config.out / "segment_config.yaml").is_file() and (config.out / PLAN_FILE).is_file()
+    (sample,) = [m for m in tarfile.open(config.out.local / "train-00000.tar").getnames() if m == "000000.json"]
+    assert (config.out.local / "segment_config.yaml").is_file() and (config.out.local / PLAN_FILE).is_file()
 
-    before = _shard_files(config.out)
+    before = _shard_files(config.out.local)
     assert len(before) == 9
     card2 = run_segment(config, progress=False)  # everything finished: no shard is rewritten
     assert card2.counts == card.counts
-    assert _shard_files(config.out) == before
+    assert _shard_files(config.out.local) == before
 
     other = _config(tmp_path, masks_per_image=3)
     with pytest.raises(JobError, match="different configuration"):
         run_segment(other, progress=False)
     with pytest.raises(JobError, match="different configuration"):  # another seed is another plan
         run_segment(_config(tmp_path, shuffle_seed=1), progress=False)
-    assert _shard_files(config.out) == before
+    assert _shard_files(config.out.local) == before
 
 
 def test_rerun_redoes_only_unfinished_shards_with_identical_bytes(ray_local, tmp_path: Path) -> None:
     config = _config(tmp_path)
     run_segment(config, progress=False)
-    reference = {p.name: p.read_bytes() for p in config.out.glob("*.tar")}
+    reference = {p.name: p.read_bytes() for p in config.out.local.glob("*.tar")}
     # simulate a crash: shard 1 never got its marker and left a temp file; shard 2 is gone
-    (config.out / "train-00001_stats.json").unlink()
-    (config.out / ".train-00001.tar.dead.tmp").write_bytes(b"partial")
+    (config.out.local / "train-00001_stats.json").unlink()
+    (config.out.local / ".train-00001.tar.dead.tmp").write_bytes(b"partial")
     for name in ("test-00002.tar", "test-00002.parquet", "test-00002_stats.json", "manifest.json"):
-        (config.out / name).unlink()
-    kept = (config.out / "train-00000_stats.json").stat().st_mtime_ns
+        (config.out.local / name).unlink()
+    kept = (config.out.local / "train-00000_stats.json").stat().st_mtime_ns
     run_segment(config, progress=False)
-    assert (config.out / "train-00000_stats.json").stat().st_mtime_ns == kept
-    assert not (config.out / ".train-00001.tar.dead.tmp").exists()
-    assert {p.name: p.read_bytes() for p in config.out.glob("*.tar")} == reference
-    assert verify(config.out) == []
+    assert (config.out.local / "train-00000_stats.json").stat().st_mtime_ns == kept
+    assert not (config.out.local / ".train-00001.tar.dead.tmp").exists()
+    assert {p.name: p.read_bytes() for p in config.out.local.glob("*.tar")} == reference
+    assert verify(config.out.local) == []
 
 
 def test_grid_segmenter_and_overwrite(ray_local, tmp_path: Path) -> None:
@@ -114,7 +114,7 @@ def test_bad_inputs_become_rows_not_crashes(ray_local, tmp_path: Path) -> None:
     assert card.counts["inputs"] == 10
     # no split folders: 2 of the class's 10 inputs go to test (test_fraction 0.2), the rest to train
     assert [(s.split, s.count) for s in card.shards] == [("train", 4), ("train", 4), ("test", 2)]
-    rows = {r["source_path"].split("/")[-1]: r for p in sorted(config.out.glob(shard_glob(part="parquet")))
+    rows = {r["source_path"].split("/")[-1]: r for p in sorted(config.out.local.glob(shard_glob(part="parquet")))
             for r in pq.read_table(p).to_pylist()}
     assert len(rows) == 10
     ok = {n for n, r in rows.items() if r["status"] == "ok"}
@@ -124,7 +124,7 @@ def test_bad_inputs_become_rows_not_crashes(ray_local, tmp_path: Path) -> None:
     assert "corrupt" in rows["truncated.jpg"]["error_message"]
     assert "no mask" in rows["tiny.png"]["error_message"]
     assert rows["huge.png"]["width"] == 256 and rows["huge.png"]["original_width"] == 3000
-    assert verify(config.out) == []
+    assert verify(config.out.local) == []
 
 
 def test_cub_mini_two_workers(ray_local, cub_mini: Path, tmp_path: Path) -> None:
@@ -134,28 +134,28 @@ def test_cub_mini_two_workers(ray_local, cub_mini: Path, tmp_path: Path) -> None
     assert card.counts == {"inputs": 60, "ok": 60, "failed": 0}
     assert card.per_split == {"test": {"ok": 24, "failed": 0}, "train": {"ok": 36, "failed": 0}}
     assert all(v == {"test": 4, "train": 6} for v in card.per_class.values())
-    assert verify(config.out) == []
+    assert verify(config.out.local) == []
     import subprocess
 
     # 36 train inputs in shards 0-2, 24 test inputs in shards 3-4, each shard mixing classes
     assert [(s.name, s.count) for s in card.shards] == [
         ("train-00000", 16), ("train-00001", 16), ("train-00002", 4), ("test-00003", 16), ("test-00004", 8)]
-    listed = subprocess.run(["tar", "-tf", str(config.out / "train-00000.tar")], capture_output=True, text=True,
+    listed = subprocess.run(["tar", "-tf", str(config.out.local / "train-00000.tar")], capture_output=True, text=True,
                             check=True)
     names = listed.stdout.split()
     assert len({n.split(".")[0] for n in names}) == 16 and sum(n.endswith(".json") for n in names) == 16
     assert card.shards[0].tar_members == len(names)
-    before = _shard_files(config.out)
+    before = _shard_files(config.out.local)
     assert run_segment(config, progress=False).counts == card.counts  # second run: no segmentation work
-    assert _shard_files(config.out) == before
+    assert _shard_files(config.out.local) == before
     import webdataset as wds
 
     for split, urls, n in (("train", "train-{00000..00002}.tar", 36), ("test", "test-{00003..00004}.tar", 24)):
-        samples = list(wds.WebDataset(str(config.out / urls), shardshuffle=False).decode("rgb8"))
+        samples = list(wds.WebDataset(str(config.out.local / urls), shardshuffle=False).decode("rgb8"))
         assert len(samples) == n and all(s["crop_00.jpg"].shape == (64, 64, 3) for s in samples)
         assert {s["json"]["split"] for s in samples} == {split}
         assert all(s["json"]["source_path"].startswith("CUB_200_2011/images/") for s in samples)
-    assert len({r["class_name"] for r in pq.read_table(config.out / "train-00000.parquet").to_pylist()}) >= 4
+    assert len({r["class_name"] for r in pq.read_table(config.out.local / "train-00000.parquet").to_pylist()}) >= 4
 
 
 @pytest.mark.parametrize("problem", ["missing", "wrong model type"])
@@ -182,4 +182,4 @@ def test_bad_checkpoint_fails_before_ray_and_writes_nothing(tmp_path: Path, prob
     expected = "no such file" if problem == "missing" else "is not a SAM vit_h checkpoint"
     with pytest.raises(JobError, match=f"{ckpt}.*{expected}"):
         run_segment(config, progress=False)
-    assert not config.out.exists()
+    assert not config.out.local.exists()

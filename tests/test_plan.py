@@ -146,7 +146,7 @@ def test_job_refuses_a_plan_without_test_inputs(tmp_path: Path) -> None:
     config = SegmentConfig(source="listing", root=tmp_path, listing=tmp_path / "list.csv", out=tmp_path / "out")
     with pytest.raises(JobError, match=r"list\.csv: no row ends in the test split.*split column.*test_fraction"):
         run_segment(config, progress=False)
-    assert not config.out.exists()
+    assert not config.out.local.exists()
 
     _img(tmp_path / "imgs" / "train" / "cat" / "1.png")
     _img(tmp_path / "imgs" / "val" / "cat" / "2.png")
@@ -162,4 +162,4 @@ def test_job_refuses_a_plan_without_test_inputs(tmp_path: Path) -> None:
         synthetic={"num_classes": 2, "train_per_class": 1, "test_per_class": 0, "image_size": 32}))
     with pytest.raises(JobError, match="synthetic.test_per_class"):
         run_segment(synthetic, progress=False)
-    assert not config.out.exists()
+    assert not config.out.local.exists()

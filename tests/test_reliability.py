@@ -236,12 +236,12 @@ def test_disk_full_during_a_shard_keeps_finished_shards(tmp_path: Path, monkeypa
     from pipeline.worker import ShardProcessor
 
     config = _config(tmp_path, out=tmp_path / "out")
-    config.out.mkdir()
+    config.out.local.mkdir()
     processor = ShardProcessor(config, "h")
     rows = make_plan(list_source(config), config.shard_size, config.shuffle_seed, config.test_fraction).to_pylist()
     for s in (0, 1):
         processor.process(s, [r for r in rows if r["shard"] == s])
-    before = {p.name: p.read_bytes() for p in config.out.iterdir()}
+    before = {p.name: p.read_bytes() for p in config.out.local.iterdir()}
     real_fsync = os.fsync
 
     def full(fd: int) -> None:
@@ -252,7 +252,7 @@ def test_disk_full_during_a_shard_keeps_finished_shards(tmp_path: Path, monkeypa
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(OSError, match=r"No space left on device: '.*/train-00002.tar'"):
         processor.process(2, [r for r in rows if r["shard"] == 2])
-    assert {p.name: p.read_bytes() for p in config.out.iterdir()} == before  # nothing partial, nothing lost
+    assert {p.name: p.read_bytes() for p in config.out.local.iterdir()} == before  # nothing partial, nothing lost
 
 
 def test_a_failing_image_in_a_segmenter_batch_fails_alone(tmp_path: Path) -> None:
@@ -267,7 +267,7 @@ def test_a_failing_image_in_a_segmenter_batch_fails_alone(tmp_path: Path) -> Non
     from pipeline.worker import ShardProcessor
 
     config = _config(tmp_path, out=tmp_path / "out")
-    config.out.mkdir()
+    config.out.local.mkdir()
     processor = ShardProcessor(config, "h")
     rows = [r for r in make_plan(list_source(config), config.shard_size, config.shuffle_seed,
                                  config.test_fraction).to_pylist() if r["shard"] == 0]
@@ -285,7 +285,7 @@ def test_a_failing_image_in_a_segmenter_batch_fails_alone(tmp_path: Path) -> Non
 
     processor.segmenter = Batching()
     processor.process(0, rows)
-    table = pq.read_table(config.out / "train-00000.parquet").to_pylist()
+    table = pq.read_table(config.out.local / "train-00000.parquet").to_pylist()
     assert len(rows) >= 4 and [r["status"] for r in table] == ["ok", "error"] + ["ok"] * (len(rows) - 2)
     assert table[1]["error_message"] == "RuntimeError: device fault"
     assert calls[:4] == [3, 1, 1, 1]  # the failed batch, then its images one by one
@@ -296,11 +296,11 @@ def test_unwritable_shard_exhausts_retries_and_keeps_the_rest(ray_local, tmp_pat
     config = _config(tmp_path, num_workers=2, cpus_per_worker=0.5, max_shard_retries=1)
     run_segment(config, progress=False)
     for name in ("train-00001.tar", "train-00001.parquet", "train-00001_stats.json", "manifest.json"):
-        (config.out / name).unlink()
-    (config.out / "train-00001.tar").mkdir()  # the rename onto it fails every time, like an unwritable target
+        (config.out.local / name).unlink()
+    (config.out.local / "train-00001.tar").mkdir()  # the rename onto it fails every time, like an unwritable target
 
     def others() -> dict[str, int]:
-        return {p.name: p.stat().st_mtime_ns for p in config.out.iterdir()
+        return {p.name: p.stat().st_mtime_ns for p in config.out.local.iterdir()
                 if SHARD_FILE.match(p.name) and not p.name.startswith("train-00001")}
 
     before = others()
@@ -308,4 +308,4 @@ def test_unwritable_shard_exhausts_retries_and_keeps_the_rest(ray_local, tmp_pat
     with pytest.raises(JobError, match=r"shards \['train-00001'\] failed after 1 retries; 5 finished shards are kept"):
         run_segment(config, progress=False)
     assert others() == before
-    assert not list(config.out.glob(".*.tmp"))
+    assert not list(config.out.local.glob(".*.tmp"))

@@ -359,7 +359,7 @@ def test_bad_checkpoint_fails_before_ray_and_writes_nothing(request: pytest.Fixt
     config = _segment_config(tmp_path, {"name": name, "checkpoint": ckpt})
     with pytest.raises(JobError, match=f"segmenter {name}: .*{ckpt}.*{expected}"):
         run_segment(config, progress=False)
-    assert not config.out.exists()
+    assert not config.out.local.exists()
 
 
 def test_slit_shards_without_ray(slit_module, tiny_slit: Path, tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ def shards(ray_local, tmp_path_factory) -> Path:
         synthetic={"num_classes": 3, "train_per_class": 12, "test_per_class": 4, "image_size": 64},
     )
     run_segment(config, progress=False)
-    return config.out
+    return config.out.local
 
 
 def _config(shards: Path, run_dir: Path, **schedule) -> TrainConfig:
@@ -333,7 +333,7 @@ def one_shape_shards(ray_local, tmp_path_factory) -> Path:
                                   "distractors": 0},
     )
     run_segment(segment, progress=False)
-    return segment.out
+    return segment.out.local
 
 
 RECIPES = {  # the kinds' own terms and phases, at the scale of a test

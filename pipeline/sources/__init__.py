@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 from schemas.config import SegmentConfig
+from schemas.storage import is_dir
 
 from pipeline.sources.base import SourceError, SourceItem, SourceListing
 
 
 def list_source(config: SegmentConfig) -> SourceListing:
-    """List the inputs of ``config.source`` under ``config.root``."""
+    """List the inputs of ``config.source`` under ``config.root`` (a folder or an s3:// prefix)."""
     root = config.root
     if config.source == "synthetic":
         from pipeline.sources import synthetic
 
         return synthetic.list_items(root, config.synthetic)
-    if not root.is_dir():
+    if not is_dir(root):
         raise SourceError(f"{root}: source root is not a directory")
     if config.source == "cub":
         from pipeline.sources import cub

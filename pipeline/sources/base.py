@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from schemas.storage import Location
 
 
 class SourceError(ValueError):
@@ -27,10 +30,18 @@ class SourceListing:
     items: list[SourceItem]
 
 
-def inside_root(root: Path, relative: str, where: str) -> Path:
-    """Resolve ``relative`` under ``root``; refuse paths (or symlinks) that leave the root."""
-    root = root.resolve()
-    full = (root / relative).resolve()
-    if full != root and root not in full.parents:
+def inside_root(root: Location | Path, relative: str, where: str) -> Location:
+    """``relative`` under ``root``; refuse paths that leave the root. A local path is resolved (a symlink that
+    leaves the root is refused); below an s3:// URL, where keys have no symlinks, it is normalised as a POSIX
+    path (``a/../b`` is ``b``)."""
+    root = Location.parse(root)
+    if root.is_local:
+        base = root.local.resolve()
+        full = (base / relative).resolve()
+        if full != base and base not in full.parents:
+            raise SourceError(f"{where}: path {relative!r} resolves outside the root {base}")
+        return Location.parse(full)
+    normal = posixpath.normpath(relative)
+    if relative.startswith("/") or normal == ".." or normal.startswith("../"):
         raise SourceError(f"{where}: path {relative!r} resolves outside the root {root}")
-    return full
+    return root if normal == "." else root / normal

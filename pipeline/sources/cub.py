@@ -12,15 +12,18 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 
 from pipeline.sources.base import SourceError, SourceItem, SourceListing, inside_root
+from schemas.storage import Location, is_dir, list_files, read_text, size
 
 
-def _table(path: Path, columns: int, required: bool = True) -> dict[int, list[str]] | None:
-    if not path.is_file():
+def _table(path: Location, columns: int, *, required: bool = True) -> dict[int, list[str]] | None:
+    try:
+        text = read_text(path)
+    except (FileNotFoundError, IsADirectoryError):
         if required:
-            raise SourceError(f"{path}: missing (required by the CUB-200-2011 layout)")
+            raise SourceError(f"{path}: missing (required by the CUB-200-2011 layout)") from None
         return None
     rows: dict[int, list[str]] = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         fields = line.split(maxsplit=columns - 1) if columns == 2 else line.split()
@@ -30,9 +33,9 @@ def _table(path: Path, columns: int, required: bool = True) -> dict[int, list[st
     return rows
 
 
-def _parts(root: Path) -> tuple[dict[int, str], dict[int, list[list[float]]]] | None:
-    names_file, locs_file = root / "parts" / "parts.txt", root / "parts" / "part_locs.txt"
-    if not (names_file.is_file() and locs_file.is_file()):
+def _parts(root: Location) -> tuple[dict[int, str], dict[int, list[list[float]]]] | None:
+    names_file, locs_file = root / "parts/parts.txt", root / "parts/part_locs.txt"
+    if size(names_file) is None or size(locs_file) is None:
         return None
     names = {part_id: rows[0] for part_id, rows in (_table(names_file, 2) or {}).items()}
     locs: dict[int, list[list[float]]] = {}
@@ -42,18 +45,20 @@ def _parts(root: Path) -> tuple[dict[int, str], dict[int, list[list[float]]]] | 
     return names, locs
 
 
-def _segmentations(root: Path, prefix: str) -> str | None:
-    """The ``segmentations/`` folder relative to ``root`` (with its ``/``), or None when there is none."""
+def _segmentations(root: Location, prefix: str) -> tuple[str, dict[str, int]] | None:
+    """The ``segmentations/`` folder relative to ``root`` (with its ``/``) and the files below it (one listing,
+    not a look-up per image: on S3 one LIST), or None when there is none."""
     for folder in dict.fromkeys((prefix + "segmentations/", "segmentations/")):
-        if inside_root(root, folder, f"{root / folder}").is_dir():
-            return folder
+        if is_dir(found := inside_root(root, folder, f"{root}/{folder}")):
+            return folder, list_files(found)
     return None
 
 
-def list_items(root: Path) -> SourceListing:
-    """Read a CUB-200-2011 folder (``root`` or ``root/CUB_200_2011``)."""
-    prefix = "CUB_200_2011/" if (root / "CUB_200_2011").is_dir() else ""
-    base = root / prefix
+def list_items(root: Location | Path) -> SourceListing:
+    """Read a CUB-200-2011 folder or s3:// prefix (``root`` or ``root/CUB_200_2011``)."""
+    root = Location.parse(root)
+    prefix = "CUB_200_2011/" if is_dir(root / "CUB_200_2011") else ""
+    base = root / "CUB_200_2011" if prefix else root
     images = _table(base / "images.txt", 2)
     labels = _table(base / "image_class_labels.txt", 2)
     splits = _table(base / "train_test_split.txt", 2)
@@ -77,9 +82,11 @@ def list_items(root: Path) -> SourceListing:
         inside_root(root, relative, where)
         object_path = None
         if segmentations is not None:
-            mask = segmentations + PurePosixPath(images[image_id][0]).with_suffix(".png").as_posix()
-            if inside_root(root, mask, where).is_file():
-                object_path = mask
+            folder, masks = segmentations
+            mask = PurePosixPath(images[image_id][0]).with_suffix(".png").as_posix()
+            inside_root(root, folder + mask, where)
+            if mask in masks:
+                object_path = folder + mask
         extra: dict = {"image_id": image_id}
         if boxes and image_id in boxes:
             x, y, w, h = (float(v) for v in boxes[image_id][0])

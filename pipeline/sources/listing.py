@@ -1,25 +1,31 @@
-"""A listing file (CSV or Parquet) with columns ``path``, ``label`` and optionally ``split``; paths are
-relative to the root and may not leave it. Rows without a split (no column, or an empty value) carry
+"""A listing file (CSV or Parquet, local or on S3) with columns ``path``, ``label`` and optionally ``split``;
+paths are relative to the root and may not leave it. Rows without a split (no column, or an empty value) carry
 ``None``: the plan draws a test share from them (``SegmentConfig.test_fraction``)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.sources.base import SourceError, SourceItem, SourceListing, inside_root
 from schemas.manifest import SPLITS
+from schemas.storage import Location, read_bytes
 
 
-def list_items(root: Path, listing: Path) -> SourceListing:
-    """Labels may be names or integers; classes are their sorted distinct values."""
+def list_items(root: Location | Path, listing: Location | Path) -> SourceListing:
+    """Labels may be names or integers; classes are their sorted distinct values. The listing and the root may be
+    local or on S3 (the listing is read in one request)."""
+    root, listing = Location.parse(root), Location.parse(listing)
+    parquet = PurePosixPath(listing.name).suffix.lower() == ".parquet"
     try:
-        if listing.suffix.lower() == ".parquet":
-            table = pq.read_table(listing)
+        data = pa.BufferReader(read_bytes(listing))
+        if parquet:
+            table = pq.read_table(data)
         else:
-            table = pacsv.read_csv(listing, convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
+            table = pacsv.read_csv(data, convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
     except Exception as exc:  # pyarrow raises several types for unreadable files
         raise SourceError(f"{listing}: cannot read listing: {exc}") from exc
     missing = {"path", "label"} - set(table.column_names)
@@ -30,7 +36,7 @@ def list_items(root: Path, listing: Path) -> SourceListing:
     names = sorted(labels, key=int if all(v.isdigit() for v in labels) else str)
     index = {name: i for i, name in enumerate(names)}
     items = []
-    for number, row in enumerate(rows, start=2 if listing.suffix.lower() != ".parquet" else 1):
+    for number, row in enumerate(rows, start=1 if parquet else 2):
         where = f"{listing} row {number}"
         path, split = row["path"], row.get("split")
         split = (str(split).strip() or None) if split is not None else None

@@ -13,6 +13,7 @@ map (255 on part 1, 0 elsewhere) is saved next to every image too. Every image i
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from pipeline.sources.base import SourceError, SourceItem, SourceListing
 from schemas.config import SyntheticConfig
-from schemas.files import atomic_write
+from schemas.storage import Location, list_files, makedirs, put, read_bytes, read_text, size
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -166,8 +167,8 @@ def object_map(labels: np.ndarray) -> np.ndarray:
     return np.where(labels == 1, 255, 0).astype(np.uint8)
 
 
-def _write_object_map(labels: np.ndarray, path: Path) -> None:
-    atomic_write(path, lambda f: Image.fromarray(object_map(labels), "L").save(f, format="PNG"))
+def _write_png(array: np.ndarray, mode: str, path: Location) -> None:
+    put(path, lambda f: Image.fromarray(array, mode).save(f, format="PNG"))
 
 
 def _manifest(config: SyntheticConfig) -> dict:
@@ -188,18 +189,19 @@ def _files(config: SyntheticConfig) -> list[tuple[int, str, str, int]]:
     ]
 
 
-def generate(root: Path, config: SyntheticConfig) -> Path:
-    """Write the dataset under ``root`` (idempotent) and return ``root``.
+def generate(root: Location | Path, config: SyntheticConfig) -> Location:
+    """Write the dataset under ``root``, a folder or an s3:// prefix (idempotent), and return ``root``.
 
     ``synthetic.json`` is written last and marks a finished dataset; one made with a different config
     is an error (nothing is deleted or overwritten). A finished root made before object maps existed
     gets them, derived from its part maps; nothing else is touched.
     """
+    root = Location.parse(root)
     marker = root / MANIFEST
     expected = _manifest(config)
-    if marker.is_file():
+    if size(marker) is not None:
         try:
-            recorded = json.loads(marker.read_text())
+            recorded = json.loads(read_text(marker))
         except (OSError, ValueError) as exc:
             raise SourceError(f"{marker}: unreadable synthetic dataset marker ({exc})") from exc
         if recorded != expected:
@@ -212,33 +214,36 @@ def generate(root: Path, config: SyntheticConfig) -> Path:
         return root
     for name in expected["classes"]:
         for kind in ("images", "parts", "objects"):
-            (root / kind / name).mkdir(parents=True, exist_ok=True)
+            makedirs(root / f"{kind}/{name}")
     for label, name, split, index in _files(config):
         image, labels = render(config, split, label, index)
-        Image.fromarray(image, "RGB").save(root / _relative("images", name, split, index), format="PNG")
-        Image.fromarray(labels, "L").save(root / _relative("parts", name, split, index), format="PNG")
-        _write_object_map(labels, root / _relative("objects", name, split, index))
-    atomic_write(marker, json.dumps(expected, indent=2, sort_keys=True) + "\n")
+        _write_png(image, "RGB", root / _relative("images", name, split, index))
+        _write_png(labels, "L", root / _relative("parts", name, split, index))
+        _write_png(object_map(labels), "L", root / _relative("objects", name, split, index))
+    put(marker, json.dumps(expected, indent=2, sort_keys=True) + "\n")
     return root
 
 
-def _add_object_maps(root: Path, config: SyntheticConfig) -> None:
-    """Write the object maps missing from a finished root, each from its part map (atomically)."""
+def _add_object_maps(root: Location, config: SyntheticConfig) -> None:
+    """Write the object maps missing from a finished root (one listing of its ``objects/``), each from its part
+    map."""
+    present = {f"objects/{name}" for name in list_files(root / "objects")}
     for _, name, split, index in _files(config):
-        path = root / _relative("objects", name, split, index)
-        if path.is_file():
+        relative = _relative("objects", name, split, index)
+        if relative in present:
             continue
         parts_path = root / _relative("parts", name, split, index)
         try:
-            with Image.open(parts_path) as im:
+            with Image.open(io.BytesIO(read_bytes(parts_path))) as im:
                 labels = np.asarray(im)
         except OSError as exc:
-            raise SourceError(f"{parts_path}: unreadable part map, so {path} cannot be derived ({exc})") from exc
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write_object_map(labels, path)
+            raise SourceError(f"{parts_path}: unreadable part map, so {root / relative} cannot be derived "
+                              f"({exc})") from exc
+        makedirs((root / relative).parent)
+        _write_png(object_map(labels), "L", root / relative)
 
 
-def list_items(root: Path, config: SyntheticConfig) -> SourceListing:
+def list_items(root: Location | Path, config: SyntheticConfig) -> SourceListing:
     """Generate under ``root`` when needed, then list it sorted by (split, class, index)."""
     generate(root, config)
     items = [
