@@ -31,7 +31,7 @@ from pipeline.masks import decode_masks
 from pipeline.shards import ShardError, iter_samples
 from schemas.shard import MASKS_MEMBER, OBJECT_MEMBER, PARTS_MEMBER, SampleRecord
 from training.data import ShardDataset, decode_sample
-from training.model import ProtoMask
+from training.model import ModelOutput, ProtoMask
 from training.prp import prp_relevance
 
 OVERLAP = 0.5  # a mask "hits" a part when their intersection covers half of the smaller of the two
@@ -96,24 +96,31 @@ def explain_sample(model: ProtoMask, members: dict[str, bytes], k: int = 3, *, r
                                              whole_image=model.config.regions == "patches")
     with torch.no_grad():
         out = model(crops[None], valid[None])
-    predicted = int(out.logits.argmax(1))
-    contribution = out.similarities[0] * model.prototype_weights()[predicted].detach()
-    top = contribution.topk(min(k, contribution.numel())).indices.tolist()
-    evidence = [Evidence(p, int(model.prototype_class[p]), int(out.nearest_mask[0, p]), float(out.similarities[0, p]),
-                         float(contribution[p])) for p in top]
+    predicted, evidence = top_evidence(model, out, k)
     maps = saliency(model, members, record, crops, valid, [(e.prototype, e.mask_index) for e in evidence],
                     relevance=relevance)
     return Explanation(key, label, predicted, evidence, maps)
 
 
+def top_evidence(model: ProtoMask, out: ModelOutput, k: int) -> tuple[int, list[Evidence]]:
+    """The predicted class of one sample's model output and its top-k prototypes by contribution to that class."""
+    predicted = int(out.logits.argmax(1))
+    contribution = out.similarities[0] * model.prototype_weights()[predicted].detach()
+    top = contribution.topk(min(k, contribution.numel())).indices.tolist()
+    return predicted, [Evidence(p, int(model.prototype_class[p]), int(out.nearest_mask[0, p]),
+                                float(out.similarities[0, p]), float(contribution[p])) for p in top]
+
+
 def saliency(model: ProtoMask, members: dict[str, bytes], record: SampleRecord, crops: torch.Tensor,
-             valid: torch.Tensor, matches: list[tuple[int, int]], *, relevance: Relevance) -> np.ndarray:
+             valid: torch.Tensor, matches: list[tuple[int, int]], *, relevance: Relevance,
+             masks: np.ndarray | None = None) -> np.ndarray:
     """[k, H, W] float32 saliency of each (prototype, matched region) of one sample (``crops`` [K, 3, S, S] and
     ``valid`` [K] as ``decode_sample`` gives them), at the image's size and zero outside the region's pixels: the
     binary region (``mask``), or the positive part of the relevance of the prototype's similarity in the region's
     crop (``gradient``: gradient × input; ``prp``: PRP, computed on that crop only), mapped from the crop back
-    onto the region's box and masked by the region (the reference pasted PRP relevance into the box, spec §6.1)."""
-    masks = region_masks(model, members, record)
+    onto the region's box and masked by the region (the reference pasted PRP relevance into the box, spec §6.1).
+    ``masks``: the sample's ``region_masks``, where the caller has them already."""
+    masks = region_masks(model, members, record) if masks is None else masks
     maps = np.stack([masks[m].astype(np.float32) for _, m in matches]) if matches else np.zeros((0, record.height,
                                                                                                   record.width))
     if relevance == "mask" or not matches:

@@ -33,8 +33,8 @@ import torch
 
 from schemas.shard import SampleRecord
 from training.data import IMAGENET_MEAN, IMAGENET_STD, ShardDataset, decode_sample
-from training.explain import (Relevance, explain_sample, ground_truth_object, ground_truth_parts, hit_parts,
-                              overlaps, read_samples, region_masks, saliency)
+from training.explain import (Relevance, ground_truth_object, ground_truth_parts, hit_parts, overlaps, read_samples,
+                              region_masks, saliency, top_evidence)
 from training.metrics import (background_overlap, consistency, inside_outside_relevance, location_change,
                               object_overlap, percentile_mask)
 from training.model import ProtoMask
@@ -81,13 +81,14 @@ def interpretability_metrics(model: ProtoMask, dataset: ShardDataset, keys: Iter
     with_parts = with_part_one = False
     for index, (_, members) in enumerate(read_samples(dataset, keys)):
         record = SampleRecord.model_validate_json(members["json"])
-        crops, valid, _, _ = decode_sample(members, record.masks_per_image, model.config.input_size, None,
-                                           whole_image=patches)
+        crops, valid, label, _ = decode_sample(members, record.masks_per_image, model.config.input_size, None,
+                                             whole_image=patches)
         with torch.no_grad():
             out = model(crops[None], valid[None])
         top = out.similarities[0].topk(min(k, out.similarities.shape[1])).indices.tolist()
+        regions = region_masks(model, members, record)
         maps = saliency(model, members, record, crops, valid, [(p, int(out.nearest_mask[0, p])) for p in top],
-                        relevance=relevance)
+                        relevance=relevance, masks=regions)
         binary = np.stack([percentile_mask(m) for m in maps])
         vlc.append(location_change(binary))
         obj = ground_truth_object(members)
@@ -100,24 +101,22 @@ def interpretability_metrics(model: ProtoMask, dataset: ShardDataset, keys: Iter
         if not parts:
             continue
         with_parts = True
-        explanation = explain_sample(model, members, k)
+        predicted, evidence = top_evidence(model, out, k)
+        matched = [regions[e.mask_index] for e in evidence]  # the saliency of our columns: the matched region
         if 1 in parts and record.part_names is not None:
             with_part_one = True
-        if explanation.predicted == explanation.label and 1 in parts and record.part_names is not None:
-            correct += 1
-            hits += overlaps(explanation.saliency[0] > 0, parts[1])
-        regions = region_masks(model, members, record)
+            if predicted == label:
+                correct += 1
+                hits += overlaps(matched[0], parts[1])
         with torch.no_grad():
             second = model(perturb(crops, index)[None], valid[None]).nearest_mask[0]
-        for variant, pairs in (("paper", zip(top, binary)),
-                               ("regions", ((e.prototype, m > 0) for e, m in zip(explanation.evidence,
-                                                                                 explanation.saliency)))):
+        for variant, pairs in (("paper", zip(top, binary)), ("regions", zip((e.prototype for e in evidence), matched))):
             for prototype, mask in pairs:
                 seen[variant][prototype] += 1
                 for part in hit_parts(mask, parts):
                     part_hits[variant][prototype][part] = part_hits[variant][prototype].get(part, 0) + 1
-        for e, mask in zip(explanation.evidence, explanation.saliency):
-            first, other = hit_parts(mask > 0, parts), hit_parts(regions[int(second[e.prototype])], parts)
+        for e, mask in zip(evidence, matched):
+            first, other = hit_parts(mask, parts), hit_parts(regions[int(second[e.prototype])], parts)
             if first | other:
                 stability.append(1 - len(first ^ other) / len(first | other))
     result: dict = {"relevance": relevance}
