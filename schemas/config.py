@@ -344,6 +344,13 @@ class ScheduleConfig(Strict):
     gumbel_epochs: int = Field(50, ge=1, description=(
         "kind protopool: prototype epochs (warm-up and joint) over which the Gumbel-softmax's 1/τ rises from 1 "
         "to 1000 (the reference's 50)"))
+    push_every: int = Field(0, ge=0, description=(
+        "also push every this many joint epochs (at the start of joint epochs n, 2n, ...), and go on training "
+        "from the pushed prototypes, as the original ProtoPNet does every 10 epochs; the last push still comes "
+        "after the joint phase. 0: one push only (the paper)"))
+    push_distinct: bool = Field(False, description=(
+        "push puts no two prototypes on the same crop: nearest first, each takes its nearest crop that is still "
+        "free; the paper lets prototypes of a class share their nearest crop"))
     prune: bool = False
     prune_k: int = Field(6, ge=1)
     prune_threshold: int = Field(3, ge=1)
@@ -422,6 +429,9 @@ class TrainConfig(Strict):
         if kind in ("protopool", "pipnet") and (s.prototype_init == "crops" or s.prune):
             raise ValueError(f"schedule: model.kind {kind} shares its prototypes between classes, so neither "
                              "prototype_init: crops nor prune (both per class) applies")
+        if s.push_distinct and self.parity.push_last_batch:
+            raise ValueError("schedule.push_distinct and parity.push_last_batch: the reference's push keeps one batch "
+                             "only and cannot choose distinct crops; turn one off")
         return self
 
     @model_validator(mode="after")

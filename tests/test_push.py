@@ -10,7 +10,7 @@ from conftest import gloo_group
 
 from schemas.config import ModelConfig
 from training.model import ProtoMask
-from training.push import prune_prototypes, push_prototypes
+from training.push import prune_prototypes, push_distinct, push_prototypes
 
 TINY = ModelConfig(backbone="convnet", width=4, prototype_dim=8, input_size=16, prototypes_per_class=2)
 CPU = torch.device("cpu")
@@ -126,6 +126,48 @@ def test_class_without_training_images_keeps_its_prototypes() -> None:
             assert e["key"] is not None
 
 
+def brute_force_distinct(model: ProtoMask, batches: list[dict]) -> list[tuple[str, int]]:
+    """Per prototype the (key, mask) push_distinct must choose: prototypes nearest first take their nearest
+    own-class crop still free."""
+    rows = []
+    with torch.no_grad():
+        for batch in batches:
+            z = model.embed(batch["crops"])
+            rows += [(key, m, int(batch["label"][i]), z[i, m]) for i, key in enumerate(batch["key"])
+                     for m in range(z.shape[1]) if batch["valid"][i, m]]
+    protos = model.prototypes.detach()
+    options = [sorted((float(((z - protos[j]) ** 2).sum()), key, m) for key, m, label, z in rows if label == c)
+               for j, c in enumerate(model.prototype_class.tolist())]
+    chosen, taken = {}, set()
+    for j in sorted(range(len(options)), key=lambda j: (options[j][0][0], j)):
+        _, key, m = next(o for o in options[j] if o[1:] not in taken)
+        taken.add((key, m))
+        chosen[j] = (key, m)
+    return [chosen[j] for j in range(len(options))]
+
+
+def test_distinct_push_never_puts_two_prototypes_on_one_crop() -> None:
+    model = make_model()
+    batches = make_batches(seed=5)
+    with torch.no_grad():  # both prototypes of each class start on the same own-class crop: one must move on
+        z = model.embed(batches[0]["crops"])
+        for j, c in enumerate(model.prototype_class.tolist()):
+            i = int((batches[0]["label"] == c).nonzero()[0])
+            model.prototypes[j] = z[i, 0]
+    expected = brute_force_distinct(model, batches)
+    log = push_distinct(model, batches, CPU)
+    chosen = [(e["key"], e["mask_index"]) for e in log]
+    assert chosen == expected and len(set(chosen)) == len(chosen)
+    assert [e["distance"] for e in log].count(0.0) == 3  # one prototype per class keeps its crop
+    by_key = {key: (batch, i) for batch in batches for i, key in enumerate(batch["key"])}
+    with torch.no_grad():
+        for e in log:
+            batch, i = by_key[e["key"]]
+            assert int(batch["label"][i]) == e["class"] and bool(batch["valid"][i, e["mask_index"]])
+            assert torch.allclose(model.prototypes[e["prototype"]], model.embed(batch["crops"][i:i + 1])[0, e["mask_index"]],
+                                  atol=1e-6)
+
+
 def _controlled(model: ProtoMask) -> ProtoMask:
     """Embedding = the first 8 values of the crop's first row (hand-made embeddings)."""
     model.embed = lambda crops, valid=None: crops[:, :, 0, 0, :8].clone()  # type: ignore[method-assign]
@@ -215,8 +257,10 @@ def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         pushed = model.prototypes.detach().clone()
         pruned = prune_prototypes(ddp, mine, CPU, k=3, threshold=2)
         parity = push_prototypes(make_model(), mine, CPU, last_batch_parity=True)
+        distinct = push_distinct(torch.nn.parallel.DistributedDataParallel(make_model()), mine, CPU)
         torch.save(
-            {"log": log, "pushed": pushed, "pruned": pruned, "class": model.prototype_class, "parity": parity},
+            {"log": log, "pushed": pushed, "pruned": pruned, "class": model.prototype_class, "parity": parity,
+             "distinct": distinct},
             f"{out_dir}/{rank}.pt",
         )
 
@@ -243,6 +287,8 @@ def test_two_gloo_ranks_agree_with_one_process(tmp_path) -> None:
     rank0_alone = push_prototypes(make_model(), batches[0::2], CPU, last_batch_parity=True)
     for r in ranks:
         assert [(e["key"], e["mask_index"]) for e in r["parity"]] == [(e["key"], e["mask_index"]) for e in rank0_alone]
+    distinct = brute_force_distinct(make_model(), batches)
+    assert all([(e["key"], e["mask_index"]) for e in r["distinct"]] == distinct for r in ranks)
     # the global nearest of some prototypes lies in rank 1's half, of others in rank 0's
     halves = [{k for b in batches[r::2] for k in b["key"]} for r in range(2)]
     assert any(e["key"] in halves[0] for e in log) and any(e["key"] in halves[1] for e in log)

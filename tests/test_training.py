@@ -135,13 +135,16 @@ def _tensorboard_steps(folder: Path, tag: str) -> list[int]:
 
 def test_train_two_workers_export_evaluate_and_rerun_resumes(shards: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    result = run_train(_config(shards, run_dir))
+    result = run_train(_config(shards, run_dir, push_every=1))
     assert result["test"]["n"] == 12 and 0.0 <= result["test"]["accuracy"] <= 1.0
     rows = (run_dir / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,phase") and len(rows) == 1 + 4
     assert {"val_accuracy", "train_cluster", "images_per_s", "val_macro_f1"} <= set(rows[0].split(","))
     push_log = json.loads((run_dir / "push_log.json").read_text())["push"]
     assert len(push_log) == 6 and all(e["key"] is not None for e in push_log)
+    # push_every 1: one more push, before the second joint epoch (epoch 2, after 1 warm-up and 1 joint epoch)
+    assert sorted(p.name for p in run_dir.glob("push_log*.json")) == ["push_log.json", "push_log_epoch_2.json"]
+    assert len(json.loads((run_dir / "push_log_epoch_2.json").read_text())["push"]) == 6
     assert (run_dir / "train_config.yaml").is_file() and list((run_dir / "tensorboard").iterdir())
 
     state = torch.load(run_dir / "model.pt", weights_only=True)
@@ -159,7 +162,7 @@ def test_train_two_workers_export_evaluate_and_rerun_resumes(shards: Path, tmp_p
     assert not (run_dir / "eval_test.json").exists()
     assert _tensorboard_steps(run_dir / "tensorboard", "val_accuracy") == [0, 1, 2, 3]  # the last epoch too
 
-    again = run_train(_config(shards, run_dir))  # same run dir: resumes after the last epoch, trains nothing
+    again = run_train(_config(shards, run_dir, push_every=1))  # same run dir: resumes after the last epoch, trains nothing
     assert again["test"] == result["test"]
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "resume" and events[-1]["epoch"] == 4

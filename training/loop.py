@@ -34,7 +34,8 @@ from training.losses import class_weights, total_loss
 from training.memory import plan_micro_batch
 from training.model import LinearHead, Model, PIPNet, ProtoMask, ProtoPool, build_model, gumbel_scale
 from training.progress import Reporter
-from training.push import addon_from_classifier, place_on_crops, prune_prototypes, push_prototypes
+from training.push import (addon_from_classifier, place_on_crops, prune_prototypes, push_distinct,
+                           push_prototypes)
 
 CHECKPOINT = "checkpoint.pt"
 PHASES = ("pretrain", "warmup", "joint", "last_layer")
@@ -52,6 +53,11 @@ def phase_of(epoch: int, config: TrainConfig) -> str:
         if epoch < end:
             return phase
     return "last_layer"
+
+
+def joint_epoch(epoch: int, config: TrainConfig) -> int:
+    """The index of ``epoch`` within the joint phase."""
+    return epoch - config.schedule.pretrain_epochs - config.schedule.warmup_epochs
 
 
 def total_epochs(config: TrainConfig) -> int:
@@ -337,6 +343,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if phase == "last_layer" and not pushed and model.pushes:
             push(model, optimizers, config, stream, device, rank, reporter)
             pushed, net_phase = True, None
+        elif phase == "joint" and model.pushes and s.push_every and joint_epoch(epoch, config) \
+                and joint_epoch(epoch, config) % s.push_every == 0:
+            push(model, optimizers, config, stream, device, rank, reporter, epoch=epoch)
         if isinstance(model, ProtoPool) and phase in ("warmup", "joint"):
             model.gumbel_scale.fill_(gumbel_scale(epoch - s.pretrain_epochs, s.gumbel_epochs))
         module = pretrainer if phase == "pretrain" else model
@@ -400,11 +409,21 @@ def _peak_memory_mib(device: torch.device) -> list[float]:
 
 
 def push(model: ProtoMask, optimizers: dict, config: TrainConfig, stream, device: torch.device, rank: int,
-         reporter: Reporter) -> None:
-    """Project every prototype onto its nearest training crop (all workers), optionally prune; log it."""
+         reporter: Reporter, *, epoch: int | None = None) -> None:
+    """Project every prototype onto its nearest training crop (all workers) and log it: the last push (``epoch``
+    None) in ``push_log.json``, after optional pruning; one within the joint phase (``schedule.push_every``) in
+    ``push_log_epoch_<epoch>.json``, the epoch it precedes (the reference's name)."""
     sync_buffers(model)
-    log: dict = {"push": push_prototypes(model, reporter.track(stream("train", False), "push"), device,
-                                         config.parity.push_last_batch)}
+    batches = reporter.track(stream("train", False), "push")
+    log: dict = {"push": push_distinct(model, batches, device) if config.schedule.push_distinct
+                 else push_prototypes(model, batches, device, config.parity.push_last_batch)}
+    if epoch is not None:
+        moved = [e["distance"] for e in log["push"] if e["key"] is not None]
+        reporter.note(f"pushed before epoch {epoch + 1}: the prototypes moved by a mean squared distance of "
+                      f"{sum(moved) / max(len(moved), 1):.3f}")
+        if rank == 0:
+            (config.run_dir / f"push_log_epoch_{epoch}.json").write_text(json.dumps(log, indent=1))
+        return
     if config.schedule.prune:
         s = config.schedule
         log["prune"] = prune_prototypes(model, reporter.track(stream("train", False), "prune"), device, s.prune_k,

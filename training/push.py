@@ -171,6 +171,64 @@ def push_prototypes(
     ]
 
 
+def push_distinct(model: ProtoMask, batches: Iterable[dict], device: torch.device) -> list[dict]:
+    """Push where no two prototypes take the same crop (``schedule.push_distinct``), logged as
+    ``push_prototypes`` logs (``distance``: to the crop taken).
+
+    Each rank keeps, per prototype, its m nearest own-class crops (m: the most prototypes a class has, so a free
+    one is always among them); the ranks' candidates are merged, and on every rank alike the prototypes, nearest
+    first, each take their nearest crop that no prototype took before (ties: distance, key, mask index). Only a
+    class with fewer valid crops than prototypes reuses a crop."""
+    net: ProtoMask = getattr(model, "module", model)
+    num_p, dim = net.prototypes.shape
+    m = int(torch.bincount(net.prototype_class).max())
+    proto_class = net.prototype_class.to(device)
+    cand_d = torch.full((num_p, 0), INF)
+    cand_z = torch.zeros(num_p, 0, dim)
+    cand_id: list[list[tuple[str, int] | None]] = [[] for _ in range(num_p)]
+    with _EvalMode(net):
+        for batch in batches:
+            crops, valid, labels, keys = _batch_tensors(batch, device)
+            if crops.shape[0] == 0 or crops.shape[1] == 0:
+                continue
+            z = net.embed(crops, valid)
+            valid = net.region_valid(valid)
+            allowed = valid[:, :, None] & (labels[:, None, None] == proto_class[None, None, :])
+            d = net.distances(z).float().masked_fill(~allowed, INF)
+            k = d.shape[1]
+            values, rows = d.flatten(0, 1).topk(min(m, d.shape[0] * k), dim=0, largest=False)  # [m', P]
+            values, rows = values.T.cpu(), rows.T.cpu()
+            ids = [[(keys[r // k], r % k) for r in row] for row in rows.tolist()]
+            cand_d = torch.cat([cand_d, values], 1)
+            cand_z = torch.cat([cand_z, z.flatten(0, 1).float().cpu()[rows]], 1)
+            cand_id = [a + b for a, b in zip(cand_id, ids)]
+            keep = cand_d.topk(min(m, cand_d.shape[1]), dim=1, largest=False).indices
+            cand_d, cand_z = cand_d.gather(1, keep), cand_z[torch.arange(num_p)[:, None], keep]
+            cand_id = [[ids_j[i] for i in row] for ids_j, row in zip(cand_id, keep.tolist())]
+    if _distributed() and dist.get_world_size() > 1:
+        pad = m - cand_d.shape[1]  # a rank that saw fewer than m crops
+        cand_d = torch.cat([cand_d, torch.full((num_p, pad), INF)], 1)
+        cand_z = torch.cat([cand_z, torch.zeros(num_p, pad, dim)], 1)
+        cand_id = [ids + [None] * pad for ids in cand_id]
+        cand_d = torch.cat(_all_gather(cand_d, device), 1)
+        cand_z = torch.cat(_all_gather(cand_z, device), 1)
+        cand_id = [sum(ids, []) for ids in zip(*_all_gather_object(cand_id))]
+    options = [sorted((float(cand_d[j, i]), *cand_id[j][i], i) for i in range(cand_d.shape[1])
+                      if cand_id[j][i] is not None and cand_d[j, i] < INF) for j in range(num_p)]
+    log, taken = [None] * num_p, set()
+    classes = net.prototype_class.tolist()
+    for j in sorted(range(num_p), key=lambda j: (options[j][0][0], j) if options[j] else (INF, j)):
+        if not options[j]:  # no training image of this class: the prototype stays
+            log[j] = {"prototype": j, "class": classes[j], "key": None, "mask_index": None, "distance": INF}
+            continue
+        d, key, mask, i = next((o for o in options[j] if o[1:3] not in taken), options[j][0])
+        taken.add((key, mask))
+        with torch.no_grad():
+            net.prototypes.data[j] = cand_z[j, i].to(net.prototypes.device, net.prototypes.dtype)
+        log[j] = {"prototype": j, "class": classes[j], "key": key, "mask_index": int(mask), "distance": d}
+    return log
+
+
 def prune_prototypes(model: ProtoMask, batches: Iterable[dict], device: torch.device, k: int, threshold: int) -> dict:
     """Prune the prototypes whose k nearest training images hold fewer than ``threshold`` of their class.
 
