@@ -80,7 +80,7 @@ def train_and_evaluate(name: str, config: TrainConfig) -> dict:
     trained = run_train(config)
     wall = time.perf_counter() - start
     test = run_evaluate(run_dir, shards, "test")
-    with (run_dir / "metrics.csv").open() as f:
+    with (run_dir.local / "metrics.csv").open() as f:
         epochs = list(csv.DictReader(f))
     rate = [float(e["images_per_s"]) for e in epochs]
     classes = [float(e["classes_per_step"]) for e in epochs if e.get("classes_per_step")]

@@ -19,6 +19,7 @@ from pathlib import Path
 from protomask.flags import add_flags, overrides
 from schemas.config import (ConfigError, DemoConfig, EvaluateConfig, ExplainConfig, ManifestConfig, ReportConfig,
                             SegmentConfig, Strict, TrainConfig, load_config)
+from schemas.storage import Location
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # named configs: --config small-cpu
 
@@ -88,7 +89,7 @@ def cmd_train(config: TrainConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def train_summary(run_dir: Path, test: dict, seconds: float) -> str:
+def train_summary(run_dir: Location, test: dict, seconds: float) -> str:
     return (f"trained in {seconds / 60:.1f} min: test balanced accuracy {test['balanced_accuracy']:.1%}, top-3 "
             f"{test['top3']:.1%} ({test['n']} images); model {run_dir / 'model.pt'}, metrics "
             f"{run_dir / 'metrics_test.json'}; report: protomask report --run-dir {run_dir}")
@@ -122,8 +123,11 @@ def cmd_explain(config: ExplainConfig, args: argparse.Namespace) -> int:
 def cmd_report(config: ReportConfig, args: argparse.Namespace) -> int:
     from training.report import write_report
 
+    first = config.run_dir[0]
+    if config.out is None and not first.is_local:
+        raise ConfigError(f"--out: the report is written to a local folder; give one for the run in {first}")
     names = config.names or [d.name for d in config.run_dir]
-    path = write_report(list(zip(names, config.run_dir)), config.out or config.run_dir[0] / "report")
+    path = write_report(list(zip(names, config.run_dir)), config.out or first.local / "report")
     print(f"report: {path}")
     return 0
 

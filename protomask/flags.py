@@ -61,17 +61,17 @@ def _argument_options(dotted: str, field: FieldInfo, name: str) -> dict[str, Any
         choices = typing.get_args(kind)
         return {"choices": choices, "type": type(choices[0])}
     if typing.get_origin(kind) is list:
-        kind = typing.get_args(kind)[0]
-        return {"nargs": "+", "type": kind, "metavar": _metavar(kind, name)}
-    if kind is Location:
-        return {"type": str, "metavar": _metavar(Path, name)}
-    if kind in (int, float, str, Path):
-        return {"type": kind, "metavar": _metavar(kind, name)}
-    raise TypeError(f"{dotted}: no flag for a field of type {kind}")
+        return {"nargs": "+", **_value(dotted, _strip_optional(typing.get_args(kind)[0]), name)}
+    return _value(dotted, kind, name)
 
 
-def _metavar(kind: type, name: str) -> str:
-    return PATH_METAVARS.get(name, "PATH") if kind is Path else {int: "N", float: "X"}.get(kind, "VALUE")
+def _value(dotted: str, kind: Any, name: str) -> dict[str, Any]:
+    """``type`` and ``metavar`` of one value: a Location is read as a string (the config parses it)."""
+    if kind not in (int, float, str, Path, Location):
+        raise TypeError(f"{dotted}: no flag for a field of type {kind}")
+    if kind in (Path, Location):
+        return {"type": str if kind is Location else Path, "metavar": PATH_METAVARS.get(name, "PATH")}
+    return {"type": kind, "metavar": {int: "N", float: "X"}.get(kind, "VALUE")}
 
 
 def add_flags(parser: argparse.ArgumentParser, model: type[BaseModel], *,

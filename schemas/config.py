@@ -12,7 +12,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, field_validator,
                       model_validator)
 
-from schemas.storage import Location, put
+from schemas.storage import Location, put, read_text
 from schemas.version import FORMAT_VERSION
 
 # a folder that may be on object storage: a local path or s3://bucket/prefix; configs hold it as its string
@@ -196,8 +196,8 @@ class ConfigError(ValueError):
     """An invalid configuration; the message names the field."""
 
 
-def load_config(model: type[Strict], file: Path | None, overrides: dict[str, Any], *, section: str | None = None
-                ) -> Strict:
+def load_config(model: type[Strict], file: Location | Path | None, overrides: dict[str, Any], *,
+                section: str | None = None) -> Strict:
     """Merge a YAML/JSON config file with flag overrides (flags win, dotted keys nest) and validate.
 
     A preset file holds one section per command (``segment:``, ``train:``, ...); with ``section`` given, a file
@@ -205,7 +205,7 @@ def load_config(model: type[Strict], file: Path | None, overrides: dict[str, Any
     data: dict[str, Any] = {}
     if file is not None:
         try:
-            data = yaml.safe_load(Path(file).read_text()) or {}
+            data = yaml.safe_load(read_text(Location.parse(file))) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise ConfigError(f"{file}: cannot read config: {exc}") from exc
         if not isinstance(data, dict):
@@ -407,7 +407,8 @@ class TrainConfig(Strict):
     """``protomask train``: cached shards → a trained ProtoMask model in run_dir."""
 
     shards: StoragePath
-    run_dir: Path
+    run_dir: StoragePath = Field(description="run directory: checkpoints, metrics and the exported model (a path or "
+                                 "s3://bucket/prefix)")
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
     schedule: ScheduleConfig = ScheduleConfig()
@@ -445,8 +446,9 @@ class TrainConfig(Strict):
 class EvaluateConfig(Strict):
     """``protomask evaluate``: every metric of a trained model on one split, into ``metrics_<split>.json``."""
 
-    run_dir: Path = Field(description="run directory written by `protomask train`")
-    shards: Path | None = Field(None, description="shard directory; default: the one the model was trained on")
+    run_dir: StoragePath = Field(description=(
+        "run directory written by `protomask train` (a path or s3://bucket/prefix)"))
+    shards: StoragePath | None = Field(None, description="shard directory; default: the one the model was trained on")
     split: Literal["train", "val", "test"] = "test"
     batch_size: int = Field(32, ge=1, description="images per forward pass")
     relevance: Literal["prp", "gradient", "mask"] | None = Field(None, description=(
@@ -458,9 +460,11 @@ class EvaluateConfig(Strict):
 class ExplainConfig(Strict):
     """``protomask explain``: the prototype gallery and local explanations of test images."""
 
-    run_dir: Path = Field(description="run directory written by `protomask train`")
-    shards: Path | None = Field(None, description="shard directory; default: the one the model was trained on")
-    out: Path | None = Field(None, description="output folder; default: RUN_DIR/explain")
+    run_dir: StoragePath = Field(description=(
+        "run directory written by `protomask train` (a path or s3://bucket/prefix)"))
+    shards: StoragePath | None = Field(None, description="shard directory; default: the one the model was trained on")
+    out: StoragePath | None = Field(None, description="output folder (a path or s3://bucket/prefix); default: "
+                                    "RUN_DIR/explain")
     keys: list[str] | None = Field(None, description="sample keys to explain; default: the first test samples")
     top_k: int = Field(3, ge=1, description="prototypes shown per image")
     limit: int = Field(8, ge=1, description="test samples explained when no keys are given")
@@ -472,8 +476,10 @@ class ExplainConfig(Strict):
 class ReportConfig(Strict):
     """``protomask report``: one self-contained HTML report of one run, or several side by side."""
 
-    run_dir: list[Path] = Field(min_length=1, description="run directories written by `protomask train`")
-    out: Path | None = Field(None, description="report folder; default: RUN_DIR/report of the first run")
+    run_dir: list[StoragePath] = Field(min_length=1, description=(
+        "run directories written by `protomask train` (paths or s3://bucket/prefix)"))
+    out: Path | None = Field(None, description=(
+        "local report folder (a page to open in a browser); default: RUN_DIR/report of the first run, when local"))
     names: list[str] | None = Field(None, description=(
         "a model name per run; runs with the same name (seeds) are one row, as mean ± std; default: the folder names"))
 

@@ -172,6 +172,16 @@ def read_text(loc: Location) -> str:
     return read_bytes(loc).decode()
 
 
+def append(loc: Location, text: str) -> None:
+    """Add ``text`` at the end of a text file, creating it: an append locally; on S3 the object is read and
+    written whole again (one writer at a time, as a run's log)."""
+    if loc.is_local:
+        with loc.local.open("a") as f:
+            f.write(text)
+        return
+    put(loc, (read_text(loc) if size(loc) is not None else "") + text)
+
+
 def size(loc: Location) -> int | None:
     """The size of a file in bytes (one HEAD on S3); None when there is no file there."""
     if loc.is_local:
@@ -181,6 +191,19 @@ def size(loc: Location) -> int | None:
     except OSError as exc:
         raise _named(exc, loc) from exc
     return info.size if info.type == pafs.FileType.File else None
+
+
+def modified(loc: Location) -> float:
+    """When a file was last written, in seconds since the epoch; ``FileNotFoundError`` naming ``loc``."""
+    if loc.is_local:
+        return loc.local.stat().st_mtime
+    try:
+        info = loc.fs.get_file_info(loc.fs_path)
+    except OSError as exc:
+        raise _named(exc, loc) from exc
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(2, "No such file", str(loc))
+    return info.mtime.timestamp()
 
 
 def is_dir(loc: Location) -> bool:

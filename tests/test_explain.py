@@ -392,10 +392,10 @@ def test_report_of_a_black_box_has_no_gallery(shards: Path, tmp_path: Path) -> N
 
     dataset = ShardDataset.open(shards)
     config = TrainConfig(shards=shards, run_dir=tmp_path / "bb", model=TINY.model_copy(update={"head": "linear"}))
-    config.run_dir.mkdir()
+    config.run_dir.local.mkdir()
     export_model(LinearHead(config.model, dataset.num_classes), config.model, dataset.classes, config.run_dir,
                  shards=shards)
-    (config.run_dir / "train_config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    (config.run_dir.local / "train_config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
     page = write_report([("black-box", config.run_dir)], tmp_path / "out").read_text()
     section = page[page.index('<section id="run0">'):]
     assert "Test confusion" in section and "Prototype gallery" not in section

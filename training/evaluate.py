@@ -7,12 +7,11 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from schemas.files import atomic_write
+from schemas.storage import Location, put, read_text, size
 from training.data import ShardDataset
 from training.explain import Relevance
 from training.interpretability import interpretability_metrics
@@ -23,7 +22,7 @@ from training.model import Model, ProtoMask
 TOP_K = 5  # prototypes per image for the contrastivity and saliency metrics (spec §7)
 
 
-def metrics_file(run_dir: Path, split: str) -> Path:
+def metrics_file(run_dir: Location, split: str) -> Location:
     return run_dir / f"metrics_{split}.json"
 
 
@@ -78,11 +77,11 @@ def evaluate_split(model: Model, batches: Iterable[dict], device: torch.device, 
     return result
 
 
-def write_metrics(run_dir: Path, split: str, result: dict, **facts: object) -> Path:
+def write_metrics(run_dir: Location, split: str, result: dict, **facts: object) -> Location:
     """``metrics_<split>.json``: ``{split: result, **facts}``; facts of an earlier write (the training
     run's epochs, micro-batch, peak memory) are kept when ``protomask evaluate`` rewrites the metrics."""
     path = metrics_file(run_dir, split)
-    data = json.loads(path.read_text()) if path.is_file() else {}
+    data = json.loads(read_text(path)) if size(path) is not None else {}
     data.update({split: result, **facts})
-    atomic_write(path, json.dumps(data, indent=1))
+    put(path, json.dumps(data, indent=1))
     return path

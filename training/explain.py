@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pipeline.masks import decode_masks
 from pipeline.shards import ShardError, iter_samples
 from schemas.shard import MASKS_MEMBER, OBJECT_MEMBER, PARTS_MEMBER, SampleRecord
+from schemas.storage import Location, makedirs, put, read_text, size
 from training.data import ShardDataset, decode_sample
 from training.model import ModelOutput, ProtoMask
 from training.prp import prp_relevance
@@ -340,7 +341,7 @@ def _heat_legend(draw: ImageDraw.ImageDraw, xy: tuple[int, int]) -> None:
 
 
 def render_explanation(explanation: Explanation, members: dict[str, bytes], sources: dict[int, PrototypeSource],
-                       classes: list[str], path: Path) -> None:
+                       classes: list[str], path: Location) -> None:
     """The test image, then a row per top prototype: the image with the saliency as a heatmap inside the
     matched mask (outlined), the training image the prototype was pushed onto with that region outlined,
     and the region's crop; captioned with the prototype, its class, similarity and contribution."""
@@ -380,10 +381,15 @@ def render_explanation(explanation: Explanation, members: dict[str, bytes], sour
             _flag(draw, (width - GAP - 200, y + 24), flags, 14)
         for i, tile in enumerate((_outlined(image, saliency > 0, heat=saliency), *views)):
             canvas.paste(tile, (GAP + i * (TILE + GAP), y + caption))
-    canvas.save(path)
+    _save_png(canvas, path)
 
 
-def render_gallery(sources: dict[int, PrototypeSource], classes: list[str], out: Path) -> list[Path]:
+def _save_png(image: Image.Image, path: Location) -> None:
+    """One PNG, whole or not at all (``storage.put``)."""
+    put(path, lambda f: image.save(f, format="PNG"))
+
+
+def render_gallery(sources: dict[int, PrototypeSource], classes: list[str], out: Location) -> list[Location]:
     """One PNG per class: a row per prototype (the training image with the pushed-onto region outlined, the
     region's crop, its class, the class of the image it was pushed onto, the push distance; flagged in red
     when that image is of another class or the region misses the class's ground-truth part)."""
@@ -421,7 +427,7 @@ def render_gallery(sources: dict[int, PrototypeSource], classes: list[str], out:
                 draw.rectangle((GAP - 4, y - 4, width - 2, y + TILE + 3), outline=FLAG, width=3)
                 draw.ellipse((GAP + 6, y + 6, GAP + 26, y + 26), fill=FLAG, outline="white", width=2)
         path = out / f"gallery_{c:03d}_{name}.png"
-        canvas.save(path)
+        _save_png(canvas, path)
         paths.append(path)
     return paths
 
@@ -434,22 +440,23 @@ def _after_pruning(log: dict) -> list[dict]:
     return [{**entry, "prototype": index} for index, entry in enumerate(kept)]
 
 
-def run_explain(run_dir: Path, shards: Path | None, out: Path, *, keys: list[str] | None = None, k: int = 3,
-                limit: int = 8, relevance: Relevance = "mask") -> dict:
+def run_explain(run_dir: Location | Path, shards: Location | Path | None, out: Location | Path, *,
+                keys: list[str] | None = None, k: int = 3, limit: int = 8, relevance: Relevance = "mask") -> dict:
     """``protomask explain``: the prototype gallery and local explanations (default: first test samples;
-    default shards: the ones the model was trained on)."""
+    default shards: the ones the model was trained on); every folder a path or an S3 prefix."""
     from schemas.config import TrainConfig, load_config
     from training.data import split_keys
     from training.export import load_model, trained_on
 
+    run_dir, out = Location.parse(run_dir), Location.parse(out)
     model, classes = load_model(run_dir)
     if not isinstance(model, ProtoMask):
         raise ValueError(f"{run_dir}: a {model.config.head} head has no prototypes to explain")
     dataset = ShardDataset.open(shards or trained_on(run_dir))
-    out.mkdir(parents=True, exist_ok=True)
+    makedirs(out)
     push_log = run_dir / "push_log.json"
-    if push_log.is_file():
-        push = _after_pruning(json.loads(push_log.read_text()))
+    if size(push_log) is not None:
+        push = _after_pruning(json.loads(read_text(push_log)))
     else:  # a model without push (ProtoPool): every prototype under the class it adds most to
         push = [{"prototype": p, "class": int(c), "key": None} for p, c in enumerate(model.prototype_class.tolist())]
     sources = prototype_sources(model, dataset, push)
@@ -474,5 +481,5 @@ def run_explain(run_dir: Path, shards: Path | None, out: Path, *, keys: list[str
         })
     summary = {"gallery": [p.name for p in gallery], "relevance": relevance,
                "prototypes": [sources[p].describe(classes) for p in sorted(sources)], "explanations": records}
-    (out / "explanations.json").write_text(json.dumps(summary, indent=1))
+    put(out / "explanations.json", json.dumps(summary, indent=1))
     return summary

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import resource
 import tempfile
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from schemas.config import TrainConfig
+from schemas.storage import Location, append, list_files, put, read_text, size
 from schemas.version import FORMAT_VERSION
 from training.data import ShardDataset, ShardStream, split_keys
 from training.evaluate import classification, evaluate_split, write_metrics
@@ -228,29 +230,43 @@ def train_one_epoch(model: Model, net: nn.Module, stream: Iterable[dict], optimi
 
 
 class MetricsLog:
-    """Per-epoch metrics: appended to metrics.csv and written to TensorBoard (rank 0 only)."""
+    """Per-epoch metrics: appended to metrics.csv and written to TensorBoard (rank 0 only). With the run on
+    S3, TensorBoard writes to a local temp folder whose event files are uploaded after every epoch."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Location) -> None:
         from tensorboardX import SummaryWriter
 
-        self.csv = run_dir / "metrics.csv"
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        self.csv, self.tb_dir = run_dir / "metrics.csv", run_dir / "tensorboard"
+        self.staging = None if run_dir.is_local else tempfile.TemporaryDirectory(prefix="tensorboard")
+        self.tb = SummaryWriter(str(self.tb_dir.local if self.staging is None else self.staging.name))
 
     def write(self, row: dict) -> None:
-        rows = list(csv.DictReader(self.csv.open())) if self.csv.is_file() else []
+        rows = list(csv.DictReader(io.StringIO(read_text(self.csv), newline=""))) if size(self.csv) is not None else []
         rows = [r for r in rows if int(r["epoch"]) < row["epoch"]] + [row]  # a resumed epoch replaces its row
         fields = list(dict.fromkeys(k for r in rows for k in r))
-        with self.csv.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+        put(self.csv, text.getvalue())
         for k, v in row.items():
             if isinstance(v, float):
                 self.tb.add_scalar(k, v, row["epoch"])
         self.tb.flush()
+        self._upload()
+
+    def _upload(self) -> None:
+        """The staged TensorBoard event files, each whole, into the run's tensorboard/ (S3 only)."""
+        if self.staging is not None:
+            staged = Location.parse(self.staging.name)
+            for name in list_files(staged):
+                put(self.tb_dir / name, (staged.local / name).read_bytes())
 
     def close(self) -> None:
         self.tb.close()
+        self._upload()
+        if self.staging is not None:
+            self.staging.cleanup()
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -313,8 +329,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             sched.load_state_dict(state["schedulers"][k])
         reporter.note(f"resumed from the checkpoint of epoch {start_epoch} (push done: {pushed})")
         if rank == 0:
-            with (config.run_dir / "events.jsonl").open("a") as f:
-                f.write(json.dumps({"event": "resume", "epoch": start_epoch, "time": time.time()}) + "\n")
+            append(config.run_dir / "events.jsonl",
+                   json.dumps({"event": "resume", "epoch": start_epoch, "time": time.time()}) + "\n")
     reporter.note(f"{config.data.batch_size} images per step: {step_share} per worker on {world} workers, in "
                   f"micro-batches of {micro_batch}")
 
@@ -338,7 +354,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 init["prototypes"] = place_on_crops(model, pretrainer, dataset, splits["train"], device,
                                                     batch_size=micro_batch)
             if rank == 0:
-                (run_dir / "prototype_init.json").write_text(json.dumps(init, indent=1))
+                put(run_dir / "prototype_init.json", json.dumps(init, indent=1))
             placed, net_phase = True, None
         if phase == "last_layer" and not pushed and model.pushes:
             push(model, optimizers, config, stream, device, rank, reporter)
@@ -430,4 +446,4 @@ def push(model: ProtoMask, optimizers: dict, config: TrainConfig, stream, device
                                         s.prune_threshold)
         optimizers["last_layer"] = torch.optim.Adam(model.parameter_groups()["last_layer"], lr=s.lr_last_layer)
     if rank == 0:
-        (config.run_dir / "push_log.json").write_text(json.dumps(log, indent=1))
+        put(config.run_dir / "push_log.json", json.dumps(log, indent=1))

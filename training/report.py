@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import html
+import io
 import json
 import math
 from collections import defaultdict
@@ -24,8 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.manifest import format_inspect, inspect, load_card
-from schemas.files import sha256_file
-from schemas.storage import Location
+from schemas.storage import Location, modified, read_text, sha256, size
 from schemas.version import CODE_VERSION
 from training.metrics import OUR_COLUMNS, PAPER_METRICS
 
@@ -205,12 +205,11 @@ def _confusion_html(matrix: np.ndarray, classes: list[str]) -> str:
     return "".join(parts)
 
 
-def _run_time(run_dir: Path) -> str:
+def _run_time(run_dir: Location) -> str:
     """Wall time from file times: train_config.yaml (written at each start) to model.pt (written at the end)."""
-    start, end = run_dir / "train_config.yaml", run_dir / "model.pt"
-    seconds = end.stat().st_mtime - start.stat().st_mtime
+    seconds = modified(run_dir / "model.pt") - modified(run_dir / "train_config.yaml")
     events = run_dir / "events.jsonl"
-    resumes = sum('"resume"' in line for line in events.read_text().splitlines()) if events.is_file() else 0
+    resumes = sum('"resume"' in line for line in read_text(events).splitlines()) if size(events) is not None else 0
     since = f", since the last of {resumes + 1} starts" if resumes else ""
     if seconds < 0:
         return "unknown (model.pt is older than train_config.yaml: files copied or rewritten)"
@@ -218,11 +217,11 @@ def _run_time(run_dir: Path) -> str:
             f"{since})")
 
 
-def lineage(run_dir: Path, rows: list[dict]) -> list[tuple[str, str]]:
+def lineage(run_dir: Location, rows: list[dict]) -> list[tuple[str, str]]:
     """(field, value) rows: what was trained on what, with which config and code, and how long it took."""
     from schemas.config import TrainConfig, load_config
 
-    meta = json.loads((run_dir / "model_config.json").read_text())
+    meta = json.loads(read_text(run_dir / "model_config.json"))
     config = load_config(TrainConfig, run_dir / "train_config.yaml", {})
     shards = Location.parse(meta["shards"])
     card = load_card(shards)
@@ -233,7 +232,7 @@ def lineage(run_dir: Path, rows: list[dict]) -> list[tuple[str, str]]:
     speed = [float(r["images_per_s"]) for r in rows if r.get("images_per_s")]
     return [
         ("run directory", str(run_dir)),
-        ("model.pt sha256", sha256_file(run_dir / "model.pt")),
+        ("model.pt sha256", sha256(run_dir / "model.pt")),
         ("run time", _run_time(run_dir)),
         ("epochs recorded (metrics.csv)", f"{len(rows)}" + (f", mean {np.mean(speed):.1f} images/s" if speed else "")),
         ("code version (this report)", CODE_VERSION),
@@ -355,30 +354,33 @@ td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}td:first-child,th{t
 pre{background:#f6f6f6;padding:1em;overflow:auto}"""
 
 
-def write_report(runs: Sequence[tuple[str, Path]], out: Path) -> Path:
-    """Evaluate (if needed) and explain every run (name, run directory), then write ``out/index.html``; runs that
-    share a name (seeds of one model) are one row of the tables, as mean ± std. Returns the page's path."""
+def write_report(runs: Sequence[tuple[str, Location | Path]], out: Path) -> Path:
+    """Evaluate (if needed) and explain every run (name, run directory: a path or an S3 prefix), then write
+    ``out/index.html`` (a local folder); runs that share a name (seeds of one model) are one row of the tables,
+    as mean ± std. Returns the page's path."""
     from training.evaluate import metrics_file
     from training.explain import run_explain
     from training.export import require_run
     from training.train import run_evaluate
 
+    runs = [(name, Location.parse(run_dir)) for name, run_dir in runs]
     for _, run_dir in runs:  # before anything is written
         require_run(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = defaultdict(list)
     sections, shards = [], None
     for i, (name, run_dir) in enumerate(runs):
-        meta = json.loads((run_dir / "model_config.json").read_text())
+        meta = json.loads(read_text(run_dir / "model_config.json"))
         shards = Location.parse(meta["shards"])
         saved = metrics_file(run_dir, "test")
-        test = json.loads(saved.read_text())["test"] if saved.is_file() else {}
+        test = json.loads(read_text(saved))["test"] if size(saved) is not None else {}
         if "confusion" not in test:  # an older run: evaluate it once, into metrics_test.json
             test = run_evaluate(run_dir, shards)
         results[name].append({k: v for k, v in test.items() if k != "confusion"})
         matrix, classes = np.array(test["confusion"]), meta["classes"]
         folder = f"run{i}"
-        rows = list(csv.DictReader((run_dir / "metrics.csv").open())) if (run_dir / "metrics.csv").is_file() else []
+        history = run_dir / "metrics.csv"
+        rows = list(csv.DictReader(io.StringIO(read_text(history), newline=""))) if size(history) is not None else []
         prototypes = ""
         if meta["model"]["head"] != "linear":  # a black-box has no prototypes to show
             summary = run_explain(run_dir, shards, out / folder, limit=4, relevance="gradient")

@@ -12,7 +12,7 @@ from cluster.connect import init_ray
 from pipeline.manifest import shard_problems
 from pipeline.shards import ShardError
 from schemas.config import DataConfig, TrainConfig, load_config, write_config
-from schemas.storage import Location
+from schemas.storage import Location, makedirs, read_text
 from training import TrainError
 from training.data import ShardDataset, ShardStream, split_keys
 from training.evaluate import evaluate_split, metrics_file, write_metrics
@@ -34,7 +34,9 @@ def run_train(config: TrainConfig, *, address: str | None = None, progress: bool
     if config.verify_checksums and (problems := shard_problems(config.shards, dataset.card)):
         raise ShardError("refusing to train on corrupt shards:\n" + "\n".join(problems))
     run_dir = config.run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not run_dir.name:
+        raise TrainError(f"--run-dir {run_dir}: name a folder for the run (s3://bucket/runs/r1, not a bucket)")
+    makedirs(run_dir)
     config = config.model_copy(update={"run_dir": run_dir, "shards": config.shards.resolve()})
     write_config(config, run_dir / "train_config.yaml")
     init_ray(address)
@@ -47,8 +49,9 @@ def run_train(config: TrainConfig, *, address: str | None = None, progress: bool
             resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})},
         ),
         run_config=RunConfig(
-            name=run_dir.name,
-            storage_path=str(run_dir.parent),  # Ray Train keeps its checkpoints in run_dir too
+            name=run_dir.name,  # Ray Train keeps its checkpoints in run_dir too, resuming from them on a rerun
+            storage_path=run_dir.parent.fs_path,  # on S3: bucket/prefix, without the scheme, on storage_filesystem
+            storage_filesystem=None if run_dir.is_local else run_dir.fs,
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -63,7 +66,7 @@ def run_train(config: TrainConfig, *, address: str | None = None, progress: bool
                 "data.memory_gb or data.micro_batch, model.input_size or num_workers per node, or use a configs/ "
                 "file for a smaller machine") from None
         raise TrainError(f"training failed: {result.error}") from result.error
-    return json.loads(metrics_file(run_dir, "test").read_text())
+    return json.loads(read_text(metrics_file(run_dir, "test")))
 
 
 OOM_SIGNS = ("OutOfMemoryError", "out of memory", "OOM killer", "low on memory", "Cannot allocate memory")
@@ -80,13 +83,14 @@ def out_of_memory(error: BaseException) -> bool:
     return False
 
 
-def run_evaluate(run_dir: Path, shards: Location | Path | None = None, split: str = "test", *, batch_size: int = 32,
-                 relevance: Relevance | None = None) -> dict:
+def run_evaluate(run_dir: Location | Path, shards: Location | Path | None = None, split: str = "test", *,
+                 batch_size: int = 32, relevance: Relevance | None = None) -> dict:
     """Every metric of the exported model on one split (default shards: the ones it was trained on), written
     to ``metrics_<split>.json`` as the training run writes the test split's; returns them. ``relevance``: the
     saliency of the paper's metrics (``evaluate_split``)."""
+    run_dir = Location.parse(run_dir)
     model, classes = load_model(run_dir)
-    shards = shards or trained_on(run_dir)
+    shards = Location.parse(shards) if shards else trained_on(run_dir)
     dataset = ShardDataset.open(shards)
     if dataset.classes != classes:
         raise TrainError(f"{shards}: classes differ from the model's ({len(dataset.classes)} vs {len(classes)})")
