@@ -438,7 +438,7 @@ def push(model: ProtoMask, optimizers: dict, config: TrainConfig, stream, device
         reporter.note(f"pushed before epoch {epoch + 1}: the prototypes moved by a mean squared distance of "
                       f"{sum(moved) / max(len(moved), 1):.3f}")
         if rank == 0:
-            (config.run_dir / f"push_log_epoch_{epoch}.json").write_text(json.dumps(log, indent=1))
+            put(config.run_dir / f"push_log_epoch_{epoch}.json", json.dumps(log, indent=1))
         return
     if config.schedule.prune:
         s = config.schedule
