@@ -27,6 +27,7 @@ from pipeline.job import run_segment
 from pipeline.segmenters import create_segmenter
 from pipeline.sources import cub
 from schemas.config import SegmentConfig
+from schemas.storage import Location
 
 TARGET = ">= 0.95"
 
@@ -52,7 +53,8 @@ def measure(passes: int, shard_size: int, rounds: int, root: Path = CUB_MINI) ->
         def job() -> float:
             out = Path(tempfile.mkdtemp(dir=tmp))
             with ShardClock(out) as clock:
-                seconds = timed(lambda: run_segment(config.model_copy(update={"out": out}), progress=False))
+                seconds = timed(lambda: run_segment(config.model_copy(update={"out": Location.parse(out)}),
+                                                    progress=False))
             end_to_end.append(n / seconds)
             return clock.steady_rate(shard_images(out), workers=1)
 

@@ -25,6 +25,7 @@ from bench.common import (CUB_MINI, Figure, ShardClock, in_child, median, parser
                           timed, write_listing)
 from pipeline.job import run_segment
 from schemas.config import SegmentConfig
+from schemas.storage import Location
 
 TARGET = ">= 1.8"
 
@@ -79,7 +80,8 @@ def measure(passes: int, shard_size: int, rounds: int, pin: bool = True, root: P
                     out = Path(tempfile.mkdtemp(dir=tmp))
                     with ShardClock(out) as clock:
                         seconds = timed(lambda: run_segment(
-                            config.model_copy(update={"out": out, "num_workers": workers}), progress=False))
+                            config.model_copy(update={"out": Location.parse(out), "num_workers": workers}),
+                            progress=False))
                     end_to_end[workers].append(n / seconds)
                     return clock.steady_rate(shard_images(out), workers)
 

@@ -42,6 +42,7 @@ from pipeline.sources import cub
 from schemas.config import Sam2Params, SamParams, SegmentConfig
 from schemas.manifest import shard_glob
 from schemas.shard import MASKS_MEMBER
+from schemas.storage import Location
 
 TARGET = ">= 3"  # on a GPU; agreement >= 0.98
 AGREEMENT = 0.98
@@ -118,7 +119,7 @@ def measure(*, segmenter: str, model: str, images: int, shard_size: int, rounds:
             out = Path(tempfile.mkdtemp(dir=tmp))
             outs.append(out)
             with ShardClock(out) as clock:
-                run_segment(config.model_copy(update={"out": out}), progress=False)
+                run_segment(config.model_copy(update={"out": Location.parse(out)}), progress=False)
             return clock.steady_rate(shard_images(out), workers=1)
 
         threads = torch.get_num_threads()

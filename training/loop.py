@@ -359,7 +359,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if phase == "last_layer" and not pushed and model.pushes:
             push(model, optimizers, config, stream, device, rank, reporter)
             pushed, net_phase = True, None
-        elif phase == "joint" and model.pushes and s.push_every and joint_epoch(epoch, config) \
+        elif phase == "joint" and s.push_every and has_prototypes and model.pushes and joint_epoch(epoch, config) \
                 and joint_epoch(epoch, config) % s.push_every == 0:
             push(model, optimizers, config, stream, device, rank, reporter, epoch=epoch)
         if isinstance(model, ProtoPool) and phase in ("warmup", "joint"):
