@@ -28,7 +28,7 @@ from pipeline.sources import list_source
 from schemas.config import SegmentConfig, stable_hash, write_config
 from schemas.manifest import (CONFIG_FILE, JOB_DIR, JOB_FILE, MANIFEST, PLAN_FILE, SHARD_FILE, SHARD_TMP, DatasetCard,
                               SegmenterInfo, ShardStats, shard_stem)
-from schemas.storage import Location, delete, list_files, makedirs, put, read_text, size
+from schemas.storage import Location, delete, list_files, makedirs, put, read_text, read_text_if_present, size
 
 log = logging.getLogger("protomask.segment")
 
@@ -71,8 +71,8 @@ def _prepare_out(config: SegmentConfig, job_hash: str) -> None:
         raise JobError(f"{out}: exists and is not a directory")
     ours = _ours(out)
     if ours and not config.overwrite:
-        job_file = out / JOB_FILE
-        previous = json.loads(read_text(job_file)).get("job_hash") if size(job_file) is not None else None
+        recorded = read_text_if_present(out / JOB_FILE)
+        previous = None if recorded is None else json.loads(recorded).get("job_hash")
         if previous != job_hash:
             raise JobError(
                 f"{out} holds shards of a different configuration (job hash {previous} != {job_hash}); "

@@ -37,10 +37,15 @@ def atomic_write(path: Path, content: bytes | str | Callable[[BinaryIO], None]) 
         tmp.unlink(missing_ok=True)
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
+def sha256_stream(f: BinaryIO) -> str:
+    """Hex sha256 of what is left to read in ``f``, read in 1 MiB blocks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
+    while block := f.read(1 << 20):
+        digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file."""
+    with open(path, "rb") as f:
+        return sha256_stream(f)

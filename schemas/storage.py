@@ -8,7 +8,6 @@ the new one, as ``atomic_write`` gives locally.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import queue
@@ -22,7 +21,7 @@ from typing import BinaryIO
 
 from pyarrow import fs as pafs
 
-from schemas.files import atomic_write
+from schemas.files import atomic_write, sha256_stream
 
 SCHEMES = ("s3",)
 _URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)$")
@@ -172,6 +171,14 @@ def read_text(loc: Location) -> str:
     return read_bytes(loc).decode()
 
 
+def read_text_if_present(loc: Location) -> str | None:
+    """The whole file as UTF-8 text (one GET on S3), or None when there is no file there."""
+    try:
+        return read_text(loc)
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+
+
 def append(loc: Location, text: str) -> None:
     """Add ``text`` at the end of a text file, creating it: an append locally; on S3 the object is read and
     written whole again (one writer at a time, as a run's log)."""
@@ -179,17 +186,22 @@ def append(loc: Location, text: str) -> None:
         with loc.local.open("a") as f:
             f.write(text)
         return
-    put(loc, (read_text(loc) if size(loc) is not None else "") + text)
+    put(loc, (read_text_if_present(loc) or "") + text)
+
+
+def _info(loc: Location) -> pafs.FileInfo:
+    """What the object store says of ``loc`` (one HEAD); an ``OSError`` names ``loc``."""
+    try:
+        return loc.fs.get_file_info(loc.fs_path)
+    except OSError as exc:
+        raise _named(exc, loc) from exc
 
 
 def size(loc: Location) -> int | None:
     """The size of a file in bytes (one HEAD on S3); None when there is no file there."""
     if loc.is_local:
         return loc.local.stat().st_size if loc.local.is_file() else None
-    try:
-        info = loc.fs.get_file_info(loc.fs_path)
-    except OSError as exc:
-        raise _named(exc, loc) from exc
+    info = _info(loc)
     return info.size if info.type == pafs.FileType.File else None
 
 
@@ -197,10 +209,7 @@ def modified(loc: Location) -> float:
     """When a file was last written, in seconds since the epoch; ``FileNotFoundError`` naming ``loc``."""
     if loc.is_local:
         return loc.local.stat().st_mtime
-    try:
-        info = loc.fs.get_file_info(loc.fs_path)
-    except OSError as exc:
-        raise _named(exc, loc) from exc
+    info = _info(loc)
     if info.type != pafs.FileType.File:
         raise FileNotFoundError(2, "No such file", str(loc))
     return info.mtime.timestamp()
@@ -208,12 +217,7 @@ def modified(loc: Location) -> float:
 
 def is_dir(loc: Location) -> bool:
     """A local folder, or a prefix with at least one object below it."""
-    if loc.is_local:
-        return loc.local.is_dir()
-    try:
-        return loc.fs.get_file_info(loc.fs_path).type == pafs.FileType.Directory
-    except OSError as exc:
-        raise _named(exc, loc) from exc
+    return loc.local.is_dir() if loc.is_local else _info(loc).type == pafs.FileType.Directory
 
 
 def list_files(prefix: Location) -> dict[str, int]:
@@ -249,11 +253,8 @@ def delete(loc: Location) -> None:
 
 def sha256(loc: Location) -> str:
     """Hex sha256 of a file, streamed."""
-    digest = hashlib.sha256()
     with open_read(loc) as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+        return sha256_stream(f)
 
 
 def open_read(loc: Location, chunk: int = CHUNK, depth: int = DEPTH) -> BinaryIO:

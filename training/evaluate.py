@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
-from schemas.storage import Location, put, read_text, size
+from schemas.storage import Location, put, read_text_if_present
 from training.data import ShardDataset
 from training.explain import Relevance
 from training.interpretability import interpretability_metrics
@@ -81,7 +81,8 @@ def write_metrics(run_dir: Location, split: str, result: dict, **facts: object) 
     """``metrics_<split>.json``: ``{split: result, **facts}``; facts of an earlier write (the training
     run's epochs, micro-batch, peak memory) are kept when ``protomask evaluate`` rewrites the metrics."""
     path = metrics_file(run_dir, split)
-    data = json.loads(read_text(path)) if size(path) is not None else {}
+    found = read_text_if_present(path)
+    data = {} if found is None else json.loads(found)
     data.update({split: result, **facts})
     put(path, json.dumps(data, indent=1))
     return path

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from schemas.config import TrainConfig
-from schemas.storage import Location, append, list_files, put, read_text, size
+from schemas.storage import Location, append, list_files, put, read_text_if_present
 from schemas.version import FORMAT_VERSION
 from training.data import ShardDataset, ShardStream, split_keys
 from training.evaluate import classification, evaluate_split, write_metrics
@@ -241,7 +241,7 @@ class MetricsLog:
         self.tb = SummaryWriter(str(self.tb_dir.local if self.staging is None else self.staging.name))
 
     def write(self, row: dict) -> None:
-        rows = list(csv.DictReader(io.StringIO(read_text(self.csv), newline=""))) if size(self.csv) is not None else []
+        rows = list(csv.DictReader(io.StringIO(read_text_if_present(self.csv) or "", newline="")))
         rows = [r for r in rows if int(r["epoch"]) < row["epoch"]] + [row]  # a resumed epoch replaces its row
         fields = list(dict.fromkeys(k for r in rows for k in r))
         text = io.StringIO(newline="")
@@ -359,8 +359,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if phase == "last_layer" and not pushed and model.pushes:
             push(model, optimizers, config, stream, device, rank, reporter)
             pushed, net_phase = True, None
-        elif phase == "joint" and s.push_every and has_prototypes and model.pushes and joint_epoch(epoch, config) \
-                and joint_epoch(epoch, config) % s.push_every == 0:
+        elif phase == "joint" and s.push_every and has_prototypes and model.pushes \
+                and (n := joint_epoch(epoch, config)) and n % s.push_every == 0:
             push(model, optimizers, config, stream, device, rank, reporter, epoch=epoch)
         if isinstance(model, ProtoPool) and phase in ("warmup", "joint"):
             model.gumbel_scale.fill_(gumbel_scale(epoch - s.pretrain_epochs, s.gumbel_epochs))

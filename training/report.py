@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.manifest import format_inspect, inspect, load_card
-from schemas.storage import Location, modified, read_text, sha256, size
+from schemas.storage import Location, modified, read_text, read_text_if_present, sha256
 from schemas.version import CODE_VERSION
 from training.metrics import OUR_COLUMNS, PAPER_METRICS
 
@@ -209,7 +209,7 @@ def _run_time(run_dir: Location) -> str:
     """Wall time from file times: train_config.yaml (written at each start) to model.pt (written at the end)."""
     seconds = modified(run_dir / "model.pt") - modified(run_dir / "train_config.yaml")
     events = run_dir / "events.jsonl"
-    resumes = sum('"resume"' in line for line in read_text(events).splitlines()) if size(events) is not None else 0
+    resumes = sum('"resume"' in line for line in (read_text_if_present(events) or "").splitlines())
     since = f", since the last of {resumes + 1} starts" if resumes else ""
     if seconds < 0:
         return "unknown (model.pt is older than train_config.yaml: files copied or rewritten)"
@@ -373,14 +373,15 @@ def write_report(runs: Sequence[tuple[str, Location | Path]], out: Path) -> Path
         meta = json.loads(read_text(run_dir / "model_config.json"))
         shards = Location.parse(meta["shards"])
         saved = metrics_file(run_dir, "test")
-        test = json.loads(read_text(saved))["test"] if size(saved) is not None else {}
+        found = read_text_if_present(saved)
+        test = {} if found is None else json.loads(found)["test"]
         if "confusion" not in test:  # an older run: evaluate it once, into metrics_test.json
             test = run_evaluate(run_dir, shards)
         results[name].append({k: v for k, v in test.items() if k != "confusion"})
         matrix, classes = np.array(test["confusion"]), meta["classes"]
         folder = f"run{i}"
         history = run_dir / "metrics.csv"
-        rows = list(csv.DictReader(io.StringIO(read_text(history), newline=""))) if size(history) is not None else []
+        rows = list(csv.DictReader(io.StringIO(read_text_if_present(history) or "", newline="")))
         prototypes = ""
         if meta["model"]["head"] != "linear":  # a black-box has no prototypes to show
             summary = run_explain(run_dir, shards, out / folder, limit=4, relevance="gradient")
