@@ -18,6 +18,7 @@ import csv
 import json
 import os
 import platform
+import shlex
 import shutil
 import sys
 import time
@@ -163,7 +164,7 @@ def main() -> None:
     config = load_config(TrainConfig, config_path, {"shards": shards, "run_dir": args.work})
     m, s = config.model, config.schedule
     info = {
-        "command": " ".join(["python", "bench/real_photos.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "bench/real_photos.py", *sys.argv[1:]]),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "machine": f"{machine()['cpus']} CPUs, {machine()['memory_gib']} GiB, {platform.machine()}, no GPU",
         "data": f"{args.root.name}", "wall_min": (time.perf_counter() - start) / 60,

@@ -292,3 +292,31 @@ def test_two_gloo_ranks_agree_with_one_process(tmp_path) -> None:
     # the global nearest of some prototypes lies in rank 1's half, of others in rank 0's
     halves = [{k for b in batches[r::2] for k in b["key"]} for r in range(2)]
     assert any(e["key"] in halves[0] for e in log) and any(e["key"] in halves[1] for e in log)
+
+
+def test_push_cost_last_layer_imitation_trains_only_the_last_layer_and_fits_it() -> None:
+    """bench/push_cost.py's last-layer phase on fixed embeddings: only the last layer moves, and its
+    cross-entropy on the train split falls."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.push_cost import last_layer_phase, logits
+    from schemas.config import TrainConfig
+
+    model = make_model()
+    with torch.no_grad():
+        parts = [(model.embed(b["crops"]), b["valid"], b["label"]) for b in make_batches(n_batches=8)]
+    z, valid, _ = (torch.cat(p) for p in zip(*parts))
+    with torch.no_grad():  # labels a last layer can fit: the class of each image's nearest prototype
+        d = model.distances(z).masked_fill(~valid[..., None], float("inf")).min(1).values
+    train = (z, valid, model.prototype_class[d.argmin(1)])
+    config = TrainConfig(shards="/nonexistent", run_dir="/nonexistent", model=TINY,
+                         schedule={"lr_last_layer": 0.05}, data={"batch_size": 4}, loss={"class_balanced": False})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss_before = float(torch.nn.functional.cross_entropy(logits(model, train), train[2]))
+    last_layer_phase(model, {"train": train}, config, epochs=20)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"last_layer.weight"}
+    assert float(torch.nn.functional.cross_entropy(logits(model, train), train[2])) < 0.8 * loss_before
+    assert not model.last_layer.weight.requires_grad
