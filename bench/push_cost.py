@@ -19,16 +19,15 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import print_table
 from schemas.config import TrainConfig, load_config
 from training.data import ShardDataset, ShardStream, split_keys
-from training.losses import class_weights, l1_off_class
+from training.losses import class_weights, total_loss
 from training.metrics import classification_metrics
-from training.model import ProtoMask, build_model
+from training.model import ModelOutput, ProtoMask, build_model
 from training.push import push_distinct, push_prototypes
 
 Embedded = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # region embeddings [N, K, D], validity [N, K], labels
@@ -75,8 +74,8 @@ def last_layer_phase(model: ProtoMask, data: dict[str, Embedded], config: TrainC
         for i in range(0, len(labels), config.data.batch_size):
             idx = order[i:i + config.data.batch_size]
             batch = (torch.where(flip[idx, None, None], flipped[idx], z[idx]), valid[idx], labels[idx])
-            ce = F.cross_entropy(logits(model, batch), labels[idx], weight=weights, reduction="none").mean()
-            loss = config.loss.cross_entropy * ce + config.loss.l1 * l1_off_class(model)
+            out = ModelOutput(logits(model, batch), min_distances=torch.zeros(0))  # a prototype head's output
+            loss, _ = total_loss(out, labels[idx], model, config.loss, "last_layer", weights)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
