@@ -304,6 +304,10 @@ class LossConfig(Strict):
     prototype_crop: float = Field(0.0, ge=0, description=(
         "coefficient of the distance from each prototype to the nearest crop of its class in the batch (Li et "
         "al. 2018's R1), so that push moves prototypes little; 0: the paper"))
+    auxiliary: float = Field(0.0, ge=0, description=(
+        "kinds protomask and protopnet with schedule.pretrain_epochs: coefficient of a training-only second head in "
+        "the joint phase, the pre-trained linear classifier on the max-pooled backbone features of the crops, so "
+        "the backbone goes on learning as the linear head's does; the model keeps no trace of it; 0: the paper"))
     l1: float = 1e-3
     class_balanced: bool = True
 
@@ -430,6 +434,11 @@ class TrainConfig(Strict):
         if kind in ("protopool", "pipnet") and (s.prototype_init == "crops" or s.prune):
             raise ValueError(f"schedule: model.kind {kind} shares its prototypes between classes, so neither "
                              "prototype_init: crops nor prune (both per class) applies")
+        if self.loss.auxiliary and (self.model.head != "prototypes" or kind not in ("protomask", "protopnet")
+                                    or not s.pretrain_epochs):
+            raise ValueError("loss.auxiliary: the auxiliary head is the classifier that schedule.pretrain_epochs "
+                             "trains on the backbone of model.kind protomask or protopnet; set pretrain_epochs > 0 "
+                             "(or loss.auxiliary: 0)")
         if s.push_distinct and self.parity.push_last_batch:
             raise ValueError("schedule.push_distinct and parity.push_last_batch: the reference's push keeps one batch "
                              "only and cannot choose distinct crops; turn one off")

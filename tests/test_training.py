@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import threading
 import time
@@ -193,6 +194,33 @@ def test_linear_head_and_pretrained_backbone_train_on_the_same_shards(shards: Pa
     state = torch.load(tmp_path / "pre" / "model.pt", weights_only=True)
     assert not any(k.startswith("classifier") for k in state)  # the pre-training classifier is not exported
     assert run_train(pretrained)["test"] == first["test"]  # resumes from its checkpoint
+
+
+def test_auxiliary_head_trains_in_the_joint_phase_only_and_is_not_exported(shards: Path, tmp_path: Path) -> None:
+    """loss.auxiliary: the pre-trained classifier's cross-entropy joins the loss in joint epochs only, from the
+    backbone pass the prototypes use; model.pt and evaluation know nothing of it, and a rerun resumes."""
+    config = _config(shards, tmp_path / "aux", pretrain_epochs=1, prototype_init="crops")
+    config = config.model_copy(update={"loss": config.loss.model_copy(update={"auxiliary": 1.0})})
+    first = run_train(config)
+    rows = list(csv.DictReader((tmp_path / "aux" / "metrics.csv").open()))
+    assert [r["phase"] for r in rows] == ["pretrain", "warmup", "joint", "joint", "last_layer"]
+    assert [bool(r.get("train_auxiliary")) for r in rows] == [False, False, True, True, False]
+    assert all(float(r["train_auxiliary"]) > 0 for r in rows if r["phase"] == "joint")
+    state = torch.load(tmp_path / "aux" / "model.pt", weights_only=True)
+    assert not any(k.startswith(("auxiliary", "classifier")) for k in state)
+    evaluated = run_evaluate(tmp_path / "aux", shards, "test")
+    assert evaluated["accuracy"] == pytest.approx(first["test"]["accuracy"])
+    assert run_train(config)["test"] == first["test"]  # resumes from its checkpoint, the classifier included
+
+    model = ProtoMask(ModelConfig(**TINY), 3)
+    crops, valid = torch.rand(2, 4, 3, 32, 32), torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    model.eval()
+    z, pooled = model.embed_and_pool(crops, valid)
+    assert torch.equal(z, model.embed(crops, valid)) and pooled.shape == (2, model.channels)
+    with pytest.raises(ValueError, match="loss.auxiliary"):
+        TrainConfig.model_validate({**config.model_dump(), "schedule": {**config.schedule.model_dump(),
+                                                                       "pretrain_epochs": 0,
+                                                                       "prototype_init": "uniform"}})
 
 
 def test_corrupt_shard_refused_before_training(shards: Path, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ def export_model(model: Model, config: ModelConfig, classes: list[str], run_dir:
                  shards: Location | Path) -> None:
     """Write ``model.pt`` and ``model_config.json`` into ``run_dir`` (a folder or an S3 prefix)."""
     run_dir = Location.parse(run_dir)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith("auxiliary.")}
     put(run_dir / WEIGHTS, lambda f: torch.save(state, f))
     meta = {
         "format_version": FORMAT_VERSION,

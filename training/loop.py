@@ -291,6 +291,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     pretrainer = None  # the linear head on the prototype model's own backbone
     if isinstance(model, ProtoMask) and config.schedule.pretrain_epochs:
         pretrainer = LinearHead(config.model, dataset.num_classes, trunk=(model.backbone, model.channels))
+        if config.loss.auxiliary:
+            model.auxiliary = pretrainer.classifier
     step_share = config.data.batch_size // world  # images per optimiser step on this worker
     micro_batch = plan_micro_batch(model, config, dataset.masks_per_image, step_share, device,
                                    workers_on_node=context.get_local_world_size())

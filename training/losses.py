@@ -123,6 +123,10 @@ def total_loss(
     ce = F.cross_entropy(out.logits, labels, weight=weights, reduction="none").mean()
     terms = {"cross_entropy": ce}
     loss = config.cross_entropy * ce
+    if out.auxiliary_logits is not None and phase == "joint":
+        auxiliary = F.cross_entropy(out.auxiliary_logits, labels, weight=weights, reduction="none").mean()
+        terms["auxiliary"] = auxiliary
+        loss = loss + config.auxiliary * auxiliary
     if out.cell_presence is not None:  # PIP-Net: two views of the same images, one after the other
         half = len(labels) // 2
         z1, z2 = out.cell_presence[:half], out.cell_presence[half:]

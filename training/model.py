@@ -87,6 +87,12 @@ class ModelOutput:
     similarities: torch.Tensor | None = None  # [B, P]
     presence: torch.Tensor | None = None  # ProtoPool: [C, P, slots] the slot assignment this forward used
     cell_presence: torch.Tensor | None = None  # PIP-Net: [B, cells, P] each cell's softmax over the prototypes
+    auxiliary_logits: torch.Tensor | None = None  # [B, C] loss.auxiliary's classifier, in training only
+
+
+def max_over_crops(z: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[B, K, F] per-crop features → [B, F], the element-wise max over each image's valid crops."""
+    return z.masked_fill(~valid.bool()[..., None], float("-inf")).amax(1)
 
 
 class ProtoMask(nn.Module):
@@ -99,6 +105,8 @@ class ProtoMask(nn.Module):
         self.backbone, self.channels = create_backbone(config.backbone, config.weights, config.width)
         self.add_on, self.grid = self.make_add_on()
         self.last_layer = nn.Linear(self.make_prototypes(), num_classes, bias=False)
+        # loss.auxiliary: the pre-trained linear classifier, trained beside the prototypes; never exported
+        self.auxiliary: nn.Linear | None = None
         self.reset_last_layer()
 
     def make_prototypes(self) -> int:
@@ -143,6 +151,19 @@ class ProtoMask(nn.Module):
         z = run_on_crops(lambda x: self.add_on(self.backbone(x)), crops, valid, self.config.input_size)
         return z.flatten(3).transpose(2, 3).flatten(1, 2)  # [B, K, D, g, g] → [B, K·g², D]
 
+    def embed_and_pool(self, crops: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``embed`` and, from the same backbone pass, the linear head's input: [B, channels], the max over
+        each image's valid crops of their globally pooled backbone features."""
+        size = self.config.prototype_dim * self.grid * self.grid
+
+        def both(x: torch.Tensor) -> torch.Tensor:
+            f = self.backbone(x)
+            return torch.cat([self.add_on(f).flatten(1), f.mean((2, 3))], 1)
+
+        out = run_on_crops(both, crops, valid, self.config.input_size)
+        z = out[..., :size].unflatten(-1, (self.config.prototype_dim, self.grid, self.grid))
+        return z.flatten(3).transpose(2, 3).flatten(1, 2), max_over_crops(out[..., size:], valid)
+
     def region_valid(self, valid: torch.Tensor) -> torch.Tensor:
         """Validity [B, K] of the inputs → validity [B, N] of the regions ``embed`` returns."""
         return valid.bool().repeat_interleave(self.grid * self.grid, dim=1)
@@ -157,11 +178,17 @@ class ProtoMask(nn.Module):
         return torch.log((d + 1) / (d + self.config.similarity_epsilon))
 
     def forward(self, crops: torch.Tensor, valid: torch.Tensor) -> ModelOutput:
-        d = self.distances(self.embed(crops, valid))
+        auxiliary_logits = None
+        if self.auxiliary is not None and self.training:
+            z, pooled = self.embed_and_pool(crops, valid)
+            auxiliary_logits = self.auxiliary(pooled)
+        else:
+            z = self.embed(crops, valid)
+        d = self.distances(z)
         d = d.masked_fill(~self.region_valid(valid)[..., None], float("inf"))
         min_d, nearest = d.min(dim=1)
         sim = self.similarity(min_d)
-        return ModelOutput(self.last_layer(sim), min_d, nearest, sim)
+        return ModelOutput(self.last_layer(sim), min_d, nearest, sim, auxiliary_logits=auxiliary_logits)
 
     def prune(self, keep: torch.Tensor) -> None:
         """Keep only the prototypes where ``keep`` [P] is True (rows, last-layer columns, class identity)."""
@@ -177,6 +204,7 @@ class ProtoMask(nn.Module):
             "add_on": list(self.add_on.parameters()),
             "prototypes": [self.prototypes],
             "last_layer": list(self.last_layer.parameters()),
+            **({"classifier": list(self.auxiliary.parameters())} if self.auxiliary is not None else {}),
         }
 
 
@@ -348,8 +376,7 @@ class LinearHead(nn.Module):
 
     def forward(self, crops: torch.Tensor, valid: torch.Tensor) -> ModelOutput:
         z = run_on_crops(lambda x: self.backbone(x).mean((2, 3)), crops, valid, self.config.input_size)
-        z = z.masked_fill(~valid.bool()[..., None], float("-inf")).amax(1)
-        return ModelOutput(self.classifier(z))
+        return ModelOutput(self.classifier(max_over_crops(z, valid)))
 
     def region_features(self, crops: torch.Tensor, valid: torch.Tensor, grid: int) -> torch.Tensor:
         """[B, K·grid², channels]: each region's pooled backbone features, the regions of a prototype model
