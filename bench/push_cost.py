@@ -27,7 +27,7 @@ from schemas.config import TrainConfig, load_config
 from training.data import ShardDataset, ShardStream, split_keys
 from training.losses import class_weights, total_loss
 from training.metrics import classification_metrics
-from training.model import ModelOutput, ProtoMask, build_model
+from training.model import ModelOutput, ProtoMask, build_model, own_weights
 from training.push import push_distinct, push_prototypes
 
 Embedded = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # region embeddings [N, K, D], validity [N, K], labels
@@ -95,7 +95,7 @@ def main() -> None:
         sys.exit(f"{newest}: saved after push; train with schedule.last_layer_epochs 0 to keep the model before it")
     dataset = ShardDataset.open(config.shards)
     model = build_model(config.model, dataset.num_classes)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(own_weights(state["model"]))
     model.eval().requires_grad_(False)
     with torch.no_grad():
         data = embed_splits(model, config, dataset)

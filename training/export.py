@@ -13,7 +13,7 @@ from schemas.config import ModelConfig
 from schemas.storage import Location, put, read_bytes, read_text, size
 from schemas.version import FORMAT_VERSION
 from training import TrainError
-from training.model import Model, ProtoMask, build_model
+from training.model import Model, ProtoMask, build_model, own_weights
 
 WEIGHTS, META = "model.pt", "model_config.json"
 
@@ -22,7 +22,7 @@ def export_model(model: Model, config: ModelConfig, classes: list[str], run_dir:
                  shards: Location | Path) -> None:
     """Write ``model.pt`` and ``model_config.json`` into ``run_dir`` (a folder or an S3 prefix)."""
     run_dir = Location.parse(run_dir)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith("auxiliary.")}
+    state = {k: v.detach().cpu() for k, v in own_weights(model.state_dict()).items()}
     put(run_dir / WEIGHTS, lambda f: torch.save(state, f))
     meta = {
         "format_version": FORMAT_VERSION,

@@ -90,6 +90,11 @@ class ModelOutput:
     auxiliary_logits: torch.Tensor | None = None  # [B, C] loss.auxiliary's classifier, in training only
 
 
+def own_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A prototype model's state dict without loss.auxiliary's training-only head (what model.pt holds)."""
+    return {k: v for k, v in state.items() if not k.startswith("auxiliary.")}
+
+
 def max_over_crops(z: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """[B, K, F] per-crop features → [B, F], the element-wise max over each image's valid crops."""
     return z.masked_fill(~valid.bool()[..., None], float("-inf")).amax(1)
