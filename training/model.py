@@ -95,6 +95,11 @@ def own_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.startswith("auxiliary.")}
 
 
+def _as_regions(z: torch.Tensor) -> torch.Tensor:
+    """Per-crop maps [B, K, D, g, g] → one row per region (cell of a crop) [B, K·g², D]."""
+    return z.flatten(3).transpose(2, 3).flatten(1, 2)
+
+
 def max_over_crops(z: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """[B, K, F] per-crop features → [B, F], the element-wise max over each image's valid crops."""
     return z.masked_fill(~valid.bool()[..., None], float("-inf")).amax(1)
@@ -154,7 +159,7 @@ class ProtoMask(nn.Module):
 
         N = K (one per mask crop) or K·grid² (patches: K is 1, the whole image)."""
         z = run_on_crops(lambda x: self.add_on(self.backbone(x)), crops, valid, self.config.input_size)
-        return z.flatten(3).transpose(2, 3).flatten(1, 2)  # [B, K, D, g, g] → [B, K·g², D]
+        return _as_regions(z)
 
     def embed_and_pool(self, crops: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``embed`` and, from the same backbone pass, the linear head's input: [B, channels], the max over
@@ -167,7 +172,7 @@ class ProtoMask(nn.Module):
 
         out = run_on_crops(both, crops, valid, self.config.input_size)
         z = out[..., :size].unflatten(-1, (self.config.prototype_dim, self.grid, self.grid))
-        return z.flatten(3).transpose(2, 3).flatten(1, 2), max_over_crops(out[..., size:], valid)
+        return _as_regions(z), max_over_crops(out[..., size:], valid)
 
     def region_valid(self, valid: torch.Tensor) -> torch.Tensor:
         """Validity [B, K] of the inputs → validity [B, N] of the regions ``embed`` returns."""
@@ -346,8 +351,7 @@ class PIPNet(ProtoMask):
 
     def embed(self, crops: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """[B, 1, 3, S, S] → [B, cells, P]: each cell's presence of every prototype (sums to 1 over P)."""
-        z = run_on_crops(lambda x: self.add_on(self.backbone(x)), crops, valid, self.config.input_size)
-        return z.flatten(3).transpose(2, 3).flatten(1, 2)
+        return _as_regions(run_on_crops(lambda x: self.add_on(self.backbone(x)), crops, valid, self.config.input_size))
 
     def forward(self, crops: torch.Tensor, valid: torch.Tensor) -> ModelOutput:
         cells = self.embed(crops, valid)
@@ -387,7 +391,7 @@ class LinearHead(nn.Module):
         """[B, K·grid², channels]: each region's pooled backbone features, the regions of a prototype model
         with that ``grid`` (1: one per crop; patches: the cells of the whole image)."""
         f = run_on_crops(lambda x: F.adaptive_avg_pool2d(self.backbone(x), grid), crops, valid, self.config.input_size)
-        return f.flatten(3).transpose(2, 3).flatten(1, 2)
+        return _as_regions(f)
 
     def region_logits(self, crops: torch.Tensor, valid: torch.Tensor, grid: int) -> torch.Tensor:
         """[B, K·grid², C]: the classifier applied to each region's pooled features."""
