@@ -305,9 +305,10 @@ class LossConfig(Strict):
         "coefficient of the distance from each prototype to the nearest crop of its class in the batch (Li et "
         "al. 2018's R1), so that push moves prototypes little; 0: the paper"))
     auxiliary: float = Field(0.0, ge=0, description=(
-        "kinds protomask and protopnet with schedule.pretrain_epochs: coefficient of a training-only second head in "
-        "the joint phase, the pre-trained linear classifier on the max-pooled backbone features of the crops, so "
-        "the backbone goes on learning as the linear head's does; the model keeps no trace of it; 0: the paper"))
+        "kinds protomask and protopnet with schedule.pretrain_epochs (the linear head ignores it): coefficient of a "
+        "training-only second head in the joint phase, the pre-trained linear classifier on the max-pooled backbone "
+        "features of the crops, so the backbone goes on learning as the linear head's does; the model keeps no "
+        "trace of it; 0: the paper"))
     l1: float = 1e-3
     class_balanced: bool = True
 
@@ -434,8 +435,9 @@ class TrainConfig(Strict):
         if kind in ("protopool", "pipnet") and (s.prototype_init == "crops" or s.prune):
             raise ValueError(f"schedule: model.kind {kind} shares its prototypes between classes, so neither "
                              "prototype_init: crops nor prune (both per class) applies")
-        if self.loss.auxiliary and (self.model.head != "prototypes" or kind not in ("protomask", "protopnet")
-                                    or not s.pretrain_epochs):
+        # the linear head reads no loss term, so a config that sets one still trains the black-box
+        if self.loss.auxiliary and self.model.head == "prototypes" and (kind not in ("protomask", "protopnet")
+                                                                        or not s.pretrain_epochs):
             raise ValueError("loss.auxiliary: the auxiliary head is the classifier that schedule.pretrain_epochs "
                              "trains on the backbone of model.kind protomask or protopnet; set pretrain_epochs > 0 "
                              "(or loss.auxiliary: 0)")

@@ -118,6 +118,11 @@ def test_named_configs_validate(name: str) -> None:
     assert config.data.batch_size % 2 == 0  # splits over 1 and 2 workers
     if name in ("protopnet", "protopool", "pipnet"):  # the kind's architecture defaults, the reference's recipe
         assert (config.model.kind, config.model.regions, config.model.prototype_dim) == (name, "patches", 128)
+    if name == "small-cpu":  # make bench-real's four rows: ProtoMask, the patch baseline and the two black-boxes
+        for head in ("prototypes", "linear"):
+            for regions in ("masks", "patches"):
+                load_config(TrainConfig, config_file(name), {"shards": "s", "run_dir": "r", "model.head": head,
+                                                             "model.regions": regions}, section="train")
 
 
 # spec §2.4: (K, backbone rate, prototype rate, StepLR step) per dataset and segmenter
@@ -232,6 +237,19 @@ def test_errors_are_one_line_and_write_nothing(tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.slow
+def test_epoch_line_shows_each_loss_term_of_the_phase() -> None:
+    from training.progress import format_epoch
+
+    row = {"epoch": 20, "phase": "joint", "train_loss": 2.5, "train_cross_entropy": 1.4, "train_auxiliary": 1.2,
+           "train_cluster": 0.6, "train_separation": 0.5, "train_accuracy": 0.6, "val_balanced_accuracy": 0.5,
+           "images_per_s": 180.0}
+    assert format_epoch(row, 40) == ("epoch 21/40 joint       loss 2.500  ce 1.400  aux 1.200  clst 0.600  sep 0.500  "
+                                     "train 60.0%  val 50.0% balanced  180 img/s")
+    pretrain = {"epoch": 0, "phase": "pretrain", "train_loss": 3.4, "train_cross_entropy": 3.4,
+                "train_accuracy": 0.07, "images_per_s": 41.0}
+    assert format_epoch(pretrain, 40) == "epoch  1/40 pretrain    loss 3.400  train 7.0%  41 img/s"
+
+
 def test_train_console_is_one_line_per_epoch(tmp_path: Path) -> None:
     """`protomask train` as a user runs it (its own local Ray): one line per epoch and a summary on stdout,
     none of Ray's or Ray Train's own lines, and nothing on stderr but the notes."""

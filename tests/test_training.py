@@ -221,6 +221,9 @@ def test_auxiliary_head_trains_in_the_joint_phase_only_and_is_not_exported(shard
         TrainConfig.model_validate({**config.model_dump(), "schedule": {**config.schedule.model_dump(),
                                                                        "pretrain_epochs": 0,
                                                                        "prototype_init": "uniform"}})
+    black_box = TrainConfig.model_validate({**config.model_dump(), "model": {**config.model.model_dump(),
+                                                                            "head": "linear"}})
+    assert black_box.loss.auxiliary == 1.0  # ignored by the linear head: small-cpu + model.head=linear is the black-box
 
 
 def test_corrupt_shard_refused_before_training(shards: Path, tmp_path: Path) -> None:
