@@ -236,7 +236,6 @@ def test_errors_are_one_line_and_write_nothing(tmp_path: Path, capsys) -> None:
         main(["report", "-v", "--run-dir", str(missing)])
 
 
-@pytest.mark.slow
 def test_epoch_line_shows_each_loss_term_of_the_phase() -> None:
     from training.progress import format_epoch
 
@@ -250,6 +249,7 @@ def test_epoch_line_shows_each_loss_term_of_the_phase() -> None:
     assert format_epoch(pretrain, 40) == "epoch  1/40 pretrain    loss 3.400  train 7.0%  41 img/s"
 
 
+@pytest.mark.slow
 def test_train_console_is_one_line_per_epoch(tmp_path: Path) -> None:
     """`protomask train` as a user runs it (its own local Ray): one line per epoch and a summary on stdout,
     none of Ray's or Ray Train's own lines, and nothing on stderr but the notes."""
