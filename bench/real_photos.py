@@ -144,13 +144,16 @@ def main() -> None:
     config_path = config_file(args.config)
     start = time.perf_counter()
     shards = args.work / "shards"
+    configs = {}
+    for name, model in MODELS.items():  # every row's config is checked before anything runs
+        run_dir = args.work / "runs" / name.replace(", ", "-").replace(" ", "-")
+        configs[name] = model_config(model, config_path, shards, run_dir, args.num_workers)
     seg_s = segment(args.root, shards, args.num_workers)
     saved = args.work / "results.json"
     earlier = {r["model"]: r for r in json.loads(saved.read_text())["rows"]} if saved.is_file() else {}
     rows = []
-    for name, model in MODELS.items():
-        run_dir = args.work / "runs" / name.replace(", ", "-").replace(" ", "-")
-        config = model_config(model, config_path, shards, run_dir, args.num_workers)
+    for name, config in configs.items():
+        run_dir = config.run_dir.local
         if name not in args.models:  # kept from an earlier run only if measured with the same config
             if earlier.get(name, {}).get("config") == identity(config):
                 rows.append(earlier[name])
