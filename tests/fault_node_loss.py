@@ -77,8 +77,8 @@ def main(tmp: Path, retries: int, replace: bool) -> None:
         victim, in_flight, removed_after, started_before = nodes[1].node_id, None, None, 0  # nodes[0] stays
         deadline = time.time() + 120
         while time.time() < deadline and job.is_alive() and in_flight is None:
+            trace = starts(Path(TRACE))  # before the markers: a shard in `running` had not finished when traced
             finished = {int(SHARD_FILE.match(p.name)["shard"]) for p in config.out.local.glob(shard_glob(part="stats"))}
-            trace = starts(Path(TRACE))
             running = [s for s, node, _ in trace if node == victim and s not in finished]
             if 2 <= len(finished) < TOTAL_SHARDS and running:
                 # the whole node at once: the actor process mid-shard (an actor outlives its raylet for a while,
@@ -106,6 +106,7 @@ def main(tmp: Path, retries: int, replace: bool) -> None:
             "in_flight": in_flight, "removed_after_shards": removed_after, "seconds": seconds,
             "starts": len(trace), "rerun": sorted({s for s, _, _ in trace if sum(t == s for t, _, _ in trace) > 1}),
             "rerun_elsewhere": in_flight is not None and any(s == in_flight and n != victim for s, n, _ in trace),
+            "started_on_victim": sorted({s for s, n, _ in trace[:started_before] if n == victim}),
             "after_removal_on_victim": [s for s, n, _ in trace[started_before:] if n == victim],
             "inputs": card.counts["inputs"], "planned": plan.num_rows, "shards": len(card.shards),
             "rows": len(keys), "distinct": len(set(keys)), "same_keys": sorted(keys) == sorted(plan.column("key").to_pylist()),
