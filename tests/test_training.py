@@ -217,6 +217,11 @@ def test_auxiliary_head_trains_in_the_joint_phase_only_and_is_not_exported(shard
     model.eval()
     z, pooled = model.embed_and_pool(crops, valid)
     assert torch.equal(z, model.embed(crops, valid)) and pooled.shape == (2, model.channels)
+    model.auxiliary = torch.nn.Linear(model.channels, 3)
+    model.train()
+    assert model(crops, valid).auxiliary_logits.shape == (2, 3)
+    set_trainable(model, "last_layer", config)  # the head frozen: its logits are not computed at all
+    assert model(crops, valid).auxiliary_logits is None
     with pytest.raises(ValueError, match="loss.auxiliary"):
         TrainConfig.model_validate({**config.model_dump(), "schedule": {**config.schedule.model_dump(),
                                                                        "pretrain_epochs": 0,

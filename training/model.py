@@ -87,7 +87,7 @@ class ModelOutput:
     similarities: torch.Tensor | None = None  # [B, P]
     presence: torch.Tensor | None = None  # ProtoPool: [C, P, slots] the slot assignment this forward used
     cell_presence: torch.Tensor | None = None  # PIP-Net: [B, cells, P] each cell's softmax over the prototypes
-    auxiliary_logits: torch.Tensor | None = None  # [B, C] loss.auxiliary's classifier, in training only
+    auxiliary_logits: torch.Tensor | None = None  # [B, C] loss.auxiliary's classifier, only in phases that train it
 
 
 def own_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -189,7 +189,7 @@ class ProtoMask(nn.Module):
 
     def forward(self, crops: torch.Tensor, valid: torch.Tensor) -> ModelOutput:
         auxiliary_logits = None
-        if self.auxiliary is not None and self.training:
+        if self.auxiliary is not None and self.training and self.auxiliary.weight.requires_grad:  # while it trains
             z, pooled = self.embed_and_pool(crops, valid)
             auxiliary_logits = self.auxiliary(pooled)
         else:
