@@ -33,7 +33,7 @@ from bench.common import REPO, machine, print_table
 from pipeline.job import run_segment
 from protomask.cli import config_file
 from schemas.config import SegmentConfig, TrainConfig, load_config
-from training.train import run_evaluate, run_train
+from training.train import run_train
 
 CUB_DEV = Path(os.environ.get("PROTOMASK_CUB_DEV", REPO.parent / "shared" / "data" / "cub_dev"))
 BEGIN, END = "<!-- measured by bench/real_photos.py: begin -->", "<!-- measured by bench/real_photos.py: end -->"
@@ -75,12 +75,13 @@ def identity(config: TrainConfig) -> str:
     return json.dumps(data, sort_keys=True)
 
 
-def train_and_evaluate(name: str, config: TrainConfig) -> dict:
-    model, run_dir, shards = config.model, config.run_dir, config.shards
+def measure(name: str, config: TrainConfig) -> dict:
+    """Train one row's model from scratch; its row of figures (test metrics as the run wrote them)."""
+    model, run_dir = config.model, config.run_dir
     start = time.perf_counter()
-    trained = run_train(config)
+    trained = run_train(config)  # the run evaluates its exported model on the test split (metrics_test.json)
     wall = time.perf_counter() - start
-    test = run_evaluate(run_dir, shards, "test")
+    test = trained["test"]
     with (run_dir.local / "metrics.csv").open() as f:
         epochs = list(csv.DictReader(f))
     rate = [float(e["images_per_s"]) for e in epochs]
@@ -160,7 +161,7 @@ def main() -> None:
             continue
         if run_dir.exists():
             shutil.rmtree(run_dir)  # a fresh run, not a resumed one
-        rows.append(train_and_evaluate(name, config))
+        rows.append(measure(name, config))
         print(json.dumps(rows[-1]), flush=True)
     print_table("real photos", [{k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in r.items() if k != "config"}
                                 for r in rows])
