@@ -10,7 +10,7 @@ import torch
 from schemas.config import LossConfig, ModelConfig, TrainConfig
 from training.losses import (alignment_loss, class_weights, cluster_loss, diversity_loss, l1_off_class,
                              orthogonality_loss, pool_cluster_separation, separation_loss, tanh_loss, total_loss)
-from training.model import PIPNet, ProtoMask, ProtoPNet, ProtoPool, build_model, gumbel_scale
+from training.model import PIPNet, ProtoMask, ProtoPNet, ProtoPool, build_model, create_backbone, gumbel_scale
 
 TINY = ModelConfig(backbone="convnet", width=4, prototype_dim=8, input_size=16, prototypes_per_class=2)
 
@@ -31,6 +31,26 @@ def test_torchvision_backbones(backbone: str) -> None:
     model = ProtoMask(ModelConfig(backbone=backbone, prototype_dim=8, input_size=32, prototypes_per_class=1), 2)
     assert model(torch.rand(1, 2, 3, 32, 32), torch.ones(1, 2, dtype=torch.bool)).logits.shape == (1, 2)
 
+
+
+@pytest.mark.parametrize("backbone", ["convnet", "resnet18"])
+def test_channels_last_trunk_is_the_same_function(backbone: str) -> None:
+    torch.manual_seed(0)
+    nchw, _ = create_backbone(backbone, None, 8, channels_last=False)
+    trunk, _ = create_backbone(backbone, None, 8)
+    trunk.load_state_dict(nchw.state_dict())  # an NCHW state dict loads and keeps the trunk's layout
+    trunk.eval(), nchw.eval()  # BatchNorm on batch statistics of 3 images would amplify the rounding
+    conv = next(m for m in trunk.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    x = torch.rand(3, 3, 64, 64, requires_grad=True)
+    y = trunk(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, nchw(x), rtol=1e-4, atol=1e-4)
+    y.sum().backward()  # the input's gradient goes through the layout change
+    grad, x.grad = x.grad, None
+    nchw(x).sum().backward()
+    # rounding may flip a max-pool's winner between two near-equal cells (2 % of the norm seen with seed 1)
+    assert float((grad - x.grad).norm() / x.grad.norm()) < 0.05
 
 def test_missing_weights_file_named(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="nope.pth"):
