@@ -123,7 +123,7 @@ def total_loss(
     ce = F.cross_entropy(out.logits, labels, weight=weights, reduction="none").mean()
     terms = {"cross_entropy": ce}
     loss = config.cross_entropy * ce
-    if out.auxiliary_logits is not None and phase == "joint":
+    if out.auxiliary_logits is not None:  # the model gives them only while its classifier trains (joint)
         auxiliary = F.cross_entropy(out.auxiliary_logits, labels, weight=weights, reduction="none").mean()
         terms["auxiliary"] = auxiliary
         loss = loss + config.auxiliary * auxiliary
