@@ -32,7 +32,6 @@ def test_torchvision_backbones(backbone: str) -> None:
     assert model(torch.rand(1, 2, 3, 32, 32), torch.ones(1, 2, dtype=torch.bool)).logits.shape == (1, 2)
 
 
-
 @pytest.mark.parametrize("backbone", ["convnet", "resnet18"])
 def test_channels_last_trunk_is_the_same_function(backbone: str) -> None:
     torch.manual_seed(0)
@@ -51,6 +50,7 @@ def test_channels_last_trunk_is_the_same_function(backbone: str) -> None:
     nchw(x).sum().backward()
     # rounding may flip a max-pool's winner between two near-equal cells (2 % of the norm seen with seed 1)
     assert float((grad - x.grad).norm() / x.grad.norm()) < 0.05
+
 
 def test_missing_weights_file_named(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="nope.pth"):
