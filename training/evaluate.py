@@ -9,7 +9,6 @@ import json
 from collections.abc import Iterable
 
 import torch
-import torch.distributed as dist
 
 from schemas.storage import Location, put, read_text_if_present
 from training.data import ShardDataset
@@ -58,15 +57,15 @@ def evaluate_split(model: Model, batches: Iterable[dict], device: torch.device, 
                    keys: Iterable[str], relevance: Relevance | None = None) -> dict:
     """Every metric of the model on one split: classification over all workers' ``batches`` (with the
     confusion matrix, ``confusion[true][predicted]`` counts); for prototype heads also compactness,
-    contrastivity and the saliency metrics (spec §7, with ``relevance`` as their saliency; computed where the
-    result is kept: rank 0, or the only process). Every rank must call it when distributed."""
+    contrastivity and the saliency metrics (spec §7, with ``relevance`` as their saliency; each rank takes a share
+    of the samples). Every rank must call it when distributed."""
     p = predict(model, batches, device)
     c = model.num_classes
     joined, labels, _ = gather_predictions(torch.cat([p["logits"], p["similarities"]], 1), p["labels"], p["keys"])
     logits = joined[:, :c]
     result = {"head": model.config.head, "regions": model.config.regions, **classification_metrics(logits, labels),
               "confusion": confusion_matrix(logits.argmax(1), labels, c).tolist()}
-    if isinstance(model, ProtoMask) and (not dist.is_initialized() or dist.get_rank() == 0):
+    if isinstance(model, ProtoMask):
         sims = joined[:, c:]
         top = sims.topk(min(TOP_K, sims.shape[1]), dim=1).indices
         vectors = getattr(model, "prototypes", None)  # PIP-Net's prototypes are channels: no prototype distances

@@ -25,11 +25,14 @@ A metric whose ground truth no sample carries is left out of the result.
 
 from __future__ import annotations
 
-from collections import defaultdict
+import zlib
+from collections import Counter, defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from schemas.shard import SampleRecord
 from training.data import IMAGENET_MEAN, IMAGENET_STD, ShardDataset, decode_sample
@@ -68,18 +71,66 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def interpretability_metrics(model: ProtoMask, dataset: ShardDataset, keys: Iterable[str], *, k: int = 5,
-                             relevance: Relevance | None = None) -> dict:
-    """The metrics of the module docstring over the samples ``keys`` (the model in eval mode, on the CPU);
-    ``relevance``: the saliency of the paper metrics (default: ``default_relevance``)."""
-    relevance = relevance or default_relevance(model)
+def _counters() -> dict[str, Counter]:
+    return {"paper": Counter(), "regions": Counter()}
+
+
+def _by_prototype(hits: Counter) -> dict[int, dict[int, int]]:
+    """``{(prototype, part): n}`` as ``{prototype: {part: n}}``."""
+    nested: dict[int, dict[int, int]] = defaultdict(dict)
+    for (prototype, part), n in hits.items():
+        nested[prototype][part] = n
+    return nested
+
+
+@dataclass
+class Tally:
+    """The per-sample values and counts behind the metrics, over some samples of a split. Tallies of disjoint
+    samples add up (``+``), so that workers can each take a share of the split."""
+
+    vlc: list[float] = field(default_factory=list)
+    object_overlap: list[float] = field(default_factory=list)
+    background_overlap: list[float] = field(default_factory=list)
+    ior: list[float] = field(default_factory=list)
+    stability: list[float] = field(default_factory=list)
+    correct: int = 0  # correctly classified samples with a part 1, and how many of them hit it
+    hits: int = 0
+    with_parts: bool = False
+    with_part_one: bool = False
+    seen: dict[str, Counter] = field(default_factory=_counters)  # per variant: top-k appearances per prototype,
+    part_hits: dict[str, Counter] = field(default_factory=_counters)  # and hits per (prototype, part)
+
+    def __add__(self, other: Tally) -> Tally:
+        return Tally(**{name: getattr(self, name) + getattr(other, name)
+                        for name in ("vlc", "object_overlap", "background_overlap", "ior", "stability", "correct",
+                                     "hits")},
+                     with_parts=self.with_parts or other.with_parts,
+                     with_part_one=self.with_part_one or other.with_part_one,
+                     seen={v: self.seen[v] + other.seen[v] for v in self.seen},
+                     part_hits={v: self.part_hits[v] + other.part_hits[v] for v in self.part_hits})
+
+    def metrics(self) -> dict:
+        """The metrics of the module docstring; a metric whose ground truth no sample carried is left out."""
+        result: dict = {}
+        if self.vlc:
+            result["vlc"] = _mean(self.vlc)
+        if self.object_overlap:
+            result.update(object_overlap=_mean(self.object_overlap),
+                          background_overlap=_mean(self.background_overlap), ior=_mean(self.ior))
+        if self.with_parts:
+            result.update(consistency=consistency(self.seen["paper"], _by_prototype(self.part_hits["paper"])),
+                          part_consistency=consistency(self.seen["regions"], _by_prototype(self.part_hits["regions"])),
+                          part_stability=_mean(self.stability) if self.stability else 0.0)
+        if self.with_part_one:
+            result.update(part_hit_rate=self.hits / self.correct if self.correct else 0.0, part_hit_n=self.correct)
+        return result
+
+
+def _tally(model: ProtoMask, dataset: ShardDataset, keys: Iterable[str], *, k: int, relevance: Relevance) -> Tally:
+    """One pass over the samples ``keys`` (the model in eval mode, on the CPU)."""
     patches = model.config.regions == "patches"
-    vlc, object_share, background_share, ior, stability = [], [], [], [], []
-    correct = hits = 0
-    seen: dict[str, dict[int, int]] = {"paper": defaultdict(int), "regions": defaultdict(int)}
-    part_hits: dict[str, dict[int, dict[int, int]]] = {"paper": defaultdict(dict), "regions": defaultdict(dict)}
-    with_parts = with_part_one = False
-    for index, (_, members) in enumerate(read_samples(dataset, keys)):
+    t = Tally()
+    for key, members in read_samples(dataset, keys):
         record = SampleRecord.model_validate_json(members["json"])
         crops, valid, label, _ = decode_sample(members, record.masks_per_image, model.config.input_size, None,
                                              whole_image=patches)
@@ -90,44 +141,49 @@ def interpretability_metrics(model: ProtoMask, dataset: ShardDataset, keys: Iter
         maps = saliency(model, members, record, crops, valid, [(p, int(out.nearest_mask[0, p])) for p in top],
                         relevance=relevance, masks=regions)
         binary = np.stack([percentile_mask(m) for m in maps])
-        vlc.append(location_change(binary))
+        t.vlc.append(location_change(binary))
         obj = ground_truth_object(members)
         if obj is not None:
             for level, mask in zip(maps, binary):
-                object_share.append(object_overlap(mask, obj))
-                background_share.append(background_overlap(mask, obj))
-                ior.append(inside_outside_relevance(level, obj))
+                t.object_overlap.append(object_overlap(mask, obj))
+                t.background_overlap.append(background_overlap(mask, obj))
+                t.ior.append(inside_outside_relevance(level, obj))
         parts = ground_truth_parts(members, record)
         if not parts:
             continue
-        with_parts = True
+        t.with_parts = True
         predicted, evidence = top_evidence(model, out, k)
         matched = [regions[e.mask_index] for e in evidence]  # the saliency of our columns: the matched region
         if 1 in parts and record.part_names is not None:
-            with_part_one = True
+            t.with_part_one = True
             if predicted == label:
-                correct += 1
-                hits += overlaps(matched[0], parts[1])
-        with torch.no_grad():
-            second = model(perturb(crops, index)[None], valid[None]).nearest_mask[0]
+                t.correct += 1
+                t.hits += overlaps(matched[0], parts[1])
+        with torch.no_grad():  # the perturbation is seeded by the key: the same view in any share of the split
+            second = model(perturb(crops, zlib.crc32(key.encode()))[None], valid[None]).nearest_mask[0]
         for variant, pairs in (("paper", zip(top, binary)), ("regions", zip((e.prototype for e in evidence), matched))):
             for prototype, mask in pairs:
-                seen[variant][prototype] += 1
+                t.seen[variant][prototype] += 1
                 for part in hit_parts(mask, parts):
-                    part_hits[variant][prototype][part] = part_hits[variant][prototype].get(part, 0) + 1
+                    t.part_hits[variant][prototype, part] += 1
         for e, mask in zip(evidence, matched):
             first, other = hit_parts(mask, parts), hit_parts(regions[int(second[e.prototype])], parts)
             if first | other:
-                stability.append(1 - len(first ^ other) / len(first | other))
-    result: dict = {"relevance": relevance}
-    if vlc:
-        result["vlc"] = _mean(vlc)
-    if object_share:
-        result.update(object_overlap=_mean(object_share), background_overlap=_mean(background_share), ior=_mean(ior))
-    if with_parts:
-        result.update(consistency=consistency(seen["paper"], part_hits["paper"]),
-                      part_consistency=consistency(seen["regions"], part_hits["regions"]),
-                      part_stability=_mean(stability) if stability else 0.0)
-    if with_part_one:
-        result.update(part_hit_rate=hits / correct if correct else 0.0, part_hit_n=correct)
-    return result
+                t.stability.append(1 - len(first ^ other) / len(first | other))
+    return t
+
+
+def interpretability_metrics(model: ProtoMask, dataset: ShardDataset, keys: Iterable[str], *, k: int = 5,
+                             relevance: Relevance | None = None) -> dict:
+    """The metrics of the module docstring over the samples ``keys`` (the model in eval mode, on the CPU);
+    ``relevance``: the saliency of the paper metrics (default: ``default_relevance``). In a process group each
+    rank takes every world-size-th key and all ranks get the metrics of all keys: every rank must call it."""
+    relevance = relevance or default_relevance(model)
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    tally = _tally(model, dataset, sorted(keys)[rank::world], k=k, relevance=relevance)
+    if distributed:
+        tallies: list = [None] * world
+        dist.all_gather_object(tallies, tally)
+        tally = sum(tallies[1:], tallies[0])
+    return {"relevance": relevance, **tally.metrics()}
