@@ -249,6 +249,20 @@ def test_epoch_line_shows_each_loss_term_of_the_phase() -> None:
     assert format_epoch(pretrain, 40) == "epoch  1/40 pretrain    loss 3.400  train 7.0%  41 img/s"
 
 
+
+def test_reporter_tracks_any_pass_with_its_total_and_unit() -> None:
+    """Rank 0's progress events for a pass that is not a stream's batches (the test's saliency metrics)."""
+    from types import SimpleNamespace
+
+    from training.progress import Reporter
+
+    events: list[dict] = []
+    reporter = Reporter(SimpleNamespace(put=SimpleNamespace(remote=events.append)))
+    assert list(reporter.track(iter("abc"), "test: saliency metrics", total=3, unit="image")) == ["a", "b", "c"]
+    assert events[0] == {"kind": "start", "name": "test: saliency metrics", "total": 3, "unit": "image"}
+    assert events[-1] == {"kind": "end", "done": 3}
+    assert list(Reporter(None).track(iter("ab"), "elsewhere", total=2)) == ["a", "b"]  # other ranks send nothing
+
 @pytest.mark.slow
 def test_train_console_is_one_line_per_epoch(tmp_path: Path) -> None:
     """`protomask train` as a user runs it (its own local Ray): one line per epoch and a summary on stdout,

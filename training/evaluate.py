@@ -13,7 +13,7 @@ import torch
 from schemas.storage import Location, put, read_text_if_present
 from training.data import ShardDataset
 from training.explain import Relevance
-from training.interpretability import interpretability_metrics
+from training.interpretability import Track, interpretability_metrics
 from training.metrics import (classification_metrics, compactness, confusion_matrix, contrastivity,
                               gather_predictions)
 from training.model import Model, ProtoMask
@@ -54,11 +54,11 @@ def classification(model: Model, batches: Iterable[dict], device: torch.device) 
 
 
 def evaluate_split(model: Model, batches: Iterable[dict], device: torch.device, *, dataset: ShardDataset,
-                   keys: Iterable[str], relevance: Relevance | None = None) -> dict:
+                   keys: Iterable[str], relevance: Relevance | None = None, track: Track | None = None) -> dict:
     """Every metric of the model on one split: classification over all workers' ``batches`` (with the
     confusion matrix, ``confusion[true][predicted]`` counts); for prototype heads also compactness,
     contrastivity and the saliency metrics (spec §7, with ``relevance`` as their saliency; each rank takes a share
-    of the samples). Every rank must call it when distributed."""
+    of the samples; ``track`` shows its progress). Every rank must call it when distributed."""
     p = predict(model, batches, device)
     c = model.num_classes
     joined, labels, _ = gather_predictions(torch.cat([p["logits"], p["similarities"]], 1), p["labels"], p["keys"])
@@ -72,7 +72,7 @@ def evaluate_split(model: Model, batches: Iterable[dict], device: torch.device, 
         result.update(**compactness(model),
                       **(contrastivity(vectors.detach().cpu(), top, labels) if vectors is not None else {}))
         on_cpu = model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu()
-        result.update(interpretability_metrics(on_cpu, dataset, keys, k=TOP_K, relevance=relevance))
+        result.update(interpretability_metrics(on_cpu, dataset, keys, k=TOP_K, relevance=relevance, track=track))
     return result
 
 

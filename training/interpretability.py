@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +42,8 @@ from training.metrics import (background_overlap, consistency, inside_outside_re
                               object_overlap, percentile_mask)
 from training.model import ProtoMask
 from training.prp import canonizers
+
+Track = Callable[[Iterator, int], Iterator]  # (items, how many) -> the same items, shown as they are taken
 
 
 def default_relevance(model: ProtoMask) -> Relevance:
@@ -126,11 +128,13 @@ class Tally:
         return result
 
 
-def _tally(model: ProtoMask, dataset: ShardDataset, keys: Iterable[str], *, k: int, relevance: Relevance) -> Tally:
+def _tally(model: ProtoMask, dataset: ShardDataset, keys: list[str], *, k: int, relevance: Relevance,
+           track: Track | None) -> Tally:
     """One pass over the samples ``keys`` (the model in eval mode, on the CPU)."""
     patches = model.config.regions == "patches"
     t = Tally()
-    for key, members in read_samples(dataset, keys):
+    samples = read_samples(dataset, keys)
+    for key, members in samples if track is None else track(samples, len(keys)):
         record = SampleRecord.model_validate_json(members["json"])
         crops, valid, label, _ = decode_sample(members, record.masks_per_image, model.config.input_size, None,
                                              whole_image=patches)
@@ -174,14 +178,15 @@ def _tally(model: ProtoMask, dataset: ShardDataset, keys: Iterable[str], *, k: i
 
 
 def interpretability_metrics(model: ProtoMask, dataset: ShardDataset, keys: Iterable[str], *, k: int = 5,
-                             relevance: Relevance | None = None) -> dict:
+                             relevance: Relevance | None = None, track: Track | None = None) -> dict:
     """The metrics of the module docstring over the samples ``keys`` (the model in eval mode, on the CPU);
-    ``relevance``: the saliency of the paper metrics (default: ``default_relevance``). In a process group each
-    rank takes every world-size-th key and all ranks get the metrics of all keys: every rank must call it."""
+    ``relevance``: the saliency of the paper metrics (default: ``default_relevance``); ``track`` wraps this
+    process's samples with a progress display. In a process group each rank takes every world-size-th key and
+    all ranks get the metrics of all keys: every rank must call it."""
     relevance = relevance or default_relevance(model)
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    tally = _tally(model, dataset, sorted(keys)[rank::world], k=k, relevance=relevance)
+    tally = _tally(model, dataset, sorted(keys)[rank::world], k=k, relevance=relevance, track=track)
     if distributed:
         tallies: list = [None] * world
         dist.all_gather_object(tallies, tally)

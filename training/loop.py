@@ -396,7 +396,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         push(model, optimizers, config, stream, device, rank, reporter)
     sync_buffers(model)  # every rank evaluates the model that rank 0 exports
     test = evaluate_split(model, reporter.track(stream("test", False), "test"), device, dataset=dataset,
-                          keys=splits["test"])
+                          keys=splits["test"],
+                          track=lambda samples, n: reporter.track(samples, "test: saliency metrics", total=n, unit="image"))
     peak = _peak_memory_mib(device)
     if rank == 0:
         export_model(model, config.model, dataset.classes, run_dir, shards=config.shards)

@@ -2,21 +2,24 @@
 
 Workers print nothing (Ray's log forwarding is off unless ``-v``). Rank 0 sends events to a
 ``ProgressBoard`` actor instead: notes, throttled progress of each pass (training epoch, validation,
-push, test) and the epoch's metrics row; the driver polls the board on a thread while ``trainer.fit()``
-runs and renders one line per epoch, with a bar for the pass in flight when the console is a terminal.
+push, test and its saliency metrics) and the epoch's metrics row; the driver polls the board on a
+thread while ``trainer.fit()`` runs and renders one line per epoch, with a bar for the pass in flight
+when the console is a terminal.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import ray
 
 if TYPE_CHECKING:
     from training.data import ShardStream
+
+T = TypeVar("T")
 
 THROTTLE_S = 0.5  # at most two progress events per second from rank 0
 
@@ -52,13 +55,16 @@ class Reporter:
     def epoch(self, row: dict, epochs: int) -> None:
         self._send({"kind": "epoch", "row": row, "epochs": epochs})
 
-    def track(self, stream: ShardStream, name: str) -> Iterator[dict]:
-        """The stream's batches unchanged, reporting how many of its ``steps_per_epoch()`` have been taken."""
-        self._send({"kind": "start", "name": name, "total": stream.steps_per_epoch()})
+    def track(self, items: ShardStream | Iterable[T], name: str, *, total: int | None = None, unit: str = "batch"
+              ) -> Iterator[T]:
+        """``items`` unchanged, reporting how many of ``total`` (default: the stream's ``steps_per_epoch()``)
+        have been taken."""
+        total = items.steps_per_epoch() if total is None else total
+        self._send({"kind": "start", "name": name, "total": total, "unit": unit})
         last = time.monotonic()
         done = 0
-        for done, batch in enumerate(stream, 1):
-            yield batch
+        for done, item in enumerate(items, 1):
+            yield item
             if time.monotonic() - last > THROTTLE_S:
                 self._send({"kind": "step", "done": done})
                 last = time.monotonic()
@@ -124,7 +130,7 @@ class Console:
         kind = event["kind"]
         if kind == "start":
             self._close_bar()
-            self._bar = self._tqdm(total=event["total"], desc=event["name"], unit="batch", leave=False,
+            self._bar = self._tqdm(total=event["total"], desc=event["name"], unit=event["unit"], leave=False,
                                    disable=None if self._bars else True, dynamic_ncols=True)
         elif kind in ("step", "end") and self._bar is not None:
             self._bar.update(event["done"] - self._bar.n)
