@@ -19,7 +19,7 @@ import json
 import resource
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -395,9 +395,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if has_prototypes and model.pushes and not pushed:  # no last-layer epochs: push after the joint phase
         push(model, optimizers, config, stream, device, rank, reporter)
     sync_buffers(model)  # every rank evaluates the model that rank 0 exports
+
+    def track_saliency(samples: Iterator, n: int) -> Iterator:
+        return reporter.track(samples, "test: saliency metrics", total=n, unit="image")
+
     test = evaluate_split(model, reporter.track(stream("test", False), "test"), device, dataset=dataset,
-                          keys=splits["test"],
-                          track=lambda samples, n: reporter.track(samples, "test: saliency metrics", total=n, unit="image"))
+                          keys=splits["test"], track=track_saliency)
     peak = _peak_memory_mib(device)
     if rank == 0:
         export_model(model, config.model, dataset.classes, run_dir, shards=config.shards)
