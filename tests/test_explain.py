@@ -150,6 +150,21 @@ def test_interpretability_metrics(shards: Path, tmp_path: Path) -> None:
     assert by_region["object_overlap"] == pytest.approx(sum(shares) / len(shares))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("relevance", ["prp", "gradient"])
+def test_saliency_metrics_on_the_gpu_match_the_cpu(shards: Path, tmp_path: Path, relevance: str) -> None:
+    model = _fake_run(shards, tmp_path / "run").eval()
+    dataset = ShardDataset.open(shards)
+    test = split_keys(dataset, 0.0, 0)["test"]
+    on_cpu = interpretability_metrics(model, dataset, test, k=2, relevance=relevance)
+    on_gpu = interpretability_metrics(model.to("cuda"), dataset, test, k=2, relevance=relevance)
+    assert on_gpu.keys() == on_cpu.keys() and on_gpu["part_hit_n"] == on_cpu["part_hit_n"]
+    for key in on_cpu.keys() - {"relevance"}:  # float rounding may move a pixel across the 95th percentile
+        assert on_gpu[key] == pytest.approx(on_cpu[key], abs=0.02), key
+    (_, members), = read_samples(dataset, test[:1])
+    assert explain_sample(model, members, 2, relevance=relevance).saliency.shape[0] == 2
+
+
 def test_perturbed_view_is_fixed_and_different() -> None:
     crops = torch.rand(3, 3, 16, 16)
     a, b = perturb(crops, 7), perturb(crops, 7)

@@ -4,7 +4,6 @@ write the same numbers to the same file."""
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Iterable
 
@@ -71,8 +70,7 @@ def evaluate_split(model: Model, batches: Iterable[dict], device: torch.device, 
         vectors = getattr(model, "prototypes", None)  # PIP-Net's prototypes are channels: no prototype distances
         result.update(**compactness(model),
                       **(contrastivity(vectors.detach().cpu(), top, labels) if vectors is not None else {}))
-        on_cpu = model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu()
-        result.update(interpretability_metrics(on_cpu, dataset, keys, k=TOP_K, relevance=relevance, track=track))
+        result.update(interpretability_metrics(model, dataset, keys, k=TOP_K, relevance=relevance, track=track))
     return result
 
 

@@ -95,6 +95,8 @@ def explain_sample(model: ProtoMask, members: dict[str, bytes], k: int = 3, *, r
     record = SampleRecord.model_validate_json(members["json"])
     crops, valid, label, key = decode_sample(members, record.masks_per_image, model.config.input_size, None,
                                              whole_image=model.config.regions == "patches")
+    device = next(model.parameters()).device
+    crops, valid = crops.to(device), valid.to(device)
     with torch.no_grad():
         out = model(crops[None], valid[None])
     predicted, evidence = top_evidence(model, out, k)
@@ -116,10 +118,11 @@ def saliency(model: ProtoMask, members: dict[str, bytes], record: SampleRecord, 
              valid: torch.Tensor, matches: list[tuple[int, int]], *, relevance: Relevance,
              masks: np.ndarray | None = None) -> np.ndarray:
     """[k, H, W] float32 saliency of each (prototype, matched region) of one sample (``crops`` [K, 3, S, S] and
-    ``valid`` [K] as ``decode_sample`` gives them), at the image's size and zero outside the region's pixels: the
-    binary region (``mask``), or the positive part of the relevance of the prototype's similarity in the region's
-    crop (``gradient``: gradient × input; ``prp``: PRP, computed on that crop only), mapped from the crop back
-    onto the region's box and masked by the region (the reference pasted PRP relevance into the box, spec §6.1).
+    ``valid`` [K] as ``decode_sample`` gives them, on the model's device), at the image's size and zero outside the
+    region's pixels: the binary region (``mask``), or the positive part of the relevance of the prototype's
+    similarity in the region's crop (``gradient``: gradient × input; ``prp``: PRP, computed on that crop only),
+    mapped from the crop back onto the region's box and masked by the region (the reference pasted PRP relevance
+    into the box, spec §6.1).
     ``masks``: the sample's ``region_masks``, where the caller has them already."""
     masks = region_masks(model, members, record) if masks is None else masks
     maps = np.stack([masks[m].astype(np.float32) for _, m in matches]) if matches else np.zeros((0, record.height,
@@ -135,9 +138,9 @@ def saliency(model: ProtoMask, members: dict[str, bytes], record: SampleRecord, 
                  for (p, _), c in zip(matches, crop_of)]
         relevance_maps = torch.stack(grads) * crops[crop_of]
     else:
-        relevance_maps = prp_relevance(model, crops[crop_of], prototypes=torch.tensor([p for p, _ in matches]),
-                                       cells=torch.tensor([m if patches else 0 for _, m in matches]))
-    for i, ((_, m), rel) in enumerate(zip(matches, relevance_maps.sum(1).clamp_min(0).detach().numpy())):
+        prototypes, cells = torch.tensor([(p, m if patches else 0) for p, m in matches], device=crops.device).T
+        relevance_maps = prp_relevance(model, crops[crop_of], prototypes=prototypes, cells=cells)
+    for i, ((_, m), rel) in enumerate(zip(matches, relevance_maps.sum(1).clamp_min(0).detach().cpu().numpy())):
         x0, y0, x1, y1 = (0, 0, record.width - 1, record.height - 1) if patches else record.boxes[m]
         box = np.asarray(Image.fromarray(rel).resize((x1 - x0 + 1, y1 - y0 + 1), Image.BILINEAR))
         canvas = np.zeros_like(maps[i])

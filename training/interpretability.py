@@ -130,19 +130,21 @@ class Tally:
 
 def _tally(model: ProtoMask, dataset: ShardDataset, keys: list[str], *, k: int, relevance: Relevance,
            track: Track | None) -> Tally:
-    """One pass over the samples ``keys`` (the model in eval mode, on the CPU)."""
+    """One pass over the samples ``keys`` (the model in eval mode, on any device)."""
     patches = model.config.regions == "patches"
+    device = next(model.parameters()).device
     t = Tally()
     samples = read_samples(dataset, keys)
     for key, members in samples if track is None else track(samples, len(keys)):
         record = SampleRecord.model_validate_json(members["json"])
         crops, valid, label, _ = decode_sample(members, record.masks_per_image, model.config.input_size, None,
                                              whole_image=patches)
+        x, valid = crops.to(device), valid.to(device)
         with torch.no_grad():
-            out = model(crops[None], valid[None])
+            out = model(x[None], valid[None])
         top = out.similarities[0].topk(min(k, out.similarities.shape[1])).indices.tolist()
         regions = region_masks(model, members, record)
-        maps = saliency(model, members, record, crops, valid, [(p, int(out.nearest_mask[0, p])) for p in top],
+        maps = saliency(model, members, record, x, valid, [(p, int(out.nearest_mask[0, p])) for p in top],
                         relevance=relevance, masks=regions)
         binary = np.stack([percentile_mask(m) for m in maps])
         t.vlc.append(location_change(binary))
@@ -164,7 +166,7 @@ def _tally(model: ProtoMask, dataset: ShardDataset, keys: list[str], *, k: int, 
                 t.correct += 1
                 t.hits += overlaps(matched[0], parts[1])
         with torch.no_grad():  # the perturbation is seeded by the key: the same view in any share of the split
-            second = model(perturb(crops, zlib.crc32(key.encode()))[None], valid[None]).nearest_mask[0]
+            second = model(perturb(crops, zlib.crc32(key.encode())).to(device)[None], valid[None]).nearest_mask[0]
         for variant, pairs in (("paper", zip(top, binary)), ("regions", zip((e.prototype for e in evidence), matched))):
             for prototype, mask in pairs:
                 t.seen[variant][prototype] += 1
@@ -179,7 +181,7 @@ def _tally(model: ProtoMask, dataset: ShardDataset, keys: list[str], *, k: int, 
 
 def interpretability_metrics(model: ProtoMask, dataset: ShardDataset, keys: Iterable[str], *, k: int = 5,
                              relevance: Relevance | None = None, track: Track | None = None) -> dict:
-    """The metrics of the module docstring over the samples ``keys`` (the model in eval mode, on the CPU);
+    """The metrics of the module docstring over the samples ``keys`` (the model in eval mode, on any device);
     ``relevance``: the saliency of the paper metrics (default: ``default_relevance``); ``track`` wraps this
     process's samples with a progress display. In a process group each rank takes every world-size-th key and
     all ranks get the metrics of all keys: every rank must call it."""

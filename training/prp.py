@@ -61,7 +61,7 @@ def prp_relevance(model: ProtoMask, crops: torch.Tensor, *, prototypes: torch.Te
     (BatchNorm is folded with its running statistics)."""
     if model.training:
         raise ValueError("relevance prp: the model must be in eval mode")
-    rows = torch.arange(len(crops))
+    rows = torch.arange(len(crops), device=crops.device)
     if isinstance(model, PIPNet):  # a prototype is a backbone channel: its feature value at the cell, as the reference
         def feature_relevance(features: torch.Tensor) -> torch.Tensor:
             relevance = torch.zeros_like(features).flatten(2)
