@@ -89,14 +89,20 @@ def region_masks(model: ProtoMask, members: dict[str, bytes], record: SampleReco
     return cells
 
 
+def model_inputs(model: ProtoMask, members: dict[str, bytes], record: SampleRecord
+                 ) -> tuple[torch.Tensor, torch.Tensor, int, str]:
+    """``decode_sample`` of one sample at the model's input size and regions, crops and valid on its device."""
+    crops, valid, label, key = decode_sample(members, record.masks_per_image, model.config.input_size, None,
+                                             whole_image=model.config.regions == "patches")
+    device = next(model.parameters()).device
+    return crops.to(device), valid.to(device), label, key
+
+
 def explain_sample(model: ProtoMask, members: dict[str, bytes], k: int = 3, *, relevance: Relevance = "mask"
                    ) -> Explanation:
     """Top-k prototypes of one sample by contribution to the predicted class, and their saliency (``saliency``)."""
     record = SampleRecord.model_validate_json(members["json"])
-    crops, valid, label, key = decode_sample(members, record.masks_per_image, model.config.input_size, None,
-                                             whole_image=model.config.regions == "patches")
-    device = next(model.parameters()).device
-    crops, valid = crops.to(device), valid.to(device)
+    crops, valid, label, key = model_inputs(model, members, record)
     with torch.no_grad():
         out = model(crops[None], valid[None])
     predicted, evidence = top_evidence(model, out, k)
@@ -118,7 +124,7 @@ def saliency(model: ProtoMask, members: dict[str, bytes], record: SampleRecord, 
              valid: torch.Tensor, matches: list[tuple[int, int]], *, relevance: Relevance,
              masks: np.ndarray | None = None) -> np.ndarray:
     """[k, H, W] float32 saliency of each (prototype, matched region) of one sample (``crops`` [K, 3, S, S] and
-    ``valid`` [K] as ``decode_sample`` gives them, on the model's device), at the image's size and zero outside the
+    ``valid`` [K] as ``model_inputs`` gives them, on the model's device), at the image's size and zero outside the
     region's pixels: the binary region (``mask``), or the positive part of the relevance of the prototype's
     similarity in the region's crop (``gradient``: gradient × input; ``prp``: PRP, computed on that crop only),
     mapped from the crop back onto the region's box and masked by the region (the reference pasted PRP relevance

@@ -35,9 +35,9 @@ import torch
 import torch.distributed as dist
 
 from schemas.shard import SampleRecord
-from training.data import IMAGENET_MEAN, IMAGENET_STD, ShardDataset, decode_sample
-from training.explain import (Relevance, ground_truth_object, ground_truth_parts, hit_parts, overlaps, read_samples,
-                              region_masks, saliency, top_evidence)
+from training.data import IMAGENET_MEAN, IMAGENET_STD, ShardDataset
+from training.explain import (Relevance, ground_truth_object, ground_truth_parts, hit_parts, model_inputs, overlaps,
+                              read_samples, region_masks, saliency, top_evidence)
 from training.metrics import (background_overlap, consistency, inside_outside_relevance, location_change,
                               object_overlap, percentile_mask)
 from training.model import ProtoMask
@@ -57,15 +57,17 @@ def default_relevance(model: ProtoMask) -> Relevance:
 
 def perturb(crops: torch.Tensor, seed: int) -> torch.Tensor:
     """The fixed second view of the stability metric (spec §7.5): colour ×1.125, hue 0.05, Gaussian noise
-    (σ = 5/255), 3×3 blur, on the un-normalised crops."""
+    (σ = 5/255), 3×3 blur, on the un-normalised crops (on their device)."""
     import torchvision.transforms.v2.functional as TF
 
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    mean = torch.tensor(IMAGENET_MEAN, device=crops.device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, device=crops.device)[:, None, None]
     x = (crops * std + mean).clamp(0, 1)
     for adjust in (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation):
         x = adjust(x, 1.125)
     x = TF.gaussian_blur(TF.adjust_hue(x, 0.05), [3, 3])
-    x = (x + torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)) * 5 / 255).clamp(0, 1)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x.device)  # the same on any device
+    x = (x + noise * 5 / 255).clamp(0, 1)
     return (x - mean) / std
 
 
@@ -131,20 +133,16 @@ class Tally:
 def _tally(model: ProtoMask, dataset: ShardDataset, keys: list[str], *, k: int, relevance: Relevance,
            track: Track | None) -> Tally:
     """One pass over the samples ``keys`` (the model in eval mode, on any device)."""
-    patches = model.config.regions == "patches"
-    device = next(model.parameters()).device
     t = Tally()
     samples = read_samples(dataset, keys)
     for key, members in samples if track is None else track(samples, len(keys)):
         record = SampleRecord.model_validate_json(members["json"])
-        crops, valid, label, _ = decode_sample(members, record.masks_per_image, model.config.input_size, None,
-                                             whole_image=patches)
-        x, valid = crops.to(device), valid.to(device)
+        crops, valid, label, _ = model_inputs(model, members, record)
         with torch.no_grad():
-            out = model(x[None], valid[None])
+            out = model(crops[None], valid[None])
         top = out.similarities[0].topk(min(k, out.similarities.shape[1])).indices.tolist()
         regions = region_masks(model, members, record)
-        maps = saliency(model, members, record, x, valid, [(p, int(out.nearest_mask[0, p])) for p in top],
+        maps = saliency(model, members, record, crops, valid, [(p, int(out.nearest_mask[0, p])) for p in top],
                         relevance=relevance, masks=regions)
         binary = np.stack([percentile_mask(m) for m in maps])
         t.vlc.append(location_change(binary))
@@ -166,7 +164,7 @@ def _tally(model: ProtoMask, dataset: ShardDataset, keys: list[str], *, k: int, 
                 t.correct += 1
                 t.hits += overlaps(matched[0], parts[1])
         with torch.no_grad():  # the perturbation is seeded by the key: the same view in any share of the split
-            second = model(perturb(crops, zlib.crc32(key.encode())).to(device)[None], valid[None]).nearest_mask[0]
+            second = model(perturb(crops, zlib.crc32(key.encode()))[None], valid[None]).nearest_mask[0]
         for variant, pairs in (("paper", zip(top, binary)), ("regions", zip((e.prototype for e in evidence), matched))):
             for prototype, mask in pairs:
                 t.seen[variant][prototype] += 1
