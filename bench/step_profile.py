@@ -1,6 +1,7 @@
-"""Where a training step of a trunk goes on CPU: torch.profiler over a forward, mean and backward of one worker's
-micro-batch of crops (default: configs/small-cpu.yaml's convnet, 8 images × 8 crops at 64 px, one torch thread
-as in a Ray Train worker), in channels-last layout (training.model.create_backbone's default).
+"""Where a training step of a trunk goes on CPU: torch.profiler over bench/memory_format.py's training step (a
+forward, the mean of the features, a backward) on one worker's micro-batch of crops (default:
+configs/small-cpu.yaml's convnet, 8 images × 8 crops at 64 px, one torch thread as in a Ray Train worker), in
+channels-last layout (training.model.create_backbone's default).
 
 Two tables: each kind of operator's share of the step's CPU time, and each convolution's forward and backward
 GFLOP/s (multiply-adds × 2 from the layer's shapes; the backward counts the input gradient except on the first
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from bench.common import machine, median, parser, print_table, timed, write_json
+from bench.memory_format import step
 from training.model import create_backbone
 
 KINDS = {"convolution": ("convolution",), "batch norm": ("batch_norm",), "relu": ("threshold", "relu", "clamp_min"),
@@ -55,16 +57,16 @@ def main() -> None:
 
     handles = [m.register_forward_hook(shape_of(n)) for n, m in trunk.named_modules() if isinstance(m, nn.Conv2d)]
 
-    def step() -> None:
-        trunk(x).mean().backward()
+    def train_step() -> None:
+        step(trunk, x, train=True)
 
-    step()
+    train_step()
     for h in handles:
         h.remove()
-    seconds = median([timed(step) for _ in range(args.rounds)])
+    seconds = median([timed(train_step) for _ in range(args.rounds)])
     with torch.profiler.profile(record_shapes=True) as prof:
         for _ in range(args.rounds):
-            step()
+            train_step()
     events = prof.key_averages(group_by_input_shape=True)
     total = sum(e.self_cpu_time_total for e in events)
     shares: dict[str, float] = defaultdict(float)
