@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import ray
 
+from training.losses import LOSS_TERMS
+
 if TYPE_CHECKING:
     from training.data import ShardStream
 
@@ -76,9 +78,7 @@ def format_epoch(row: dict, epochs: int) -> str:
     ``epoch  3/20 joint       loss 2.310  ce 1.402  clst 0.611  train 41.2%  val 38.9% balanced  86 img/s``."""
     parts = [f"epoch {row['epoch'] + 1:>{len(str(epochs))}}/{epochs} {row['phase']:<10}",
              f"loss {row['train_loss']:.3f}"]
-    terms = [("train_cross_entropy", "ce"), ("train_auxiliary", "aux"), ("train_cluster", "clst"),
-             ("train_separation", "sep"), ("train_diversity", "div"), ("train_prototype_crop", "anchor"),
-             ("train_orthogonality", "orth"), ("train_alignment", "align"), ("train_tanh", "tanh"), ("train_l1", "l1")]
+    terms = [(f"train_{term}", name) for term, name in LOSS_TERMS.items()]
     if any(key in row for key, _ in terms[1:]):  # the loss has more than cross-entropy: show each term
         parts += [f"{name} {row[key]:.3f}" for key, name in terms if key in row]
     parts.append(f"train {row['train_accuracy']:.1%}")

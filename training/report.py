@@ -27,13 +27,13 @@ import numpy as np
 from pipeline.manifest import format_inspect, inspect, load_card
 from schemas.storage import Location, modified, read_text, read_text_if_present, sha256
 from schemas.version import CODE_VERSION
+from training.losses import LOSS_TERMS
 from training.metrics import OUR_COLUMNS, PAPER_METRICS
 
 TABLE = {**PAPER_METRICS, **OUR_COLUMNS}  # the columns of the paper's table, ours last
 
 ACCURACY = ("train_accuracy", "val_accuracy", "val_balanced_accuracy")
-LOSSES = ("train_loss", "train_cross_entropy", "train_cluster", "train_separation", "train_diversity",
-          "train_prototype_crop", "train_orthogonality", "train_alignment", "train_tanh", "train_l1")
+LOSSES = ("train_loss", *(f"train_{term}" for term in LOSS_TERMS))
 COLOURS, DASHES = ("#1f77b4", "#d62728", "#2ca02c"), ("none", "none", "5 3")  # per series of a chart
 PHASES = {"pretrain": "#e8e8e8", "warmup": "#fdf0c8", "joint": "#dde9f7", "last_layer": "#dcefd9"}
 FULL_MATRIX = 30  # classes up to which the whole confusion matrix is drawn; above: the most confused pairs
