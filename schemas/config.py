@@ -287,6 +287,13 @@ class ModelConfig(Strict):
         return self
 
 
+# every term a training loss may have, logged per epoch as train_<term> in metrics.csv → its name on the console
+LOSS_TERMS: dict[str, str] = {
+    "cross_entropy": "ce", "auxiliary": "aux", "distill": "kd", "cluster": "clst", "separation": "sep",
+    "diversity": "div", "prototype_crop": "anchor", "orthogonality": "orth", "alignment": "align", "tanh": "tanh",
+    "l1": "l1"}
+
+
 class LossConfig(Strict):
     """Loss coefficients (spec §2.1/§2.4)."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 import threading
 import time
 from pathlib import Path
@@ -215,6 +216,12 @@ def test_auxiliary_head_trains_in_the_joint_phase_only_and_is_not_exported(shard
     assert not any(k.startswith(("auxiliary", "classifier")) for k in state)
     evaluated = run_evaluate(tmp_path / "aux", shards, "test")
     assert evaluated["accuracy"] == pytest.approx(first["test"]["accuracy"])
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.head_cost import head_accuracies
+
+    heads = head_accuracies(tmp_path / "aux")  # bench/head_cost.py: both heads from the newest checkpoint
+    assert heads["epoch"] == 5 and heads["n_test"] == first["test"]["n"]
+    assert heads["prototypes"] == pytest.approx(first["test"]["balanced_accuracy"]) and 0 <= heads["linear"] <= 1
     assert run_train(config)["test"] == first["test"]  # resumes from its checkpoint, the classifier included
 
     model = ProtoMask(ModelConfig(**TINY), 3)

@@ -8,12 +8,6 @@ import torch.nn.functional as F
 from schemas.config import LossConfig
 from training.model import ProtoMask, ModelOutput
 
-# every loss term a phase can log (as train_<term> in metrics.csv) → its short name on the console
-LOSS_TERMS: dict[str, str] = {
-    "cross_entropy": "ce", "auxiliary": "aux", "distill": "kd", "cluster": "clst", "separation": "sep",
-    "diversity": "div", "prototype_crop": "anchor", "orthogonality": "orth", "alignment": "align", "tanh": "tanh",
-    "l1": "l1"}
-
 
 def cluster_loss(min_distances: torch.Tensor, labels: torch.Tensor, prototype_class: torch.Tensor) -> torch.Tensor:
     """Mean over images of the distance to the nearest prototype of the image's own class."""

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import ray
 
-from training.losses import LOSS_TERMS
+from schemas.config import LOSS_TERMS
 
 if TYPE_CHECKING:
     from training.data import ShardStream

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.manifest import format_inspect, inspect, load_card
+from schemas.config import LOSS_TERMS
 from schemas.storage import Location, modified, read_text, read_text_if_present, sha256
 from schemas.version import CODE_VERSION
-from training.losses import LOSS_TERMS
 from training.metrics import OUR_COLUMNS, PAPER_METRICS
 
 TABLE = {**PAPER_METRICS, **OUR_COLUMNS}  # the columns of the paper's table, ours last
