@@ -289,9 +289,8 @@ class ModelConfig(Strict):
 
 # every term a training loss may have, logged per epoch as train_<term> in metrics.csv → its name on the console
 LOSS_TERMS: dict[str, str] = {
-    "cross_entropy": "ce", "auxiliary": "aux", "distill": "kd", "cluster": "clst", "separation": "sep",
-    "diversity": "div", "prototype_crop": "anchor", "orthogonality": "orth", "alignment": "align", "tanh": "tanh",
-    "l1": "l1"}
+    "cross_entropy": "ce", "auxiliary": "aux", "cluster": "clst", "separation": "sep", "diversity": "div",
+    "prototype_crop": "anchor", "orthogonality": "orth", "alignment": "align", "tanh": "tanh", "l1": "l1"}
 
 
 class LossConfig(Strict):
@@ -316,11 +315,6 @@ class LossConfig(Strict):
         "training-only second head in the joint phase, the pre-trained linear classifier on the max-pooled backbone "
         "features of the crops, so the backbone goes on learning as the linear head's does; the model keeps no "
         "trace of it; 0: the paper"))
-    distill: float = Field(0.0, ge=0, description=(
-        "with loss.auxiliary: coefficient of the KL divergence from the auxiliary head's predictions (detached) to "
-        "the prototype head's, both softened by distill_temperature and scaled by its square (knowledge "
-        "distillation, Hinton et al. 2015), so the prototypes learn from the linear head's soft targets; 0: off"))
-    distill_temperature: float = Field(2.0, gt=0, description="the softmax temperature of loss.distill")
     l1: float = 1e-3
     class_balanced: bool = True
 
@@ -453,9 +447,6 @@ class TrainConfig(Strict):
             raise ValueError("loss.auxiliary: the auxiliary head is the classifier that schedule.pretrain_epochs "
                              "trains on the backbone of model.kind protomask or protopnet; set pretrain_epochs > 0 "
                              "(or loss.auxiliary: 0)")
-        if self.loss.distill and self.model.head == "prototypes" and not self.loss.auxiliary:
-            raise ValueError("loss.distill: the teacher is loss.auxiliary's head, which trains only when "
-                             "loss.auxiliary > 0; set it (or loss.distill: 0)")
         if s.push_distinct and self.parity.push_last_batch:
             raise ValueError("schedule.push_distinct and parity.push_last_batch: the reference's push keeps one batch "
                              "only and cannot choose distinct crops; turn one off")

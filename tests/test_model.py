@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from schemas.config import LossConfig, ModelConfig, TrainConfig
-from training.losses import (alignment_loss, class_weights, cluster_loss, distillation_loss, diversity_loss,
-                             l1_off_class, orthogonality_loss, pool_cluster_separation, separation_loss, tanh_loss, total_loss)
+from training.losses import (alignment_loss, class_weights, cluster_loss, diversity_loss, l1_off_class,
+                             orthogonality_loss, pool_cluster_separation, separation_loss, tanh_loss, total_loss)
 from training.model import PIPNet, ProtoMask, ProtoPNet, ProtoPool, build_model, create_backbone, gumbel_scale
 
 TINY = ModelConfig(backbone="convnet", width=4, prototype_dim=8, input_size=16, prototypes_per_class=2)
@@ -127,30 +127,6 @@ def test_total_loss_per_phase() -> None:
     loss, terms = total_loss(out, labels, model, cfg, "last_layer", None)
     assert set(terms) == {"cross_entropy", "l1"}
     assert loss.item() == pytest.approx(terms["cross_entropy"] + 1e-3 * terms["l1"], rel=1e-5)
-
-
-def test_distillation_by_hand_and_only_the_student_learns() -> None:
-    """loss.distill: T² · KL(softmax(teacher / T) ‖ softmax(student / T)), batch mean; the teacher (the auxiliary
-    head) gets no gradient from it, and a config without that head is refused."""
-    teacher, student = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 0.0]])
-    p = torch.softmax(teacher / 2, -1)[0]
-    expected = 4 * float((p * (p.log() - math.log(0.5))).sum())
-    assert distillation_loss(student, teacher, 2.0).item() == pytest.approx(expected, rel=1e-5)
-    assert distillation_loss(teacher, teacher, 3.0).item() == pytest.approx(0.0, abs=1e-7)
-
-    model = ProtoMask(TINY, num_classes=2)
-    model.auxiliary = torch.nn.Linear(model.channels, 2)
-    out = model(torch.rand(2, 2, 3, 16, 16), torch.ones(2, 2, dtype=torch.bool))
-    labels, cfg = torch.tensor([0, 1]), LossConfig(auxiliary=1.0, distill=0.5, distill_temperature=2.0)
-    loss, terms = total_loss(out, labels, model, cfg, "joint", None)
-    assert terms["distill"] == pytest.approx(distillation_loss(out.logits, out.auxiliary_logits, 2.0).item())
-    plain, _ = total_loss(out, labels, model, LossConfig(auxiliary=1.0), "joint", None)
-    assert loss.item() == pytest.approx(plain.item() + 0.5 * terms["distill"], rel=1e-5)
-    torch.autograd.backward(0.5 * distillation_loss(out.logits, out.auxiliary_logits.detach(), 2.0))
-    assert model.auxiliary.weight.grad is None and model.last_layer.weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="loss.distill"):
-        TrainConfig.model_validate({"shards": "s", "run_dir": "r", "loss": {"distill": 1.0},
-                                    "schedule": {"pretrain_epochs": 1}})
 
 
 def test_patch_baseline_regions() -> None:

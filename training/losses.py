@@ -93,14 +93,6 @@ def tanh_loss(pooled: torch.Tensor) -> torch.Tensor:
     return -torch.log(torch.tanh(pooled.sum(0)) + 1e-8).mean()
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton et al.'s knowledge distillation: T² · KL(softmax(teacher / T) ‖ softmax(student / T)), summed over
-    classes and averaged over the batch's images (T² keeps its gradient's scale independent of T)."""
-    t = temperature
-    kl = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True, reduction="none")
-    return kl.sum(-1).mean() * t * t
-
-
 def l1_off_class(model: ProtoMask) -> torch.Tensor:
     """L1 norm of the last-layer weights that connect prototypes to other classes."""
     return (model.last_layer.weight * (1 - model.class_identity)).abs().sum()
@@ -135,10 +127,6 @@ def total_loss(
         auxiliary = F.cross_entropy(out.auxiliary_logits, labels, weight=weights, reduction="none").mean()
         terms["auxiliary"] = auxiliary
         loss = loss + config.auxiliary * auxiliary
-        if config.distill:
-            distill = distillation_loss(out.logits, out.auxiliary_logits.detach(), config.distill_temperature)
-            terms["distill"] = distill
-            loss = loss + config.distill * distill
     if out.cell_presence is not None:  # PIP-Net: two views of the same images, one after the other
         half = len(labels) // 2
         z1, z2 = out.cell_presence[:half], out.cell_presence[half:]
