@@ -42,7 +42,8 @@ def head_accuracies(run_dir: Path) -> dict:
     linear = LinearHead(config.model, dataset.num_classes, trunk=(model.backbone, model.channels))
     model.auxiliary = linear.classifier
     model.load_state_dict(state["model"])
-    model.eval(), linear.eval()
+    model.eval()
+    linear.eval()
     keys = split_keys(dataset, config.data.val_fraction, config.seed)["test"]
     stream = ShardStream(dataset, keys, config.data, input_size=config.model.input_size, batch_size=32, train=False,
                          whole_image=config.model.regions == "patches")
