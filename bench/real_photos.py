@@ -45,9 +45,10 @@ MODELS = {  # row name -> model fields
 }
 
 
-def segment(root: Path, out: Path, workers: int) -> float:
-    """Superpixel masks, K = 8, shards of 128; rerunning skips finished shards. Returns the wall seconds."""
-    config = SegmentConfig(source="cub", root=root, out=out, masks_per_image=8, shard_size=128,
+def segment(root: Path, out: Path, workers: int, masks_per_image: int) -> float:
+    """Superpixel masks, the K largest per image, shards of 128; rerunning skips finished shards. Returns the
+    wall seconds."""
+    config = SegmentConfig(source="cub", root=root, out=out, masks_per_image=masks_per_image, shard_size=128,
                            num_workers=workers, cpus_per_worker=2 / workers)
     start = time.perf_counter()
     run_segment(config, progress=False)
@@ -135,6 +136,8 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/protomask-bench-real"), help="shards and runs")
     p.add_argument("--config", default="small-cpu", help="training config file or name in configs/")
     p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--masks-per-image", type=int, default=8, metavar="K",
+                   help="segmentation: the K largest masks per image (a --work folder holds one K)")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
                    help="train these; the others' rows are kept from the last run in --work when their config "
                         "is unchanged (a linear-head row ignores the prototype settings)")
@@ -149,7 +152,7 @@ def main() -> None:
     for name, model in MODELS.items():  # every row's config is checked before anything runs
         run_dir = args.work / "runs" / name.replace(", ", "-").replace(" ", "-")
         configs[name] = model_config(model, config_path, shards, run_dir, args.num_workers)
-    seg_s = segment(args.root, shards, args.num_workers)
+    seg_s = segment(args.root, shards, args.num_workers, args.masks_per_image)
     saved = args.work / "results.json"
     earlier = {r["model"]: r for r in json.loads(saved.read_text())["rows"]} if saved.is_file() else {}
     rows = []
@@ -172,8 +175,8 @@ def main() -> None:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "machine": f"{machine()['cpus']} CPUs, {machine()['memory_gib']} GiB, {platform.machine()}, no GPU",
         "data": f"{args.root.name}", "wall_min": (time.perf_counter() - start) / 60,
-        "segmentation": f"superpixel masks, K = 8, on {args.num_workers} workers ({seg_s:.0f} s in this run; a rerun "
-                        "reuses the finished shards)",
+        "segmentation": f"superpixel masks, K = {args.masks_per_image}, on {args.num_workers} workers ({seg_s:.0f} s "
+                        "in this run; a rerun reuses the finished shards)",
         "config": str(config_path.relative_to(REPO)) if config_path.is_relative_to(REPO) else str(config_path),
         "workers": args.num_workers,
         "config_summary": f"{m.backbone} width {m.width}, {m.input_size} px, {m.prototypes_per_class} prototypes "
