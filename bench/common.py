@@ -334,6 +334,16 @@ def write_reference(shards: Path, root: Path, out: Path) -> list[ReferenceSample
     return samples
 
 
+def newest_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint file in a run's newest ``checkpoint_<date>_<time>`` folder (Ray Train's names sort by time)."""
+    from training.loop import CHECKPOINT  # imports torch: only the benchmarks that read runs pay for it
+
+    found = sorted(run_dir.glob(f"checkpoint_*/{CHECKPOINT}"), key=lambda p: p.parent.name)
+    if not found:
+        raise SystemExit(f"{run_dir}: no checkpoint_*/{CHECKPOINT} (not a run directory of protomask train?)")
+    return found[-1]
+
+
 def tree_bytes(folder: Path) -> int:
     """Bytes of every file under ``folder``."""
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())

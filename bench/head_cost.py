@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with python -m
 
-from bench.common import fmt, print_table, write_json
+from bench.common import fmt, newest_checkpoint, print_table, write_json
 from schemas.config import TrainConfig, load_config
 from training.data import ShardDataset, ShardStream, split_keys
 from training.metrics import classification_metrics
@@ -32,7 +32,7 @@ def head_accuracies(run_dir: Path) -> dict:
     config = load_config(TrainConfig, run_dir / "train_config.yaml", {})
     if config.model.head != "prototypes" or not config.loss.auxiliary:
         raise SystemExit(f"{run_dir}: trained without loss.auxiliary, so there is no linear head on its backbone")
-    newest = max(run_dir.glob("checkpoint_*/checkpoint.pt"), key=lambda p: p.parent.name)
+    newest = newest_checkpoint(run_dir)
     state = torch.load(newest, map_location="cpu", weights_only=True)
     dataset = ShardDataset.open(config.shards)
     model = build_model(config.model, dataset.num_classes)

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import print_table
+from bench.common import newest_checkpoint, print_table
 from schemas.config import TrainConfig, load_config
 from training.data import ShardDataset, ShardStream, split_keys
 from training.losses import class_weights, total_loss
@@ -89,7 +89,7 @@ def main() -> None:
                         help="after each variant, imitate this many last-layer epochs on the fixed embeddings")
     args = parser.parse_args()
     config = load_config(TrainConfig, args.run_dir / "train_config.yaml", {})
-    newest = max(args.run_dir.glob("checkpoint_*/checkpoint.pt"), key=lambda p: p.parent.name)
+    newest = newest_checkpoint(args.run_dir)
     state = torch.load(newest, map_location="cpu", weights_only=True)
     if state["pushed"]:
         sys.exit(f"{newest}: saved after push; train with schedule.last_layer_epochs 0 to keep the model before it")
