@@ -36,8 +36,7 @@ bench: $(STAMP)
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m bench.run_all
 
 # docs/results.md: cub_dev segmented once, ProtoMask, the patch baseline and both black-boxes trained with
-# configs/small-cpu.yaml on 2 workers (62 min measured while sharing the 2 cores with other jobs; the models' uncontended
-# speeds put it near 45 min alone)
+# configs/small-cpu.yaml on 2 workers (alone from a fresh clone: 35 min on one 2-core machine, 61-64 min on a slower one)
 bench-real: $(STAMP)
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python bench/real_photos.py
 
