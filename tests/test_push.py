@@ -158,7 +158,8 @@ def test_distinct_push_never_puts_two_prototypes_on_one_crop() -> None:
     log = push_distinct(model, batches, CPU)
     chosen = [(e["key"], e["mask_index"]) for e in log]
     assert chosen == expected and len(set(chosen)) == len(chosen)
-    assert [e["distance"] for e in log].count(0.0) == 3  # one prototype per class keeps its crop
+    # one prototype per class keeps its crop: distance 0 up to float rounding (2.4e-7 on some CPUs)
+    assert sum(e["distance"] < 1e-5 for e in log) == 3
     by_key = {key: (batch, i) for batch in batches for i, key in enumerate(batch["key"])}
     with torch.no_grad():
         for e in log:
