@@ -268,6 +268,11 @@ class ModelConfig(Strict):
         "kind protopool: prototypes in the shared pool, more than prototypes_per_class; default: classes + 5 (the "
         "reference's CUB 205, Cars 201), at least prototypes_per_class + 1"))
     off_class_weight: float = Field(0.0, description="initial last-layer weight to other classes' prototypes")
+    embedding: Literal["sigmoid", "normalized"] = Field("sigmoid", description=(
+        "kinds protomask and protopnet: the add-on's last step; sigmoid: each of the prototype_dim channels in (0, "
+        "1) (the paper); normalized: the embedding scaled to unit length and the prototypes kept on the unit sphere, "
+        "so that a squared distance is 2 − 2 · cosine (Deformable ProtoPNet's cosine similarity; on cub_dev from "
+        "scratch no better than sigmoid, docs/results.md)"))
     similarity_epsilon: float = Field(1e-4, gt=0, description=(
         "ε of the log similarity log((d + 1) / (d + ε)); the reference's is 1e-14 (its similarity at d = 0 is 32.2 "
         "against 9.2 here, so crops near a pushed prototype dominate its logits)"))
@@ -284,6 +289,9 @@ class ModelConfig(Strict):
         if self.kind != "protomask" and self.regions != "patches":
             raise ValueError(f"model.regions: kind {self.kind} has prototypes on the whole image's feature map; "
                              "use regions: patches (its default)")
+        if self.embedding != "sigmoid" and self.kind not in ("protomask", "protopnet"):
+            raise ValueError(f"model.embedding: kind {self.kind} has its own add-on; embedding applies to kinds "
+                             "protomask and protopnet")
         return self
 
 

@@ -26,6 +26,31 @@ def test_forward_shapes_and_last_layer_init() -> None:
     assert one.logits.shape == (1, 3)
 
 
+@pytest.mark.parametrize("kind", ["protomask", "protopnet"])
+def test_normalized_embedding_has_unit_length(kind: str) -> None:
+    """model.embedding: normalized puts every region on the unit sphere, so a squared distance to a unit
+    prototype is 2 − 2 · cosine; padded crops stay zero."""
+    model = build_model(ModelConfig(kind=kind, backbone="convnet", width=4, prototype_dim=8, input_size=16,
+                                    prototypes_per_class=2, regions="masks" if kind == "protomask" else "patches",
+                                    embedding="normalized"), num_classes=3)
+    k = 3 if kind == "protomask" else 1
+    valid = torch.ones(2, k, dtype=torch.bool)
+    valid[1, k - 1] = kind != "protomask"
+    z = model.embed(torch.rand(2, k, 3, 16, 16), valid)
+    regions = model.region_valid(valid)
+    norms = z.norm(dim=-1)[regions]
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-6)
+    assert (z[~regions] == 0).all()
+    assert torch.allclose(model.prototypes.detach().norm(dim=1), torch.ones(6), atol=1e-6)  # drawn on the sphere
+    model.prototypes.data.mul_(3)
+    model.after_step("joint")  # every optimiser step puts the prototypes back onto the sphere
+    unit = model.prototypes.detach()
+    assert torch.allclose(unit.norm(dim=1), torch.ones(len(unit)), atol=1e-6)
+    assert torch.allclose(model.distances(z)[regions], (2 - 2 * z @ unit.T)[regions].clamp_min(0), atol=1e-5)
+    with pytest.raises(ValueError, match="model.embedding: kind protopool has its own add-on"):
+        ModelConfig(kind="protopool", embedding="normalized")
+
+
 @pytest.mark.parametrize("backbone", ["resnet18", "vgg16", "densenet121"])
 def test_torchvision_backbones(backbone: str) -> None:
     model = ProtoMask(ModelConfig(backbone=backbone, prototype_dim=8, input_size=32, prototypes_per_class=1), 2)
@@ -240,6 +265,6 @@ def test_pipnet_forward_losses_and_last_layer_rules() -> None:
     with torch.no_grad():
         model.last_layer.weight[0, :3] = torch.tensor([0.0005, -0.2, 0.5])
         model.multiplier.fill_(0.5)
-    model.after_step()
+    model.after_step("joint")
     assert model.last_layer.weight[0, :3].tolist() == pytest.approx([0.0, 0.0, 0.499])
     assert model.multiplier.item() == 1.0

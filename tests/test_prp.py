@@ -41,17 +41,18 @@ def _random_model(config: ModelConfig) -> ProtoMask:
     return model
 
 
-@pytest.mark.parametrize(("backbone", "regions", "epsilon", "kind"), [
-    ("convnet", "masks", 1e-4, "protomask"), ("convnet", "masks", 1e-14, "protomask"),
-    ("convnet", "patches", 1e-4, "protomask"), ("resnet18", "masks", 1e-4, "protomask"),
-    ("vgg16", "masks", 1e-4, "protomask"), ("convnet", "patches", 1e-4, "protopnet"),
-    ("convnet", "patches", 1e-4, "protopool"),
+@pytest.mark.parametrize(("backbone", "regions", "epsilon", "kind", "embedding"), [
+    ("convnet", "masks", 1e-4, "protomask", "sigmoid"), ("convnet", "masks", 1e-14, "protomask", "sigmoid"),
+    ("convnet", "patches", 1e-4, "protomask", "sigmoid"), ("resnet18", "masks", 1e-4, "protomask", "sigmoid"),
+    ("vgg16", "masks", 1e-4, "protomask", "sigmoid"), ("convnet", "patches", 1e-4, "protopnet", "sigmoid"),
+    ("convnet", "patches", 1e-4, "protopool", "sigmoid"), ("convnet", "masks", 1e-4, "protomask", "normalized"),
+    ("convnet", "patches", 1e-4, "protopnet", "normalized"),
 ])
-def test_relevance_is_conserved(backbone: str, regions: str, epsilon: float, kind: str) -> None:
+def test_relevance_is_conserved(backbone: str, regions: str, epsilon: float, kind: str, embedding: str) -> None:
     """Biases are ignored (the reference's conv2d_ignorebias), so the input relevance sums to the explained
     similarity up to the 1e-6 stabilisers: within 1e-3 relative."""
     config = ModelConfig(kind=kind, backbone=backbone, width=4, prototype_dim=8, input_size=32, prototypes_per_class=2,
-                         regions=regions, patch_grid=2, similarity_epsilon=epsilon)
+                         regions=regions, patch_grid=2, similarity_epsilon=epsilon, embedding=embedding)
     model = _random_model(config)
     k = 3 if regions == "masks" else 1  # mask crops, or the whole image
     crops, valid = torch.randn(1, k, 3, 32, 32), torch.ones(1, k, dtype=torch.bool)

@@ -221,6 +221,13 @@ def test_auxiliary_head_trains_in_the_joint_phase_only_and_is_not_exported(shard
     heads = head_accuracies(tmp_path / "aux")  # bench/head_cost.py: both heads from the newest checkpoint
     assert heads["epoch"] == 5 and heads["n_test"] == first["test"]["n"]
     assert heads["prototypes"] == pytest.approx(first["test"]["balanced_accuracy"]) and 0 <= heads["linear"] <= 1
+    from bench.crop_evidence import evidence_table
+
+    rows = evidence_table(tmp_path / "aux", seeds=[0], epochs=1)  # bench/crop_evidence.py: heads on its frozen crops
+    assert [r["head"].split(",")[0] for r in rows] == ["linear", "linear per crop", "linear per crop", "prototypes",
+                                                       "prototypes"]
+    assert "sigmoid (the run's)" in rows[3]["head"] and "normalized" in rows[4]["head"]
+    assert all(r["n_test"] == first["test"]["n"] and 0 <= r["mean_test"] <= 1 for r in rows)
     assert run_train(config)["test"] == first["test"]  # resumes from its checkpoint, the classifier included
 
     model = ProtoMask(ModelConfig(**TINY), 3)

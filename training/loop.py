@@ -211,8 +211,8 @@ def train_one_epoch(model: Model, net: nn.Module, stream: Iterable[dict], optimi
             correct += int((out.logits[:n].argmax(1) == labels).sum())
             seen += n
         optimizer.step()
-        if isinstance(model, PIPNet) and phase != "warmup":
-            model.after_step()
+        if isinstance(model, ProtoMask):
+            model.after_step(phase)
     elapsed = time.perf_counter() - start
     keys = sorted(sums)
     totals = _all_sum([sums[k] for k in keys] + [correct, seen, elapsed], device)

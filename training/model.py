@@ -1,9 +1,9 @@
 """The networks, built by ``build_model`` from ``ModelConfig.head``:
 
 - ``prototypes`` (ProtoMask, spec §1): every crop → shared backbone → 1×1 add-on → global average pool →
-  sigmoid embedding; squared L2 to class-specific prototypes; min over the image's *valid* crops; log
-  similarity; bias-free last layer. ``model.kind`` picks the class: ``ProtoMask``, or ``ProtoPNet`` (spec §8),
-  which differs only in its add-on and regions (the cells of the whole image's feature map).
+  sigmoid embedding (or unit-length: ``model.embedding``); squared L2 to class-specific prototypes; min over the
+  image's *valid* crops; log similarity; bias-free last layer. ``model.kind`` picks the class: ``ProtoMask``, or
+  ``ProtoPNet`` (spec §8), which differs only in its add-on and regions (the cells of the whole image's feature map).
 - ``linear`` (the black-box reference): the same backbone, global average pool per crop, element-wise
   max over the image's valid crops, a linear layer. On whole images (``regions: patches``) it is the
   plain network the prototype models are measured against.
@@ -112,6 +112,18 @@ def own_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.startswith("auxiliary.")}
 
 
+class UnitLength(nn.Module):
+    """Scales every embedding [N, D, ...] to unit L2 norm over D."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1)
+
+
+def embedding_activation(config: ModelConfig) -> nn.Module:
+    """The add-on's last step (``model.embedding``): sigmoid (the paper) or unit length."""
+    return nn.Sigmoid() if config.embedding == "sigmoid" else UnitLength()
+
+
 def _as_regions(z: torch.Tensor) -> torch.Tensor:
     """Per-crop maps [B, K, D, g, g] → one row per region (cell of a crop) [B, K·g², D]."""
     return z.flatten(3).transpose(2, 3).flatten(1, 2)
@@ -137,9 +149,11 @@ class ProtoMask(nn.Module):
         self.reset_last_layer()
 
     def make_prototypes(self) -> int:
-        """Register the prototypes (U[0, 1) draws) and their classes; return the number of last-layer inputs."""
+        """Register the prototypes (U[0, 1) draws, scaled to unit length for ``model.embedding: normalized``) and
+        their classes; return the number of last-layer inputs."""
         n = self.num_classes * self.config.prototypes_per_class
-        self.prototypes = nn.Parameter(torch.rand(n, self.config.prototype_dim))
+        draws = torch.rand(n, self.config.prototype_dim)
+        self.prototypes = nn.Parameter(F.normalize(draws, dim=1) if self.config.embedding == "normalized" else draws)
         # class identity is a buffer so it survives pruning and reloading (reference bug, spec §3.2)
         self.register_buffer("prototype_class", torch.arange(n) // self.config.prototypes_per_class)
         return n
@@ -148,7 +162,7 @@ class ProtoMask(nn.Module):
         """The add-on from backbone features to region embeddings [D, grid, grid], and the grid (1 for masks)."""
         grid = 1 if self.config.regions == "masks" else self.config.patch_grid
         return nn.Sequential(nn.Conv2d(self.channels, self.config.prototype_dim, 1), nn.AdaptiveAvgPool2d(grid),
-                             nn.Sigmoid()), grid
+                             embedding_activation(self.config)), grid
 
     pushes = True  # push projects the prototypes onto training regions before the last-layer phase
 
@@ -217,6 +231,13 @@ class ProtoMask(nn.Module):
         sim = self.similarity(min_d)
         return ModelOutput(self.last_layer(sim), min_d, nearest, sim, auxiliary_logits=auxiliary_logits)
 
+    @torch.no_grad()
+    def after_step(self, phase: str) -> None:
+        """After every optimiser step: with ``model.embedding: normalized`` the prototypes go back onto the unit
+        sphere, where the embeddings lie, so that a distance is 2 − 2 · cosine and push only turns them."""
+        if self.config.embedding == "normalized" and self.prototypes.requires_grad:
+            self.prototypes.copy_(F.normalize(self.prototypes, dim=1))
+
     def prune(self, keep: torch.Tensor) -> None:
         """Keep only the prototypes where ``keep`` [P] is True (rows, last-layer columns, class identity)."""
         self.prototypes = nn.Parameter(self.prototypes.data[keep].clone())
@@ -243,7 +264,8 @@ class ProtoPNet(ProtoMask):
 
     def make_add_on(self) -> tuple[nn.Module, int]:
         d = self.config.prototype_dim
-        add_on = nn.Sequential(nn.Conv2d(self.channels, d, 1), nn.ReLU(), nn.Conv2d(d, d, 1), nn.Sigmoid())
+        add_on = nn.Sequential(nn.Conv2d(self.channels, d, 1), nn.ReLU(), nn.Conv2d(d, d, 1),
+                               embedding_activation(self.config))
         _kaiming(add_on[0], add_on[2])
         return add_on, feature_grid(self.backbone, self.config.input_size)
 
@@ -377,9 +399,11 @@ class PIPNet(ProtoMask):
         return ModelOutput(torch.log1p(out ** self.multiplier), None, nearest, pooled, cell_presence=cells)
 
     @torch.no_grad()
-    def after_step(self) -> None:
-        """The reference's LastLayerCallback, after every joint step: weights shrink by 1e-3 and stay ≥ 0 (sparse
-        and non-negative), the multiplier stays ≥ 1."""
+    def after_step(self, phase: str) -> None:
+        """The reference's LastLayerCallback, after every step but the warm-up's: weights shrink by 1e-3 and stay
+        ≥ 0 (sparse and non-negative), the multiplier stays ≥ 1."""
+        if phase == "warmup":
+            return
         self.last_layer.weight.sub_(1e-3).clamp_(min=0)
         self.multiplier.clamp_(min=1)
 

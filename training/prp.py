@@ -2,9 +2,10 @@
 
 The rules are the reference's (``lrp_params_def1``): the similarity ``s`` of the region's embedding ``z`` to the
 prototype ``p`` is split over the embedding's channels in proportion to ``1 / ((z_c - p_c)² + 1e-12)`` (PRP's L2
-rule); the sigmoid and ReLUs pass relevance on unchanged, average pools and residual sums split it in proportion to
-their inputs (stabiliser 1e-6), max pools pass it to the maximum, every convolution after the first uses z⁺ and the
-first zᴮ (bounded by the ImageNet-normalised pixel range, per channel), all of them ignoring their biases.
+rule); the sigmoid (or ``model.embedding: normalized``'s unit-length scaling) and ReLUs pass relevance on unchanged,
+average pools and residual sums split it in proportion to their inputs (stabiliser 1e-6), max pools pass it to the
+maximum, every convolution after the first uses z⁺ and the first zᴮ (bounded by the ImageNet-normalised pixel range,
+per channel), all of them ignoring their biases.
 BatchNorm is folded into the convolution before it (zennit's canonizers: ``ResNetCanonizer``, which also turns the
 residual additions into modules, for ResNets; ``SequentialMergeBatchNorm`` for vgg16 and convnet). With the biases
 ignored relevance is conserved: the input relevance sums to ``s`` (the reference starts from 1 instead of ``s``, so
@@ -20,12 +21,12 @@ from torch import nn
 from zennit.attribution import Gradient
 from zennit.canonizers import Canonizer, SequentialMergeBatchNorm
 from zennit.composites import SpecialFirstLayerMapComposite, layer_map_base
-from zennit.rules import ZBox, ZPlus
+from zennit.rules import Pass, ZBox, ZPlus
 from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 from zennit.types import Convolution
 
 from training.data import IMAGENET_MEAN, IMAGENET_STD
-from training.model import PIPNet, ProtoMask
+from training.model import PIPNet, ProtoMask, UnitLength
 
 STABILIZER = 1e-6  # the reference's ε of residual sums and pools, and the stabiliser of z⁺ and zᴮ
 CHANNEL_EPSILON = 1e-12  # PRP's L2 rule: the share of channel c is ∝ 1 / ((z_c - p_c)² + ε)
@@ -47,7 +48,7 @@ def prp_composite(backbone: str) -> SpecialFirstLayerMapComposite:
     mean, std = torch.tensor(IMAGENET_MEAN)[None, :, None, None], torch.tensor(IMAGENET_STD)[None, :, None, None]
     no_bias = {"stabilizer": STABILIZER, "zero_params": ["bias"]}
     return SpecialFirstLayerMapComposite(
-        layer_map=layer_map_base(STABILIZER) + [(Convolution, ZPlus(**no_bias))],
+        layer_map=[(UnitLength, Pass())] + layer_map_base(STABILIZER) + [(Convolution, ZPlus(**no_bias))],
         first_map=[(Convolution, ZBox(low=(0 - mean) / std, high=(1 - mean) / std, **no_bias))],
         canonizers=canonizers(backbone),
     )

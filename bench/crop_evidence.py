@@ -1,0 +1,217 @@
+"""How an image's crops are combined into a decision, on the frozen backbone of a trained run.
+
+    python bench/crop_evidence.py --run-dir R [--seeds 0 1 2 3] [--epochs 16]
+
+Every train, val and test image's crops go once through the run's backbone (model.pt, eval mode; the training
+images also flipped); then small heads train on those fixed per-crop features (Adam, flips, the run's batch size
+and rates, its step decay) and are scored on the test split:
+
+- linear, max over the crops' features: the crops-only black-box's head (``model.head: linear``);
+- linear per crop, mean of the logits: each crop votes, the votes averaged;
+- linear per crop, max of the logits: each class's evidence is its single best crop;
+- prototypes: the run's own head (add-on, prototypes, last layer; cross-entropy + cluster − separation), with the
+  prototypes placed on the crops the first head scores highest, as ``schedule.prototype_init: crops`` does, and
+  the same head with the other ``model.embedding``.
+
+ProtoMask's head decides per crop (a prototype's similarity is that of its single nearest crop); the linear heads
+bracket how much deciding per crop costs on these features, whatever the prototypes do. No push.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with python -m
+
+from bench.common import print_table, write_json
+from schemas.config import ModelConfig, TrainConfig, load_config
+from training.data import ShardDataset, ShardStream, split_keys
+from training.losses import cluster_loss, separation_loss
+from training.metrics import classification_metrics
+from training.model import LinearHead, build_model, embedding_activation, max_over_crops
+
+Features = dict[str, torch.Tensor]  # "f" [N, K, channels], "flipped" (train only), "valid" [N, K], "y" [N]
+
+
+def crop_features(run_dir: Path) -> tuple[TrainConfig, int, dict[str, Features]]:
+    """The run's config, its number of classes, and the per-crop pooled backbone features of every split."""
+    config = load_config(TrainConfig, run_dir / "train_config.yaml", {})
+    dataset = ShardDataset.open(config.shards)
+    model = build_model(config.model, dataset.num_classes)
+    state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    model.backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items()
+                                    if k.startswith("backbone.")})
+    features = LinearHead(config.model, dataset.num_classes, trunk=(model.backbone, model.channels)).eval()
+    splits = split_keys(dataset, config.data.val_fraction, config.seed)
+    out = {}
+    with torch.no_grad():
+        for split, keys in splits.items():
+            rows: dict[str, list[torch.Tensor]] = {"f": [], "flipped": [], "valid": [], "y": []}
+            for batch in ShardStream(dataset, keys, config.data, input_size=config.model.input_size, batch_size=32,
+                                     train=False, whole_image=config.model.regions == "patches"):
+                crops, valid = batch["crops"], batch["valid"]
+                rows["f"].append(features.region_features(crops, valid, 1))
+                if split == "train":
+                    rows["flipped"].append(features.region_features(crops.flip(-1), valid, 1))
+                rows["valid"].append(valid.bool())
+                rows["y"].append(batch["label"])
+            out[split] = {k: torch.cat(v) for k, v in rows.items() if v}
+    return config, dataset.num_classes, out
+
+
+class LinearEvidence(nn.Module):
+    """A linear layer on max-pooled features (``pool: features``), or per crop with its logits pooled."""
+
+    def __init__(self, channels: int, num_classes: int, pool: str) -> None:
+        super().__init__()
+        self.fc, self.pool = nn.Linear(channels, num_classes), pool
+
+    def forward(self, f: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.pool == "features":
+            return self.fc(max_over_crops(f, valid)), None
+        logits = self.fc(f)
+        if self.pool == "max":
+            return max_over_crops(logits, valid), None
+        return (logits * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp_min(1), None
+
+
+class PrototypeEvidence(nn.Module):
+    """ProtoMask's head on fixed crop features: add-on (pooling commutes with the 1×1 convolution), squared
+    distances, min over valid crops, log similarity, last layer (+1 own class, 0 others)."""
+
+    def __init__(self, model: ModelConfig, num_classes: int, channels: int) -> None:
+        super().__init__()
+        self.config = model
+        n = num_classes * model.prototypes_per_class
+        self.add_on = nn.Sequential(nn.Linear(channels, model.prototype_dim), embedding_activation(model))
+        self.prototypes = nn.Parameter(torch.rand(n, model.prototype_dim))
+        self.prototype_class = torch.arange(n) // model.prototypes_per_class
+        self.last_layer = nn.Linear(n, num_classes, bias=False)
+        self.last_layer.weight.data.copy_(F.one_hot(self.prototype_class, num_classes).float().T)
+
+    def forward(self, f: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        z = self.add_on(f.flatten(0, 1)).unflatten(0, f.shape[:2])  # [N, D] rows: the activation works on dim 1
+        d = ((z[..., None, :] - self.prototypes) ** 2).sum(-1).masked_fill(~valid[..., None], math.inf)
+        min_d = d.min(1).values
+        eps = self.config.similarity_epsilon
+        return self.last_layer(torch.log((min_d + 1) / (min_d + eps))), min_d
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        if self.config.embedding == "normalized":
+            self.prototypes.copy_(F.normalize(self.prototypes, dim=1))
+
+
+def placed_prototypes(model: ModelConfig, add_on: nn.Module, scorer: LinearEvidence, train: Features,
+                      num_classes: int) -> torch.Tensor:
+    """Each class's prototypes on the embeddings of the crops ``scorer`` scores highest for it, one per image."""
+    with torch.no_grad():
+        f, valid, y = train["f"], train["valid"], train["y"]
+        own = scorer.fc(f).gather(2, y[:, None, None].expand(-1, f.shape[1], 1))[..., 0]
+        best, crop = own.masked_fill(~valid, -math.inf).max(1)
+        z = add_on(f[torch.arange(len(f)), crop])
+        m = model.prototypes_per_class
+        prototypes = torch.empty(num_classes * m, model.prototype_dim)
+        for c in range(num_classes):
+            images = (y == c).nonzero()[:, 0]
+            images = images[best[images].argsort(descending=True)]
+            for j in range(m):
+                prototypes[c * m + j] = z[images[j % len(images)]]
+    return prototypes
+
+
+def fit(head: nn.Module, config: TrainConfig, train: Features, epochs: int, seed: int) -> None:
+    """Adam on ``head`` over the training features (flipped at random per image), step decay as the run's."""
+    s = config.schedule
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(head.parameters(), lr=s.lr_addon)
+    if isinstance(head, PrototypeEvidence):
+        optimizer = torch.optim.Adam([
+            {"params": head.add_on.parameters(), "lr": s.lr_addon},
+            {"params": [head.prototypes], "lr": s.lr_prototypes},
+            {"params": head.last_layer.parameters(), "lr": s.lr_last_layer}])
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, s.step_size, s.gamma)
+    n, batch = len(train["y"]), config.data.batch_size
+    head.train()
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        for i in range(0, n - batch + 1, batch):
+            idx = order[i:i + batch]
+            flip = torch.rand(len(idx), generator=generator)[:, None, None] < 0.5
+            f = torch.where(flip, train["flipped"][idx], train["f"][idx])
+            valid, y = train["valid"][idx], train["y"][idx]
+            logits, min_d = head(f, valid)
+            loss = F.cross_entropy(logits, y)
+            if min_d is not None:
+                loss = loss + config.loss.cluster * cluster_loss(min_d, y, head.prototype_class) \
+                    - config.loss.separation * separation_loss(min_d, y, head.prototype_class)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if isinstance(head, PrototypeEvidence):
+                head.after_step()
+        scheduler.step()
+    head.eval()
+
+
+def balanced_accuracy(head: nn.Module, split: Features) -> float:
+    with torch.no_grad():
+        return classification_metrics(head(split["f"], split["valid"])[0], split["y"])["balanced_accuracy"]
+
+
+def evidence_table(run_dir: Path, *, seeds: list[int], epochs: int) -> list[dict]:
+    """One row per head: its test balanced accuracy per seed and their mean, and its train accuracy's mean."""
+    config, num_classes, splits = crop_features(run_dir)
+    channels = splits["train"]["f"].shape[-1]
+    other = "normalized" if config.model.embedding == "sigmoid" else "sigmoid"
+    heads = {"linear, max over the crops' features (the crops-only black-box)": "features",
+             "linear per crop, mean of the logits": "mean", "linear per crop, max of the logits": "max",
+             f"prototypes, embedding {config.model.embedding} (the run's)": config.model.embedding,
+             f"prototypes, embedding {other}": other}
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in heads}
+    for seed in seeds:
+        torch.manual_seed(seed)
+        scorer = LinearEvidence(channels, num_classes, "features")
+        fit(scorer, config, splits["train"], epochs, seed)
+        for name, kind in heads.items():
+            torch.manual_seed(seed)
+            if kind in ("features", "mean", "max"):
+                head = scorer if kind == "features" else LinearEvidence(channels, num_classes, kind)
+            else:
+                model = config.model.model_copy(update={"embedding": kind})
+                head = PrototypeEvidence(model, num_classes, channels)
+                head.prototypes.data.copy_(placed_prototypes(model, head.add_on, scorer, splits["train"], num_classes))
+            if head is not scorer:
+                fit(head, config, splits["train"], epochs, seed)
+            results[name].append((balanced_accuracy(head, splits["test"]), balanced_accuracy(head, splits["train"])))
+    return [{"head": name, "test": [t for t, _ in r], "mean_test": sum(t for t, _ in r) / len(r),
+             "mean_train": sum(a for _, a in r) / len(r), "n_test": len(splits["test"]["y"])}
+            for name, r in results.items()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-dir", type=Path, required=True, help="a run of protomask train (its model.pt)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--epochs", type=int, default=16, help="epochs of every head (small-cpu's joint phase: 16)")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+    rows = evidence_table(args.run_dir, seeds=args.seeds, epochs=args.epochs)
+    print_table(f"test balanced accuracy on {args.run_dir}'s frozen backbone ({rows[0]['n_test']} test images, "
+                f"seeds {', '.join(map(str, args.seeds))})",
+                [{"head": r["head"], "test (mean)": f"{r['mean_test']:.1%}",
+                  "per seed": ", ".join(f"{t:.1%}" for t in r["test"]), "train (mean)": f"{r['mean_train']:.1%}"}
+                 for r in rows])
+    if args.json:
+        write_json(args.json, {"rows": rows})
+
+
+if __name__ == "__main__":
+    main()
