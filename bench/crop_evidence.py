@@ -2,7 +2,7 @@
 
     python bench/crop_evidence.py --run-dir R [--seeds 0 1 2 3] [--epochs 16]
 
-Every train, val and test image's crops go once through the run's backbone (model.pt, eval mode; the training
+Every train and test image's crops go once through the run's backbone (model.pt, eval mode; the training
 images also flipped); then small heads train on those fixed per-crop features (Adam, flips, the run's batch size
 and rates, its step decay) and are scored on the test split:
 
@@ -41,8 +41,11 @@ Features = dict[str, torch.Tensor]  # "f" [N, K, channels], "flipped" (train onl
 
 
 def crop_features(run_dir: Path) -> tuple[TrainConfig, int, dict[str, Features]]:
-    """The run's config, its number of classes, and the per-crop pooled backbone features of every split."""
+    """The run's config, its number of classes, and the per-crop pooled backbone features of the train and test
+    splits."""
     config = load_config(TrainConfig, run_dir / "train_config.yaml", {})
+    if config.model.head != "prototypes" or config.model.regions != "masks":
+        raise SystemExit(f"{run_dir}: not a ProtoMask run (model.head: prototypes, regions: masks)")
     dataset = ShardDataset.open(config.shards)
     model = build_model(config.model, dataset.num_classes)
     state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
@@ -52,10 +55,10 @@ def crop_features(run_dir: Path) -> tuple[TrainConfig, int, dict[str, Features]]
     splits = split_keys(dataset, config.data.val_fraction, config.seed)
     out = {}
     with torch.no_grad():
-        for split, keys in splits.items():
+        for split in ("train", "test"):
             rows: dict[str, list[torch.Tensor]] = {"f": [], "flipped": [], "valid": [], "y": []}
-            for batch in ShardStream(dataset, keys, config.data, input_size=config.model.input_size, batch_size=32,
-                                     train=False, whole_image=config.model.regions == "patches"):
+            for batch in ShardStream(dataset, splits[split], config.data, input_size=config.model.input_size,
+                                     batch_size=32, train=False):
                 crops, valid = batch["crops"], batch["valid"]
                 rows["f"].append(features.region_features(crops, valid, 1))
                 if split == "train":
