@@ -31,11 +31,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with python -m
 
 from bench.common import print_table, write_json
-from schemas.config import ModelConfig, TrainConfig, load_config
+from schemas.config import TrainConfig, load_config
 from training.data import ShardDataset, ShardStream, split_keys
 from training.losses import cluster_loss, separation_loss
 from training.metrics import classification_metrics
-from training.model import LinearHead, build_model, embedding_activation, max_over_crops
+from training.model import LinearHead, ProtoMask, build_model, max_over_crops
 
 Features = dict[str, torch.Tensor]  # "f" [N, K, channels], "flipped" (train only), "valid" [N, K], "y" [N]
 
@@ -86,47 +86,37 @@ class LinearEvidence(nn.Module):
 
 
 class PrototypeEvidence(nn.Module):
-    """ProtoMask's head on fixed crop features: add-on (pooling commutes with the 1×1 convolution), squared
-    distances, min over valid crops, log similarity, last layer (+1 own class, 0 others)."""
+    """ProtoMask's own head (``training.model.ProtoMask``: add-on, distances, similarity, last layer) on fixed
+    per-crop features; the backbone is never run."""
 
-    def __init__(self, model: ModelConfig, num_classes: int, channels: int) -> None:
+    def __init__(self, model: ProtoMask) -> None:
         super().__init__()
-        self.config = model
-        n = num_classes * model.prototypes_per_class
-        self.add_on = nn.Sequential(nn.Linear(channels, model.prototype_dim), embedding_activation(model))
-        self.prototypes = nn.Parameter(torch.rand(n, model.prototype_dim))
-        self.prototype_class = torch.arange(n) // model.prototypes_per_class
-        self.last_layer = nn.Linear(n, num_classes, bias=False)
-        self.last_layer.weight.data.copy_(F.one_hot(self.prototype_class, num_classes).float().T)
+        self.net = model
+
+    def embed(self, f: torch.Tensor) -> torch.Tensor:
+        """[M, channels] pooled crop features → [M, D]: the add-on on 1×1 maps (its 1×1 convolution commutes with
+        the global pool the features already had)."""
+        return self.net.add_on(f[..., None, None]).flatten(1)
 
     def forward(self, f: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        z = self.add_on(f.flatten(0, 1)).unflatten(0, f.shape[:2])  # [N, D] rows: the activation works on dim 1
-        d = ((z[..., None, :] - self.prototypes) ** 2).sum(-1).masked_fill(~valid[..., None], math.inf)
-        min_d = d.min(1).values
-        eps = self.config.similarity_epsilon
-        return self.last_layer(torch.log((min_d + 1) / (min_d + eps))), min_d
-
-    @torch.no_grad()
-    def after_step(self) -> None:
-        if self.config.embedding == "normalized":
-            self.prototypes.copy_(F.normalize(self.prototypes, dim=1))
+        z = self.embed(f.flatten(0, 1)).unflatten(0, f.shape[:2])
+        min_d = self.net.distances(z).masked_fill(~valid[..., None], math.inf).min(1).values
+        return self.net.last_layer(self.net.similarity(min_d)), min_d
 
 
-def placed_prototypes(model: ModelConfig, add_on: nn.Module, scorer: LinearEvidence, train: Features,
-                      num_classes: int) -> torch.Tensor:
+def placed_prototypes(head: PrototypeEvidence, scorer: LinearEvidence, train: Features) -> torch.Tensor:
     """Each class's prototypes on the embeddings of the crops ``scorer`` scores highest for it, one per image."""
     with torch.no_grad():
         f, valid, y = train["f"], train["valid"], train["y"]
         own = scorer.fc(f).gather(2, y[:, None, None].expand(-1, f.shape[1], 1))[..., 0]
         best, crop = own.masked_fill(~valid, -math.inf).max(1)
-        z = add_on(f[torch.arange(len(f)), crop])
-        m = model.prototypes_per_class
-        prototypes = torch.empty(num_classes * m, model.prototype_dim)
-        for c in range(num_classes):
+        z = head.embed(f[torch.arange(len(f)), crop])
+        prototypes = torch.empty_like(head.net.prototypes)
+        for c in range(head.net.num_classes):
             images = (y == c).nonzero()[:, 0]
             images = images[best[images].argsort(descending=True)]
-            for j in range(m):
-                prototypes[c * m + j] = z[images[j % len(images)]]
+            for j, prototype in enumerate((head.net.prototype_class == c).nonzero()[:, 0]):
+                prototypes[prototype] = z[images[j % len(images)]]
     return prototypes
 
 
@@ -134,12 +124,12 @@ def fit(head: nn.Module, config: TrainConfig, train: Features, epochs: int, seed
     """Adam on ``head`` over the training features (flipped at random per image), step decay as the run's."""
     s = config.schedule
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(head.parameters(), lr=s.lr_addon)
     if isinstance(head, PrototypeEvidence):
-        optimizer = torch.optim.Adam([
-            {"params": head.add_on.parameters(), "lr": s.lr_addon},
-            {"params": [head.prototypes], "lr": s.lr_prototypes},
-            {"params": head.last_layer.parameters(), "lr": s.lr_last_layer}])
+        groups = head.net.parameter_groups()
+        optimizer = torch.optim.Adam([{"params": groups[name], "lr": lr} for name, lr in (
+            ("add_on", s.lr_addon), ("prototypes", s.lr_prototypes), ("last_layer", s.lr_last_layer))])
+    else:
+        optimizer = torch.optim.Adam(head.parameters(), lr=s.lr_addon)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, s.step_size, s.gamma)
     n, batch = len(train["y"]), config.data.batch_size
     head.train()
@@ -153,13 +143,14 @@ def fit(head: nn.Module, config: TrainConfig, train: Features, epochs: int, seed
             logits, min_d = head(f, valid)
             loss = F.cross_entropy(logits, y)
             if min_d is not None:
-                loss = loss + config.loss.cluster * cluster_loss(min_d, y, head.prototype_class) \
-                    - config.loss.separation * separation_loss(min_d, y, head.prototype_class)
+                prototype_class = head.net.prototype_class
+                loss = loss + config.loss.cluster * cluster_loss(min_d, y, prototype_class) \
+                    - config.loss.separation * separation_loss(min_d, y, prototype_class)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             if isinstance(head, PrototypeEvidence):
-                head.after_step()
+                head.net.after_step("joint")
         scheduler.step()
     head.eval()
 
@@ -188,9 +179,10 @@ def evidence_table(run_dir: Path, *, seeds: list[int], epochs: int) -> list[dict
             if kind in ("features", "mean", "max"):
                 head = scorer if kind == "features" else LinearEvidence(channels, num_classes, kind)
             else:
-                model = config.model.model_copy(update={"embedding": kind})
-                head = PrototypeEvidence(model, num_classes, channels)
-                head.prototypes.data.copy_(placed_prototypes(model, head.add_on, scorer, splits["train"], num_classes))
+                model = build_model(config.model.model_copy(update={"embedding": kind}), num_classes)
+                assert isinstance(model, ProtoMask)
+                head = PrototypeEvidence(model)
+                model.prototypes.data.copy_(placed_prototypes(head, scorer, splits["train"]))
             if head is not scorer:
                 fit(head, config, splits["train"], epochs, seed)
             results[name].append((balanced_accuracy(head, splits["test"]), balanced_accuracy(head, splits["train"])))
