@@ -414,6 +414,10 @@ class DataConfig(Strict):
         "training augmentation per crop: the reference's (flip, perspective, rotation, shear, colour jitter), "
         "horizontal flips only (short schedules from scratch learn faster), or none; true/false mean "
         "reference/none"))
+    crop_dropout: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "training only, regions: masks: each of an image's mask crops is hidden with this probability (at least one "
+        "is kept), so that no decision can lean on one crop always being there; hidden crops skip the backbone. "
+        "0: every crop, as the paper"))
     loader_threads: int = Field(2, ge=0, description="decoding threads per worker")
 
     @field_validator("augment", mode="before")

@@ -156,6 +156,29 @@ def test_two_view_stream(shards: Path) -> None:
         ShardStream(dataset, keys, DataConfig(), input_size=CROP, batch_size=4, train=False, views=2)
 
 
+def test_crop_dropout_hides_crops_in_training_only(shards: Path) -> None:
+    """``data.crop_dropout``: about that share of the valid crops hidden in training, at least one kept per image,
+    the same on a rerun; evaluation and the whole-image input see every crop."""
+    dataset = ShardDataset.open(shards)
+    keys = split_keys(dataset, 0.0, 0)["train"]
+
+    def valid(p: float, *, train: bool = True, whole_image: bool = False) -> torch.Tensor:
+        config = DataConfig(batch_size=4, loader_threads=0, augment="none", crop_dropout=p)
+        return torch.cat([b["valid"] for b in ShardStream(dataset, keys, config, input_size=16, batch_size=4,
+                                                          train=train, seed=3, whole_image=whole_image)])
+
+    every, hidden = valid(0.0), valid(0.5)
+    assert hidden.shape == every.shape and not (hidden & ~every).any() and hidden.any(1).all()
+    assert 0.35 < 1 - hidden.sum() / every.sum() < 0.65
+    assert torch.equal(valid(0.5), hidden)
+    assert torch.equal(valid(0.5, train=False), valid(0.0, train=False))
+    assert valid(0.5, whole_image=True).all()
+    one_left = torch.tensor([False, True, False])
+    assert torch.equal(data.hide_crops(one_left, 0.99, [0]), one_left)
+    with pytest.raises(ValueError, match="crop_dropout"):
+        DataConfig(crop_dropout=1.0)
+
+
 def test_augmentation_ranges() -> None:
     """Small warps about the centre (±15° rotation and shear, 5 % perspective), flips half the time, colour
     within the ColorJitter factors; outside the warped crop is black."""

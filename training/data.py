@@ -168,6 +168,15 @@ def decode_sample(
     return torch.from_numpy(crops), torch.from_numpy(np.arange(k) < n), label, key
 
 
+def hide_crops(valid: torch.Tensor, p: float, seed: Sequence[int]) -> torch.Tensor:
+    """``data.crop_dropout``: each valid crop hidden with probability ``p``, one of them kept when all would be."""
+    rng = np.random.default_rng([*seed, 1])  # apart from the augmentation's stream of the same seed
+    shown = valid.numpy() & (rng.random(len(valid)) >= p)
+    if not shown.any():
+        shown[rng.choice(np.flatnonzero(valid.numpy()))] = True
+    return torch.from_numpy(shown)
+
+
 _GREY = np.array([0.299, 0.587, 0.114])
 _YIQ = np.array([_GREY, [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _YIQ_INV = np.linalg.inv(_YIQ)
@@ -451,6 +460,8 @@ class ShardStream:
             if sample[2:] != (self._labels[key], key):
                 raise ShardError(f"{tar}: sample {key} says key {sample[3]} label {sample[2]}, "
                                  f"the manifest says label {self._labels[key]}")
+            if self.train and self.config.crop_dropout and not self._whole_image:
+                sample = (sample[0], hide_crops(sample[1], self.config.crop_dropout, seed), *sample[2:])
             decoded.append(sample)
         _, valid, labels, keys = zip(*decoded)
         return {**{name: torch.from_numpy(view) for name, view in zip(("crops", "crops2"), crops)},
