@@ -1,10 +1,11 @@
 """How an image's crops are combined into a decision, on the frozen backbone of a trained run.
 
-    python bench/crop_evidence.py --run-dir R [--seeds 0 1 2 3] [--epochs 16]
+    python bench/crop_evidence.py --run-dir R [--seeds 0 1 2 3] [--epochs 16] [--crop-dropout P]
 
 Every train and test image's crops go once through the run's backbone (model.pt, eval mode; the training
 images also flipped); then small heads train on those fixed per-crop features (Adam, flips, the run's batch size
-and rates, its step decay) and are scored on the test split:
+and rates, its step decay; ``--crop-dropout``: crops hidden in training as ``data.crop_dropout`` hides them) and are
+scored on the test split:
 
 - linear, max over the crops' features: the crops-only black-box's head (``model.head: linear``);
 - linear per crop, mean of the logits: each crop votes, the votes averaged;
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from bench.common import print_table, write_json
 from schemas.config import TrainConfig, load_config
-from training.data import ShardDataset, ShardStream, split_keys
+from training.data import ShardDataset, ShardStream, hide_crops, split_keys
 from training.losses import cluster_loss, separation_loss
 from training.metrics import classification_metrics
 from training.model import LinearHead, ProtoMask, build_model, max_over_crops
@@ -120,8 +121,10 @@ def placed_prototypes(head: PrototypeEvidence, scorer: LinearEvidence, train: Fe
     return prototypes
 
 
-def fit(head: nn.Module, config: TrainConfig, train: Features, epochs: int, seed: int) -> None:
-    """Adam on ``head`` over the training features (flipped at random per image), step decay as the run's."""
+def fit(head: nn.Module, config: TrainConfig, train: Features, epochs: int, seed: int, *,
+        crop_dropout: float = 0.0) -> None:
+    """Adam on ``head`` over the training features (flipped at random per image, crops hidden with probability
+    ``crop_dropout``), step decay as the run's."""
     s = config.schedule
     generator = torch.Generator().manual_seed(seed)
     if isinstance(head, PrototypeEvidence):
@@ -133,13 +136,15 @@ def fit(head: nn.Module, config: TrainConfig, train: Features, epochs: int, seed
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, s.step_size, s.gamma)
     n, batch = len(train["y"]), config.data.batch_size
     head.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
         order = torch.randperm(n, generator=generator)
         for i in range(0, n - batch + 1, batch):
             idx = order[i:i + batch]
             flip = torch.rand(len(idx), generator=generator)[:, None, None] < 0.5
             f = torch.where(flip, train["flipped"][idx], train["f"][idx])
             valid, y = train["valid"][idx], train["y"][idx]
+            if crop_dropout:
+                valid = torch.stack([hide_crops(v, crop_dropout, [seed, epoch, int(j)]) for v, j in zip(valid, idx)])
             logits, min_d = head(f, valid)
             loss = F.cross_entropy(logits, y)
             if min_d is not None:
@@ -160,7 +165,7 @@ def balanced_accuracy(head: nn.Module, split: Features) -> float:
         return classification_metrics(head(split["f"], split["valid"])[0], split["y"])["balanced_accuracy"]
 
 
-def evidence_table(run_dir: Path, *, seeds: list[int], epochs: int) -> list[dict]:
+def evidence_table(run_dir: Path, *, seeds: list[int], epochs: int, crop_dropout: float = 0.0) -> list[dict]:
     """One row per head: its test balanced accuracy per seed and their mean, and its train accuracy's mean."""
     config, num_classes, splits = crop_features(run_dir)
     channels = splits["train"]["f"].shape[-1]
@@ -173,7 +178,7 @@ def evidence_table(run_dir: Path, *, seeds: list[int], epochs: int) -> list[dict
     for seed in seeds:
         torch.manual_seed(seed)
         scorer = LinearEvidence(channels, num_classes, "features")
-        fit(scorer, config, splits["train"], epochs, seed)
+        fit(scorer, config, splits["train"], epochs, seed, crop_dropout=crop_dropout)
         for name, kind in heads.items():
             torch.manual_seed(seed)
             if kind in ("features", "mean", "max"):
@@ -184,7 +189,7 @@ def evidence_table(run_dir: Path, *, seeds: list[int], epochs: int) -> list[dict
                 head = PrototypeEvidence(model)
                 model.prototypes.data.copy_(placed_prototypes(head, scorer, splits["train"]))
             if head is not scorer:
-                fit(head, config, splits["train"], epochs, seed)
+                fit(head, config, splits["train"], epochs, seed, crop_dropout=crop_dropout)
             results[name].append((balanced_accuracy(head, splits["test"]), balanced_accuracy(head, splits["train"])))
     return [{"head": name, "test": [t for t, _ in r], "mean_test": sum(t for t, _ in r) / len(r),
              "mean_train": sum(a for _, a in r) / len(r), "n_test": len(splits["test"]["y"])}
@@ -196,11 +201,13 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, required=True, help="a run of protomask train (its model.pt)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--epochs", type=int, default=16, help="epochs of every head (small-cpu's joint phase: 16)")
+    parser.add_argument("--crop-dropout", type=float, default=0.0,
+                        help="every head trains with crops hidden at this probability (data.crop_dropout)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
-    rows = evidence_table(args.run_dir, seeds=args.seeds, epochs=args.epochs)
+    rows = evidence_table(args.run_dir, seeds=args.seeds, epochs=args.epochs, crop_dropout=args.crop_dropout)
     print_table(f"test balanced accuracy on {args.run_dir}'s frozen backbone ({rows[0]['n_test']} test images, "
-                f"seeds {', '.join(map(str, args.seeds))})",
+                f"seeds {', '.join(map(str, args.seeds))}, crop dropout {args.crop_dropout})",
                 [{"head": r["head"], "test (mean)": f"{r['mean_test']:.1%}",
                   "per seed": ", ".join(f"{t:.1%}" for t in r["test"]), "train (mean)": f"{r['mean_train']:.1%}"}
                  for r in rows])
