@@ -120,6 +120,9 @@ class SegmenterConfig(Strict):
     n_segments: int = Field(48, ge=2, description="SLIC superpixels before merging")
     compactness: float = Field(10.0, gt=0)
     merge_threshold: float = Field(28.0, ge=0, description="RAG mean-colour distance below which regions merge")
+    merge_levels: list[Annotated[float, Field(ge=0)]] = Field([], description=(
+        "superpixel: coarser thresholds whose merged regions are proposed too, so objects come as wholes besides "
+        "their parts (nested masks, as SAM proposes); a region found at several levels is proposed once"))
     work_side: int = Field(256, ge=16, description="superpixels are computed at this long side, masks upsampled")
     # grid
     grid: int = Field(3, ge=1, description="grid x grid patches")

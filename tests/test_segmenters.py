@@ -90,6 +90,23 @@ def test_superpixel_deterministic() -> None:
     assert len(a.masks) > 1 and np.array_equal(a.masks, b.masks)
 
 
+def test_superpixel_merge_levels_propose_wholes_besides_parts() -> None:
+    image, body = _square(96, 128, (20, 76, 20, 108))  # red body on blue
+    image[20:76, 20:50] = (220, 80, 20)  # an orange head: 60 from the body, far from the background
+    head = np.zeros_like(body)
+    head[20:76, 20:50] = True
+    flat = create_segmenter(SegmenterConfig())(image)
+    _assert_partition(flat, body.shape)
+    assert _best_iou(flat.masks, body) < 0.7  # at merge_threshold 28 the bird comes in two parts only
+    segmenter = create_segmenter(SegmenterConfig(merge_levels=[70.0, 80.0]))
+    nested = segmenter(image)
+    assert np.array_equal(nested.masks[: len(flat.masks)], flat.masks)  # the finest level first, unchanged
+    assert _best_iou(nested.masks, body) > 0.95 and _best_iou(nested.masks, head) > 0.95
+    assert len(nested.masks) == len(flat.masks) + 1  # only the merged bird is new; level 80 adds nothing
+    assert segmenter.params()["merge_levels"] == [70.0, 80.0]
+    assert "merge_levels" not in create_segmenter(SegmenterConfig()).params()  # older shard folders still resume
+
+
 def test_superpixel_rag_matches_skimage() -> None:
     from skimage import graph
     from skimage.segmentation import slic

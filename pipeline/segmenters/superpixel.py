@@ -12,7 +12,9 @@ from schemas.config import SegmenterConfig
 
 
 class SuperpixelSegmenter(Segmenter):
-    """SLIC at ``work_side`` long side, RAG merge below ``merge_threshold``, one mask per merged region."""
+    """SLIC at ``work_side`` long side, RAG merge below ``merge_threshold``, one mask per merged region; with
+    ``merge_levels``, also one mask per region merged below each coarser threshold (each a union of the finer
+    ones), every distinct region once, finest level first."""
 
     name = "superpixel"
 
@@ -20,18 +22,31 @@ class SuperpixelSegmenter(Segmenter):
         self.n_segments = config.n_segments
         self.compactness = config.compactness
         self.merge_threshold = config.merge_threshold
+        self.merge_levels = list(config.merge_levels)
         self.work_side = config.work_side
 
     def __call__(self, image: np.ndarray) -> Proposal:
         h, w = image.shape[:2]
         small = self._downscale(image)
-        labels = slic(small, n_segments=self.n_segments, compactness=self.compactness, start_label=0, channel_axis=-1)
-        labels = _consecutive(labels)
-        labels = _consecutive(graph.cut_threshold(labels, mean_color_rag(small, labels), self.merge_threshold))
-        sh, sw = labels.shape
-        if (sh, sw) != (h, w):  # nearest-neighbour upsampling back to the input size
-            labels = labels[(np.arange(h) * sh // h)[:, None], np.arange(w) * sw // w]
-        masks = labels[None] == np.arange(labels.max() + 1)[:, None, None]
+        superpixels = slic(small, n_segments=self.n_segments, compactness=self.compactness, start_label=0,
+                           channel_axis=-1)
+        superpixels = _consecutive(superpixels)
+        rag = mean_color_rag(small, superpixels)
+        sh, sw = superpixels.shape
+        rows, cols = (np.arange(h) * sh // h)[:, None], np.arange(w) * sw // w  # nearest-neighbour upsampling
+        masks, seen = [], set()
+        for threshold in (self.merge_threshold, *self.merge_levels):
+            labels = _consecutive(graph.cut_threshold(superpixels, rag, threshold, in_place=False))
+            members = np.zeros(superpixels.max() + 1, dtype=np.int64)
+            members[superpixels.ravel()] = labels.ravel()  # superpixel -> its region at this level
+            fresh = []
+            for region in range(labels.max() + 1):
+                key = np.flatnonzero(members == region).tobytes()  # its superpixels
+                if key not in seen:
+                    seen.add(key)
+                    fresh.append(region)
+            masks.append(labels[rows, cols][None] == np.array(fresh, dtype=np.int64)[:, None, None])
+        masks = np.concatenate(masks)
         return Proposal(masks=masks, scores=np.ones(len(masks), dtype=np.float32))
 
     def _downscale(self, image: np.ndarray) -> np.ndarray:
@@ -48,6 +63,8 @@ class SuperpixelSegmenter(Segmenter):
             "compactness": self.compactness,
             "merge_threshold": self.merge_threshold,
             "work_side": self.work_side,
+            # only when set, so that shard folders written before the field existed keep their segmenter identity
+            **({"merge_levels": self.merge_levels} if self.merge_levels else {}),
         }
 
 
