@@ -32,7 +32,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from bench.common import REPO, machine, print_table
 from pipeline.job import run_segment
 from protomask.cli import config_file
-from schemas.config import SegmentConfig, TrainConfig, load_config
+from schemas.config import SegmentConfig, SegmenterConfig, TrainConfig, load_config
 from training.train import run_train
 
 CUB_DEV = Path(os.environ.get("PROTOMASK_CUB_DEV", REPO.parent / "shared" / "data" / "cub_dev"))
@@ -45,11 +45,12 @@ MODELS = {  # row name -> model fields
 }
 
 
-def segment(root: Path, out: Path, workers: int, masks_per_image: int) -> float:
+def segment(root: Path, out: Path, workers: int, masks_per_image: int, merge_levels: list[float]) -> float:
     """Superpixel masks, the K largest per image, shards of 128; rerunning skips finished shards. Returns the
     wall seconds."""
     config = SegmentConfig(source="cub", root=root, out=out, masks_per_image=masks_per_image, shard_size=128,
-                           num_workers=workers, cpus_per_worker=2 / workers)
+                           num_workers=workers, cpus_per_worker=2 / workers,
+                           segmenter=SegmenterConfig(merge_levels=merge_levels))
     start = time.perf_counter()
     run_segment(config, progress=False)
     return time.perf_counter() - start
@@ -138,6 +139,8 @@ def main() -> None:
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--masks-per-image", type=int, default=8, metavar="K",
                    help="segmentation: the K largest masks per image (a --work folder holds one K)")
+    p.add_argument("--merge-levels", type=float, nargs="*", default=[], metavar="T",
+                   help="segmentation: segmenter.merge_levels, coarser merges proposed too (default: none)")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
                    help="train these; the others' rows are kept from the last run in --work when their config "
                         "is unchanged (a linear-head row ignores the prototype settings)")
@@ -152,7 +155,7 @@ def main() -> None:
     for name, model in MODELS.items():  # every row's config is checked before anything runs
         run_dir = args.work / "runs" / name.replace(", ", "-").replace(" ", "-")
         configs[name] = model_config(model, config_path, shards, run_dir, args.num_workers)
-    seg_s = segment(args.root, shards, args.num_workers, args.masks_per_image)
+    seg_s = segment(args.root, shards, args.num_workers, args.masks_per_image, args.merge_levels)
     saved = args.work / "results.json"
     earlier = {r["model"]: r for r in json.loads(saved.read_text())["rows"]} if saved.is_file() else {}
     rows = []
@@ -170,12 +173,13 @@ def main() -> None:
                                 for r in rows])
     config = load_config(TrainConfig, config_path, {"shards": shards, "run_dir": args.work})
     m, s = config.model, config.schedule
+    levels = f" with merge levels {', '.join(f'{t:g}' for t in args.merge_levels)}" if args.merge_levels else ""
     info = {
         "command": shlex.join(["python", "bench/real_photos.py", *sys.argv[1:]]),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "machine": f"{machine()['cpus']} CPUs, {machine()['memory_gib']} GiB, {platform.machine()}, no GPU",
         "data": f"{args.root.name}", "wall_min": (time.perf_counter() - start) / 60,
-        "segmentation": f"superpixel masks, K = {args.masks_per_image}, on {args.num_workers} workers ({seg_s:.0f} s "
+        "segmentation": f"superpixel masks{levels}, K = {args.masks_per_image}, on {args.num_workers} workers ({seg_s:.0f} s "
                         "in this run; a rerun reuses the finished shards)",
         "config": str(config_path.relative_to(REPO)) if config_path.is_relative_to(REPO) else str(config_path),
         "workers": args.num_workers,
