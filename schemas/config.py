@@ -462,6 +462,9 @@ class TrainConfig(Strict):
             raise ValueError("loss.auxiliary: the auxiliary head is the classifier that schedule.pretrain_epochs "
                              "trains on the backbone of model.kind protomask or protopnet; set pretrain_epochs > 0 "
                              "(or loss.auxiliary: 0)")
+        if self.data.crop_dropout and self.model.regions != "masks":
+            raise ValueError(f"data.crop_dropout hides mask crops; model.regions {self.model.regions} reads the whole "
+                             "image (set data.crop_dropout: 0)")
         if s.push_distinct and self.parity.push_last_batch:
             raise ValueError("schedule.push_distinct and parity.push_last_batch: the reference's push keeps one batch "
                              "only and cannot choose distinct crops; turn one off")

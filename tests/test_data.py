@@ -17,7 +17,7 @@ from PIL import Image
 import training.data as data
 from pipeline.masks import crop_boxes
 from pipeline.shards import ShardError, iter_samples
-from schemas.config import DataConfig, SegmentConfig
+from schemas.config import DataConfig, SegmentConfig, TrainConfig
 from schemas.storage import Location
 from conftest import segment_without_ray
 from training.data import ShardDataset, ShardStream, decode_sample, make_augment, make_view_augments, split_keys
@@ -177,6 +177,8 @@ def test_crop_dropout_hides_crops_in_training_only(shards: Path) -> None:
     assert torch.equal(data.hide_crops(one_left, 0.99, [0]), one_left)
     with pytest.raises(ValueError, match="crop_dropout"):
         DataConfig(crop_dropout=1.0)
+    with pytest.raises(ValueError, match="data.crop_dropout hides mask crops; model.regions patches"):
+        TrainConfig(shards="s", run_dir="r", model={"regions": "patches"}, data={"crop_dropout": 0.5})
 
 
 def test_augmentation_ranges() -> None:

@@ -171,9 +171,10 @@ def decode_sample(
 def hide_crops(valid: torch.Tensor, p: float, seed: Sequence[int]) -> torch.Tensor:
     """``data.crop_dropout``: each valid crop hidden with probability ``p``, one of them kept when all would be."""
     rng = np.random.default_rng([*seed, 1])  # apart from the augmentation's stream of the same seed
-    shown = valid.numpy() & (rng.random(len(valid)) >= p)
+    valid = valid.numpy()
+    shown = valid & (rng.random(len(valid)) >= p)
     if not shown.any():
-        shown[rng.choice(np.flatnonzero(valid.numpy()))] = True
+        shown[rng.choice(np.flatnonzero(valid))] = True
     return torch.from_numpy(shown)
 
 
@@ -398,6 +399,7 @@ class ShardStream:
         self._units: list[Unit] = sorted(by_shard.items())
         self._augment = config.augment if train and config.augment != "none" else None
         self._whole_image = whole_image
+        self._crop_dropout = config.crop_dropout if train and not whole_image else 0.0
         k = 1 if whole_image else dataset.masks_per_image
         self._buffers = [BatchBuffers((batch_size, k, 3, input_size, input_size), config.loader_threads + 2)
                          for _ in range(views)]
@@ -460,8 +462,8 @@ class ShardStream:
             if sample[2:] != (self._labels[key], key):
                 raise ShardError(f"{tar}: sample {key} says key {sample[3]} label {sample[2]}, "
                                  f"the manifest says label {self._labels[key]}")
-            if self.train and self.config.crop_dropout and not self._whole_image:
-                sample = (sample[0], hide_crops(sample[1], self.config.crop_dropout, seed), *sample[2:])
+            if self._crop_dropout:
+                sample = (sample[0], hide_crops(sample[1], self._crop_dropout, seed), *sample[2:])
             decoded.append(sample)
         _, valid, labels, keys = zip(*decoded)
         return {**{name: torch.from_numpy(view) for name, view in zip(("crops", "crops2"), crops)},
