@@ -45,11 +45,12 @@ MODELS = {  # row name -> model fields
 }
 
 
-def segment(root: Path, out: Path, workers: int, masks_per_image: int, merge_levels: list[float]) -> float:
+def segment(root: Path, out: Path, workers: int, masks_per_image: int, merge_levels: list[float],
+            max_box_fraction: float) -> float:
     """Superpixel masks, the K largest per image, shards of 128; rerunning skips finished shards. Returns the
     wall seconds."""
     config = SegmentConfig(source="cub", root=root, out=out, masks_per_image=masks_per_image, shard_size=128,
-                           num_workers=workers, cpus_per_worker=2 / workers,
+                           num_workers=workers, cpus_per_worker=2 / workers, max_box_fraction=max_box_fraction,
                            segmenter=SegmenterConfig(merge_levels=merge_levels))
     start = time.perf_counter()
     run_segment(config, progress=False)
@@ -141,6 +142,8 @@ def main() -> None:
                    help="segmentation: the K largest masks per image (a --work folder holds one K)")
     p.add_argument("--merge-levels", type=float, nargs="*", default=[], metavar="T",
                    help="segmentation: segmenter.merge_levels, coarser merges proposed too (default: none)")
+    p.add_argument("--max-box-fraction", type=float, default=1.0, metavar="F",
+                   help="segmentation: masks whose box covers more of the image are dropped (default 1: none)")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
                    help="train these; the others' rows are kept from the last run in --work when their config "
                         "is unchanged (a linear-head row ignores the prototype settings)")
@@ -155,7 +158,8 @@ def main() -> None:
     for name, model in MODELS.items():  # every row's config is checked before anything runs
         run_dir = args.work / "runs" / name.replace(", ", "-").replace(" ", "-")
         configs[name] = model_config(model, config_path, shards, run_dir, args.num_workers)
-    seg_s = segment(args.root, shards, args.num_workers, args.masks_per_image, args.merge_levels)
+    seg_s = segment(args.root, shards, args.num_workers, args.masks_per_image, args.merge_levels,
+                    args.max_box_fraction)
     saved = args.work / "results.json"
     earlier = {r["model"]: r for r in json.loads(saved.read_text())["rows"]} if saved.is_file() else {}
     rows = []
@@ -174,6 +178,7 @@ def main() -> None:
     config = load_config(TrainConfig, config_path, {"shards": shards, "run_dir": args.work})
     m, s = config.model, config.schedule
     levels = f" with merge levels {', '.join(f'{t:g}' for t in args.merge_levels)}" if args.merge_levels else ""
+    levels += f", boxes up to {args.max_box_fraction:g} of the image" if args.max_box_fraction < 1 else ""
     info = {
         "command": shlex.join(["python", "bench/real_photos.py", *sys.argv[1:]]),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),

@@ -35,18 +35,28 @@ def mask_boxes(masks: np.ndarray) -> np.ndarray:
     return boxes
 
 
-def select_masks(proposal: Proposal, k: int) -> MaskSet:
-    """Keep the K largest masks whose box is wider and taller than 1 px (ties broken by proposal order)."""
+def select_masks(proposal: Proposal, k: int, *, max_box_fraction: float = 1.0) -> MaskSet:
+    """Keep the K largest masks whose box is wider and taller than 1 px and covers at most ``max_box_fraction``
+    of the image (ties broken by proposal order); when every such mask's box covers more, the largest of them
+    alone, so that no image is left without a mask."""
     masks = proposal.masks.astype(bool, copy=False)
     areas = np.count_nonzero(masks.reshape(masks.shape[0], -1), axis=1)
-    order, boxes = [], []
+    max_box_area = max_box_fraction * masks.shape[1] * masks.shape[2]
+    order, boxes, too_wide = [], [], None
     for i in np.argsort(-areas, kind="stable"):  # largest first; boxes only until K are kept
         box = mask_boxes(masks[i : i + 1])[0]
-        if box[2] > box[0] and box[3] > box[1]:  # wider and taller than 1 px
-            order.append(i)
-            boxes.append(box)
-            if len(order) == k:
-                break
+        width, height = box[2] - box[0] + 1, box[3] - box[1] + 1
+        if width < 2 or height < 2:
+            continue
+        if width * height > max_box_area:
+            too_wide = (i, box) if too_wide is None else too_wide
+            continue
+        order.append(i)
+        boxes.append(box)
+        if len(order) == k:
+            break
+    if not order and too_wide is not None:
+        order, boxes = [too_wide[0]], [too_wide[1]]
     order = np.array(order, dtype=np.int64)
     return MaskSet(
         masks=masks[order],

@@ -66,7 +66,7 @@ class ShardProcessor:
         cfg = self.config
         loaded, parts = decoded.image, decoded.parts
         image, original = loaded.pixels, loaded.original_size
-        mask_set = select_masks(proposal, cfg.masks_per_image)
+        mask_set = select_masks(proposal, cfg.masks_per_image, max_box_fraction=cfg.max_box_fraction)
         if len(mask_set.masks) == 0:
             raise ImageError(f"segmenter returned no mask wider and taller than 1 px ({image.shape[1]}x{image.shape[0]} image)")
         record = SampleRecord(

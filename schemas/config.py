@@ -148,6 +148,9 @@ class SegmentConfig(Strict):
     synthetic: SyntheticConfig = SyntheticConfig()
     segmenter: SegmenterConfig = SegmenterConfig()
     masks_per_image: int = Field(8, ge=1, le=64)
+    max_box_fraction: float = Field(1.0, gt=0, le=1, description=(
+        "masks whose box covers more of the image than this share are dropped before the K largest are kept: "
+        "their crops show about the whole image, so a prototype on one points at no part; 1: none dropped"))
     crop_size: int | None = Field(None, ge=8, le=1024, description=(
         "also store each mask's box crop, resized to crop_size x crop_size, as a JPEG member (for tools that "
         "want crops as files); default: no crop members, readers crop the image at the boxes (training does, "
@@ -184,6 +187,10 @@ class SegmentConfig(Strict):
             segmenter.pop(name)
         if self.segmenter.precision == "fp32":  # the hash of fp32 shards written before the field existed
             segmenter.pop("precision")
+        if not self.segmenter.merge_levels:  # the hash of shards written before these fields existed
+            segmenter.pop("merge_levels")
+        if self.max_box_fraction == 1.0:
+            keep.pop("max_box_fraction")
         for name, fields in {"sam2": ("sam2_model", "sam2"), "slit": ("slit",)}.items():
             if self.segmenter.name != name:  # the hash of shards written before these segmenters existed
                 for field in fields:

@@ -39,6 +39,18 @@ def test_select_drops_degenerate_sorts_and_keeps_k() -> None:
     assert len(select_masks(Proposal(masks, np.ones(6)), k=10).masks) == 3
 
 
+def test_select_drops_masks_whose_box_covers_the_image() -> None:
+    ring = ~_mask(10, 10, 1, 9, 1, 9)  # 36 px, its box the whole image
+    masks = np.stack([ring, _mask(10, 10, 1, 9, 1, 9), _mask(10, 10, 2, 5, 2, 5)])  # 64 px (box 0.64), 9 px
+    assert select_masks(Proposal(masks, np.ones(3)), k=2).areas.tolist() == [64, 36]
+    assert select_masks(Proposal(masks, np.ones(3)), k=2, max_box_fraction=0.9).areas.tolist() == [64, 9]
+    assert select_masks(Proposal(masks, np.ones(3)), k=2, max_box_fraction=0.64).areas.tolist() == [64, 9]
+    assert select_masks(Proposal(masks, np.ones(3)), k=2, max_box_fraction=0.5).areas.tolist() == [9]
+    whole = np.ones((1, 10, 10), bool)  # nothing else: the largest over the limit stays, the image keeps a mask
+    assert select_masks(Proposal(np.concatenate([whole, ring[None]]), np.ones(2)), k=2,
+                        max_box_fraction=0.5).areas.tolist() == [100]
+
+
 def test_boxes_inclusive_and_crop_covers_box() -> None:
     m = _mask(20, 30, 5, 8, 10, 20)
     assert mask_boxes(m[None]).tolist() == [[10, 5, 19, 7]]
