@@ -22,6 +22,7 @@ import shlex
 import shutil
 import sys
 import time
+from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -33,6 +34,10 @@ from bench.common import REPO, machine, print_table
 from pipeline.job import run_segment
 from protomask.cli import config_file
 from schemas.config import SegmentConfig, SegmenterConfig, TrainConfig, load_config
+from schemas.shard import SampleRecord
+from schemas.storage import Location
+from training.data import ShardDataset
+from training.explain import WHOLE_IMAGE, box_fraction, read_samples
 from training.train import run_train
 
 CUB_DEV = Path(os.environ.get("PROTOMASK_CUB_DEV", REPO.parent / "shared" / "data" / "cub_dev"))
@@ -89,6 +94,8 @@ def measure(name: str, config: TrainConfig) -> dict:
         epochs = list(csv.DictReader(f))
     rate = [float(e["images_per_s"]) for e in epochs]
     classes = [float(e["classes_per_step"]) for e in epochs if e.get("classes_per_step")]
+    on_masks = model.regions == "masks" and model.head != "linear"
+    whole = whole_image_prototypes(run_dir.local, config.shards) if on_masks else None
     return {
         "model": name, "head": model.head, "regions": model.regions, "config": identity(config),
         "measured": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -96,8 +103,21 @@ def measure(name: str, config: TrainConfig) -> dict:
         "train_accuracy": float(epochs[-1]["train_accuracy"]), "wall_min": wall / 60,
         "images_per_s": sum(rate) / len(rate), "peak_memory_mib": max(trained["peak_memory_mib"]),
         "micro_batch": trained["micro_batch"], "classes_per_step": sum(classes) / len(classes),
-        "batch_size": config.data.batch_size, "epochs": len(epochs), "n_test": test["n"],
+        "batch_size": config.data.batch_size, "epochs": len(epochs), "n_test": test["n"], "whole_image": whole,
     }
+
+
+def whole_image_prototypes(run_dir: Path, shards: Location) -> list[int]:
+    """[prototypes pushed onto a crop whose box covers at least WHOLE_IMAGE of its image, prototypes pushed]."""
+    pushed = [e for e in json.loads((run_dir / "push_log.json").read_text())["push"] if e["key"] is not None]
+    by_key = defaultdict(list)
+    for entry in pushed:
+        by_key[entry["key"]].append(entry["mask_index"])
+    whole = 0
+    for key, members in read_samples(ShardDataset.open(shards), by_key):
+        record = SampleRecord.model_validate_json(members["json"])
+        whole += sum(box_fraction(record.boxes[i], (record.height, record.width)) >= WHOLE_IMAGE for i in by_key[key])
+    return [whole, len(pushed)]
 
 
 def write_results(path: Path, rows: list[dict], info: dict) -> None:
@@ -108,16 +128,20 @@ def write_results(path: Path, rows: list[dict], info: dict) -> None:
         f"Data: {info['data']}. Segmentation: {info['segmentation']}.",
         f"Training: `{info['config']}` on {info['workers']} Ray workers: {info['config_summary']}.", "",
         "| model | test balanced accuracy | top-3 | train accuracy (last epoch) | wall time | images/s | "
-        "peak memory per worker | classes per step | measured |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "peak memory per worker | classes per step | prototypes on whole-image crops | measured |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['model']} | {r['balanced_accuracy']:.1%} | {r['top3']:.1%} | {r['train_accuracy']:.1%} | "
                      f"{r['wall_min']:.1f} min | {r['images_per_s']:.1f} | {r['peak_memory_mib'] / 1024:.2f} GiB | "
-                     f"{r['classes_per_step']:.1f} of {r['batch_size']} images | {r['measured']} |")
+                     f"{r['classes_per_step']:.1f} of {r['batch_size']} images | "
+                     f"{'—' if r.get('whole_image') is None else '{} of {}'.format(*r['whole_image'])} | "
+                     f"{r['measured']} |")
     lines += ["", "Balanced accuracy is the mean per-class recall on the test split "
               f"({rows[0]['n_test']} photos), the paper's \"accuracy\". Images/s counts training images over all "
-              "workers per second of the training epochs (validation excluded), averaged over the epochs."]
+              "workers per second of the training epochs (validation excluded), averaged over the epochs. "
+              f"Prototypes on whole-image crops: pushed onto a mask whose box covers {WHOLE_IMAGE:.0%} of the image "
+              "or more, so that it points at no part (mask regions only)."]
     if "ProtoMask" in by_name:
         ours = by_name["ProtoMask"]["balanced_accuracy"]
         for ref in ("black-box, whole image", "black-box, crops", "patch baseline"):

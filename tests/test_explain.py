@@ -214,6 +214,8 @@ def report(shards: Path, tmp_path_factory) -> Path:
     other = next(r["key"] for r in ShardDataset.open(shards).rows
                  if r["split"] == "train" and r["label"] != log["push"][0]["class"])
     log["push"][0]["key"] = other
+    for entry in log["push"]:  # mask 0 of a synthetic image is its background (box: the image), mask 1 a shape
+        entry["mask_index"] = 0 if entry["prototype"] == 1 else 1
     (masks / "push_log.json").write_text(json.dumps(log))
     (masks / "metrics.csv").write_text(METRICS)
     start = (masks / "model.pt").stat().st_mtime - 125
@@ -311,6 +313,10 @@ def test_report_gallery_flags_a_prototype_pushed_onto_another_class(report: Path
     first, *rest = summary["prototypes"]
     assert first["class"] == "red_circle" and first["source_class"] == "green_square"
     assert "other class" in first["flags"] and not any("other class" in p["flags"] for p in rest)
+    whole = [p for p in summary["prototypes"] if p["box_fraction"] >= 0.9]
+    assert [p["prototype"] for p in whole] == [1] and all("whole image" in p["flags"] for p in whole)
+    assert all(0 < p["box_fraction"] < 0.9 and "whole image" not in p["flags"] for p in summary["prototypes"]
+               if p not in whole)
     section = _section(report, 0)
     assert "other class" in section[section.index('<ul class="flagged">'):].split("</ul>")[0].split("</li>")[0]
     assert "p0 (red_circle) pushed onto" in section

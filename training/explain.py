@@ -18,7 +18,7 @@ import io
 import itertools
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.masks import decode_masks
+from pipeline.masks import decode_masks, mask_boxes
 from pipeline.shards import ShardError, iter_samples
 from schemas.shard import MASKS_MEMBER, OBJECT_MEMBER, PARTS_MEMBER, SampleRecord
 from schemas.storage import Location, makedirs, put, read_text, size
@@ -36,6 +36,7 @@ from training.model import ModelOutput, ProtoMask
 from training.prp import prp_relevance
 
 OVERLAP = 0.5  # a mask "hits" a part when their intersection covers half of the smaller of the two
+WHOLE_IMAGE = 0.9  # a region whose box covers this share of the image or more shows no part: its crop is the image
 OUTLINE = (255, 40, 40)
 TILE, GAP = 224, 8  # px of one image tile in the PNGs, and between tiles
 FLAG, GOOD, INK, MUTED, BACKGROUND = (215, 25, 28), (26, 130, 50), (20, 20, 20), (90, 90, 90), (236, 236, 236)
@@ -290,22 +291,31 @@ class PrototypeSource:
     mask_index: int | None
     distance: float | None  # squared L2 distance before projection
     on_part: bool | None  # region overlaps its class's ground-truth part 1; None: the image has no parts
+    box_fraction: float | None  # share of the image the region's box covers
     view: Image.Image  # the training image with the region outlined (TILE²)
     crop: Image.Image  # the region's box crop (TILE²)
 
     @property
     def flags(self) -> list[str]:
         """What is suspect: "other class" (pushed onto another class's image), "off-part" (misses its class's
-        ground-truth part 1)."""
+        ground-truth part 1), "whole image" (the region's box covers at least ``WHOLE_IMAGE`` of the image)."""
         other = self.key is not None and self.source_class != self.prototype_class
-        return [word for word, bad in (("other class", other), ("off-part", self.on_part is False)) if bad]
+        whole = self.box_fraction is not None and self.box_fraction >= WHOLE_IMAGE
+        return [word for word, bad in (("other class", other), ("off-part", self.on_part is False),
+                                       ("whole image", whole)) if bad]
 
     def describe(self, classes: list[str]) -> dict:
         """The facts of ``explanations.json``'s ``prototypes`` entries."""
         return {"prototype": self.prototype, "class": classes[self.prototype_class], "key": self.key,
                 "source_class": None if self.source_class is None else classes[self.source_class],
                 "mask_index": self.mask_index, "distance": self.distance, "on_part": self.on_part,
-                "flags": self.flags}
+                "box_fraction": self.box_fraction, "flags": self.flags}
+
+
+def box_fraction(box: Sequence[int], shape: tuple[int, int]) -> float:
+    """Share of an image of ``shape`` (height, width) that the inclusive box ``[x_min, y_min, x_max, y_max]`` covers."""
+    x0, y0, x1, y1 = box
+    return (x1 - x0 + 1) * (y1 - y0 + 1) / (shape[0] * shape[1])
 
 
 def _discriminative_part(members: dict[str, bytes], record: SampleRecord) -> np.ndarray | None:
@@ -321,7 +331,8 @@ def prototype_sources(model: ProtoMask, dataset: ShardDataset, push_log: list[di
     for entry in push_log:
         if entry["key"] is None:
             sources[entry["prototype"]] = PrototypeSource(
-                entry["prototype"], entry["class"], None, None, None, None, None, _blank("not pushed"), _blank(""))
+                entry["prototype"], entry["class"], None, None, None, None, None, None, _blank("not pushed"),
+                _blank(""))
         else:
             by_key[entry["key"]].append(entry)
     for key, members in read_samples(dataset, by_key):
@@ -334,8 +345,9 @@ def prototype_sources(model: ProtoMask, dataset: ShardDataset, push_log: list[di
             own = record.label == entry["class"]
             sources[entry["prototype"]] = PrototypeSource(
                 entry["prototype"], entry["class"], key, record.label, entry["mask_index"], float(entry["distance"]),
-                None if part is None else own and overlaps(mask, part), _outlined(image, mask),
-                _fit(_box_crop(image, mask)))
+                None if part is None else own and overlaps(mask, part),
+                box_fraction(mask_boxes(mask[None])[0], mask.shape),
+                _outlined(image, mask), _fit(_box_crop(image, mask)))
     return sources
 
 
@@ -428,7 +440,8 @@ def render_gallery(sources: dict[int, PrototypeSource], classes: list[str], out:
                          (f"its class: {classes[s.source_class]}", FLAG if other else INK),
                          (f"push distance: {s.distance:.4g}", INK),
                          ("ground-truth parts: none" if s.on_part is None else
-                          f"on its class's part: {'yes' if s.on_part else 'no'}", FLAG if s.on_part is False else INK)]
+                          f"on its class's part: {'yes' if s.on_part else 'no'}", FLAG if s.on_part is False else INK),
+                         (f"its box: {s.box_fraction:.0%} of the image", FLAG if "whole image" in s.flags else INK)]
                 for j, (line, colour) in enumerate(lines):
                     draw.text((x, y + 60 + 24 * j), _clip(line, 16, panel - GAP), fill=colour, font=_font(16))
             if s.flags:

@@ -269,6 +269,8 @@ def _lineage_html(rows: list[tuple[str, str]]) -> str:
 
 def _flagged_html(prototypes: list[dict]) -> str:
     """The gallery's flagged prototypes as a list."""
+    from training.explain import WHOLE_IMAGE
+
     flagged = [p for p in prototypes if p["flags"]]
     checked = any(p["on_part"] is not None for p in prototypes)
     note = "" if checked else " The shards carry no ground-truth parts, so no prototype is checked for off-part."
@@ -279,7 +281,9 @@ def _flagged_html(prototypes: list[dict]) -> str:
         f'({html.escape(p["class"])}) pushed onto {p["key"]}, mask {p["mask_index"]} of class '
         f'{html.escape(p["source_class"])}, distance {p["distance"]:.4g}</li>' for p in flagged)
     return (f"<p>{len(flagged)} of {len(prototypes)} prototypes flagged: pushed onto an image of another class "
-            f"(other class), or onto a region that misses its class's ground-truth part 1 (off-part).{note}</p>"
+            f"(other class), onto a region that misses its class's ground-truth part 1 (off-part), or onto a region "
+            f"whose box covers {WHOLE_IMAGE:.0%} of the image or more, so that it points at no part (whole image)."
+            f"{note}</p>"
             f'<ul class="flagged">{items}</ul>')
 
 
