@@ -8,7 +8,8 @@
   ``training.interpretability`` use it on the top-k prototypes by similarity).
 * ``render_explanation`` / ``render_gallery``: PNGs of one explanation (saliency heatmap inside each
   matched mask, beside the prototype's push source) and of every prototype's push source, grouped by
-  class, flagging prototypes pushed onto another class's image or off their class's part.
+  class, flagging prototypes pushed onto another class's image, off their class's part, or onto a region whose
+  box is about the whole image.
 """
 
 from __future__ import annotations
@@ -412,8 +413,9 @@ def _save_png(image: Image.Image, path: Location) -> None:
 
 def render_gallery(sources: dict[int, PrototypeSource], classes: list[str], out: Location) -> list[Location]:
     """One PNG per class: a row per prototype (the training image with the pushed-onto region outlined, the
-    region's crop, its class, the class of the image it was pushed onto, the push distance; flagged in red
-    when that image is of another class or the region misses the class's ground-truth part)."""
+    region's crop, its class, the class of the image it was pushed onto, the push distance, the share of the image
+    its box covers; flagged in red when that image is of another class, the region misses the class's ground-truth
+    part or its box is about the whole image)."""
     paths = []
     panel, head = 360, 44
     for c, name in enumerate(classes):
