@@ -181,7 +181,7 @@ def run_segment(config: SegmentConfig, address: str | None = None, progress: boo
         info = _segmenter_info(segmenter, out)
     return build_card(
         out, [done[s] for s in shards], listing.classes, config.source, job_hash,
-        config.masks_per_image, config.crop_size, info, config.shuffle_seed,
+        config.masks_per_image, config.crop_size, info, config.shuffle_seed, max_box_fraction=config.max_box_fraction,
     )
 
 

@@ -29,7 +29,8 @@ def read_rows(out: Location | Path, shards: list[ShardStats]) -> pa.Table:
 
 def build_card(
     out: Location | Path, shards: list[ShardStats], classes: list[str], source: str, config_hash: str,
-    masks_per_image: int, crop_size: int | None, segmenter: SegmenterInfo, shuffle_seed: int,
+    masks_per_image: int, crop_size: int | None, segmenter: SegmenterInfo, shuffle_seed: int, *,
+    max_box_fraction: float = 1.0,
 ) -> DatasetCard:
     """Aggregate the finished shards into a DatasetCard and write ``manifest.json`` (``storage.put``: whole or
     not at all)."""
@@ -52,6 +53,7 @@ def build_card(
         shuffle_seed=shuffle_seed,
         classes=classes,
         masks_per_image=masks_per_image,
+        max_box_fraction=max_box_fraction,
         crop_size=crop_size,
         segmenter=segmenter,
         shards=shards,
@@ -97,6 +99,7 @@ def inspect(out: Location | Path) -> dict:
         "shuffle_seed": card.shuffle_seed,
         "segmenter": card.segmenter.model_dump(),
         "masks_per_image": card.masks_per_image,
+        "max_box_fraction": card.max_box_fraction,
         "crop_size": card.crop_size,
         "shards": len(card.shards),
         "samples": card.counts,
@@ -111,6 +114,8 @@ def inspect(out: Location | Path) -> dict:
 def format_inspect(summary: dict) -> str:
     s = summary
     crops = f"{s['crop_size']}px crops stored" if s["crop_size"] else "crops cut at read time"
+    if s["max_box_fraction"] < 1:
+        crops = f"boxes up to {s['max_box_fraction']:.0%} of the image  {crops}"
     lines = [
         f"{s['directory']}  (format {s['format_version']}, protomask {s['code_version']}, config {s['config_hash']})",
         f"source      {s['source']}" + ("" if s["shuffle_seed"] is None else f"   shuffle seed {s['shuffle_seed']}"),

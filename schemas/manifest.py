@@ -146,6 +146,8 @@ class DatasetCard(Strict):
                                      "(SegmentConfig.shuffle_seed; null in format 3, whose shards follow the listing)")
     classes: list[str]
     masks_per_image: int
+    max_box_fraction: float = Field(1.0, description=(
+        "masks whose box covers more of the image were dropped (SegmentConfig.max_box_fraction); 1: none"))
     crop_size: int | None = Field(description="size of the stored crop members; null: none stored")
     segmenter: SegmenterInfo
     shards: list[ShardStats]

@@ -88,6 +88,27 @@ def test_grid_segmenter_and_overwrite(ray_local, tmp_path: Path) -> None:
     assert verify(tmp_path / "shards") == []
 
 
+def test_nested_masks_and_box_limit_are_recorded(ray_local, tmp_path: Path) -> None:
+    """segmenter.merge_levels and max_box_fraction: recorded in the manifest, shown by inspect, and no stored box
+    covers more than the limit (but in an image left with its largest mask only)."""
+    import json
+
+    from pipeline.manifest import format_inspect
+
+    config = _config(tmp_path, max_box_fraction=0.5, segmenter={"merge_levels": [60.0]})
+    card = run_segment(config, progress=False)
+    assert card.max_box_fraction == 0.5 and card.segmenter.params["merge_levels"] == [60.0]
+    assert "K=4  boxes up to 50% of the image" in format_inspect(inspect(config.out.local))
+    for tar in config.out.local.glob("*.tar"):
+        with tarfile.open(tar) as f:
+            for member in (m for m in f.getmembers() if m.name.endswith(".json")):
+                record = json.loads(f.extractfile(member).read())
+                shares = [(x1 - x0 + 1) * (y1 - y0 + 1) / (record["width"] * record["height"])
+                          for x0, y0, x1, y1 in record["boxes"]]
+                assert max(shares) <= 0.5 or len(shares) == 1, (tar.name, member.name, shares)
+    assert verify(config.out.local) == []
+
+
 def _bad_inputs(root: Path) -> None:
     rng = np.random.default_rng(0)
     d = root / "cls"

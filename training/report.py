@@ -256,7 +256,8 @@ def lineage(run_dir: Location, rows: list[dict]) -> list[tuple[str, str]]:
         ("shards created · source", f"{card.created} · {card.source} (shuffle seed {card.shuffle_seed})"),
         ("segmenter", f"{card.segmenter.name} {json.dumps(card.segmenter.params, sort_keys=True)}"),
         ("segmenter checkpoint sha256", card.segmenter.checkpoint_sha256 or "none (weight-free)"),
-        ("masks per image", str(card.masks_per_image)),
+        ("masks per image", str(card.masks_per_image) + ("" if card.max_box_fraction == 1 else
+                                                          f" (boxes up to {card.max_box_fraction:.0%} of the image)")),
         ("samples", f"{card.counts['ok']} ok, {card.counts['failed']} failed of {card.counts['inputs']} inputs; "
                     + ", ".join(f"{k} {v['ok']}" for k, v in card.per_split.items())),
     ]
