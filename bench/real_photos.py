@@ -202,7 +202,7 @@ def main() -> None:
     config = load_config(TrainConfig, config_path, {"shards": shards, "run_dir": args.work})
     m, s = config.model, config.schedule
     levels = f" with merge levels {', '.join(f'{t:g}' for t in args.merge_levels)}" if args.merge_levels else ""
-    levels += f", boxes up to {args.max_box_fraction:g} of the image" if args.max_box_fraction < 1 else ""
+    levels += f", boxes up to {args.max_box_fraction:.0%} of the image" if args.max_box_fraction < 1 else ""
     info = {
         "command": shlex.join(["python", "bench/real_photos.py", *sys.argv[1:]]),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
