@@ -208,8 +208,8 @@ def main() -> None:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "machine": f"{machine()['cpus']} CPUs, {machine()['memory_gib']} GiB, {platform.machine()}, no GPU",
         "data": f"{args.root.name}", "wall_min": (time.perf_counter() - start) / 60,
-        "segmentation": f"superpixel masks{levels}, K = {args.masks_per_image}, on {args.num_workers} workers ({seg_s:.0f} s "
-                        "in this run; a rerun reuses the finished shards)",
+        "segmentation": f"superpixel masks{levels}, K = {args.masks_per_image}, on {args.num_workers} workers "
+                        f"({seg_s:.0f} s in this run; a rerun reuses the finished shards)",
         "config": str(config_path.relative_to(REPO)) if config_path.is_relative_to(REPO) else str(config_path),
         "workers": args.num_workers,
         "config_summary": f"{m.backbone} width {m.width}, {m.input_size} px, {m.prototypes_per_class} prototypes "
