@@ -32,12 +32,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from bench.common import REPO, machine, print_table
 from pipeline.job import run_segment
+from pipeline.masks import box_fraction
 from protomask.cli import config_file
 from schemas.config import SegmentConfig, SegmenterConfig, TrainConfig, load_config
 from schemas.shard import SampleRecord
 from schemas.storage import Location
 from training.data import ShardDataset
-from training.explain import WHOLE_IMAGE, box_fraction, read_samples
+from training.explain import WHOLE_IMAGE, read_samples
 from training.train import run_train
 
 CUB_DEV = Path(os.environ.get("PROTOMASK_CUB_DEV", REPO.parent / "shared" / "data" / "cub_dev"))

@@ -35,21 +35,26 @@ def mask_boxes(masks: np.ndarray) -> np.ndarray:
     return boxes
 
 
+def box_fraction(box: Sequence[int], shape: tuple[int, ...]) -> float:
+    """Share of an image of ``shape`` (height, width) that the inclusive box ``[x_min, y_min, x_max, y_max]`` covers."""
+    x0, y0, x1, y1 = box
+    return (x1 - x0 + 1) * (y1 - y0 + 1) / (shape[0] * shape[1])
+
+
 def select_masks(proposal: Proposal, k: int, *, max_box_fraction: float = 1.0) -> MaskSet:
     """Keep the K largest masks whose box is wider and taller than 1 px and covers at most ``max_box_fraction``
     of the image (ties broken by proposal order); when every such mask's box covers more, the largest of them
     alone, so that no image is left without a mask."""
     masks = proposal.masks.astype(bool, copy=False)
     areas = np.count_nonzero(masks.reshape(masks.shape[0], -1), axis=1)
-    max_box_area = max_box_fraction * masks.shape[1] * masks.shape[2]
     order, boxes, too_wide = [], [], None
     for i in np.argsort(-areas, kind="stable"):  # largest first; boxes only until K are kept
         box = mask_boxes(masks[i : i + 1])[0]
-        width, height = box[2] - box[0] + 1, box[3] - box[1] + 1
-        if width < 2 or height < 2:
+        if box[2] <= box[0] or box[3] <= box[1]:  # not wider and taller than 1 px (an empty mask: [0, 0, -1, -1])
             continue
-        if width * height > max_box_area:
-            too_wide = (i, box) if too_wide is None else too_wide
+        if box_fraction(box, masks.shape[1:]) > max_box_fraction:
+            if too_wide is None:
+                too_wide = (i, box)
             continue
         order.append(i)
         boxes.append(box)

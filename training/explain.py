@@ -19,7 +19,7 @@ import io
 import itertools
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.masks import decode_masks, mask_boxes
+from pipeline.masks import box_fraction, decode_masks, mask_boxes
 from pipeline.shards import ShardError, iter_samples
 from schemas.shard import MASKS_MEMBER, OBJECT_MEMBER, PARTS_MEMBER, SampleRecord
 from schemas.storage import Location, makedirs, put, read_text, size
@@ -311,12 +311,6 @@ class PrototypeSource:
                 "source_class": None if self.source_class is None else classes[self.source_class],
                 "mask_index": self.mask_index, "distance": self.distance, "on_part": self.on_part,
                 "box_fraction": self.box_fraction, "flags": self.flags}
-
-
-def box_fraction(box: Sequence[int], shape: tuple[int, int]) -> float:
-    """Share of an image of ``shape`` (height, width) that the inclusive box ``[x_min, y_min, x_max, y_max]`` covers."""
-    x0, y0, x1, y1 = box
-    return (x1 - x0 + 1) * (y1 - y0 + 1) / (shape[0] * shape[1])
 
 
 def _discriminative_part(members: dict[str, bytes], record: SampleRecord) -> np.ndarray | None:
