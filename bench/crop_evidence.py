@@ -58,8 +58,8 @@ def crop_features(run_dir: Path) -> tuple[TrainConfig, int, dict[str, Features]]
     with torch.no_grad():
         for split in ("train", "test"):
             rows: dict[str, list[torch.Tensor]] = {"f": [], "flipped": [], "valid": [], "y": []}
-            for batch in ShardStream(dataset, splits[split], config.data, input_size=config.model.input_size,
-                                     batch_size=32, train=False):
+            for batch in ShardStream.for_model(dataset, splits[split], config.data, config.model, batch_size=32,
+                                               train=False):
                 crops, valid = batch["crops"], batch["valid"]
                 rows["f"].append(features.region_features(crops, valid, 1))
                 if split == "train":

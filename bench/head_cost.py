@@ -45,8 +45,7 @@ def head_accuracies(run_dir: Path) -> dict:
     model.eval()
     linear.eval()
     keys = split_keys(dataset, config.data.val_fraction, config.seed)["test"]
-    stream = ShardStream(dataset, keys, config.data, input_size=config.model.input_size, batch_size=32, train=False,
-                         whole_image=config.model.regions == "patches")
+    stream = ShardStream.for_model(dataset, keys, config.data, config.model, batch_size=32, train=False)
     logits: dict[str, list[torch.Tensor]] = {"prototypes": [], "linear": []}
     labels = []
     with torch.no_grad():

@@ -30,9 +30,8 @@ from training.model import ProtoMask
 def measure(config: TrainConfig, dims: list[int], batch_size: int) -> list[dict]:
     dataset = ShardDataset.open(config.shards)
     keys = split_keys(dataset, config.data.val_fraction, config.seed)["train"]
-    stream = ShardStream(dataset, keys, DataConfig(augment=False, loader_threads=0), input_size=config.model.input_size,
-                         batch_size=batch_size, train=True, seed=config.seed,
-                         whole_image=config.model.regions == "patches")
+    stream = ShardStream.for_model(dataset, keys, DataConfig(augment=False, loader_threads=0), config.model,
+                                   batch_size=batch_size, train=True, seed=config.seed)
     batch = next(iter(stream))
     crops, valid, labels = batch["crops"], batch["valid"], batch["label"]
     rows = []

@@ -47,8 +47,8 @@ def measure(rounds: int, torch_threads: int, loader_threads: int) -> Figure:
         keys = split_keys(dataset, config.data.val_fraction, config.seed)["train"]
         counts = [sum(r["label"] == c for r in dataset.rows if r["key"] in set(keys)) for c in range(dataset.num_classes)]
         weights = class_weights(counts)
-        stream = ShardStream(dataset, keys, config.data, input_size=config.model.input_size, batch_size=BATCH,
-                             train=True, seed=config.seed)
+        stream = ShardStream.for_model(dataset, keys, config.data, config.model, batch_size=BATCH, train=True,
+                                       seed=config.seed)
         torch.manual_seed(config.seed)
         model = ProtoMask(config.model, dataset.num_classes)
         set_trainable(model, "joint", config)

@@ -42,8 +42,7 @@ def embed_splits(model: ProtoMask, config: TrainConfig, dataset: ShardDataset) -
         views["train_flipped"] = ("train", True)
     out = {}
     for name, (split, flip) in views.items():
-        stream = ShardStream(dataset, splits[split], config.data, input_size=config.model.input_size, batch_size=32,
-                             train=False, whole_image=config.model.regions == "patches")
+        stream = ShardStream.for_model(dataset, splits[split], config.data, config.model, batch_size=32, train=False)
         parts = [(model.embed(b["crops"].flip(-1) if flip else b["crops"], b["valid"]), model.region_valid(b["valid"]),
                   b["label"]) for b in stream]
         out[name] = tuple(torch.cat(p) for p in zip(*parts))

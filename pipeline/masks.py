@@ -41,6 +41,16 @@ def box_fraction(box: Sequence[int], shape: tuple[int, ...]) -> float:
     return (x1 - x0 + 1) * (y1 - y0 + 1) / (shape[0] * shape[1])
 
 
+def grow_box(box: Sequence[int], margin: float, shape: tuple[int, ...]) -> list[int]:
+    """The inclusive box grown by ``margin`` times its width (height) on the left and right (top and bottom), clipped
+    to an image of ``shape`` (height, width): the crop of a mask with context around it (R-CNN's context padding)."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    if not margin:
+        return [x0, y0, x1, y1]
+    dx, dy = round(margin * (x1 - x0 + 1)), round(margin * (y1 - y0 + 1))
+    return [max(x0 - dx, 0), max(y0 - dy, 0), min(x1 + dx, shape[1] - 1), min(y1 + dy, shape[0] - 1)]
+
+
 def select_masks(proposal: Proposal, k: int, *, max_box_fraction: float = 1.0) -> MaskSet:
     """Keep the K largest masks whose box is wider and taller than 1 px and covers at most ``max_box_fraction``
     of the image (ties broken by proposal order); when every such mask's box covers more, the largest of them

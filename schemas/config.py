@@ -273,6 +273,11 @@ class ModelConfig(Strict):
     regions: Literal["masks", "patches"] = Field(
         "masks", description="masks: one embedding per mask crop (ProtoMask); patches: a patch_grid² map of "
         "the whole image (the ProtoPNet-style baseline)")
+    crop_margin: float = Field(0.0, ge=0.0, description=(
+        "regions masks: each mask's box is grown by this share of its width and height on every side (clipped to "
+        "the image) before it is cropped, so that a crop shows the part with context around it (R-CNN's context "
+        "padding); the prototypes still match, and the explanations still point at, the mask. 0: the box itself "
+        "(the paper)"))
     patch_grid: int = Field(7, ge=1, description="patches per side in regions=patches (kind protomask)")
     pool_size: int | None = Field(None, ge=1, description=(
         "kind protopool: prototypes in the shared pool, more than prototypes_per_class; default: classes + 5 (the "
@@ -295,10 +300,13 @@ class ModelConfig(Strict):
         return data
 
     @model_validator(mode="after")
-    def _kind_fits(self) -> ModelConfig:
+    def _options_fit(self) -> ModelConfig:
         if self.kind != "protomask" and self.regions != "patches":
             raise ValueError(f"model.regions: kind {self.kind} has prototypes on the whole image's feature map; "
                              "use regions: patches (its default)")
+        if self.crop_margin and self.regions != "masks":
+            raise ValueError(f"model.crop_margin grows mask crops; model.regions {self.regions} reads the whole image "
+                             "(set model.crop_margin: 0)")
         if self.embedding != "sigmoid" and self.kind not in ("protomask", "protopnet"):
             raise ValueError(f"model.embedding: kind {self.kind} has its own add-on; embedding applies to kinds "
                              "protomask and protopnet")

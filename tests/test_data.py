@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 import training.data as data
-from pipeline.masks import crop_boxes
+from pipeline.masks import crop_boxes, grow_box
 from pipeline.shards import ShardError, iter_samples
-from schemas.config import DataConfig, SegmentConfig, TrainConfig
+from schemas.config import DataConfig, ModelConfig, SegmentConfig, TrainConfig
 from schemas.storage import Location
 from conftest import segment_without_ray
 from training.data import ShardDataset, ShardStream, decode_sample, make_augment, make_view_augments, split_keys
@@ -179,6 +179,32 @@ def test_crop_dropout_hides_crops_in_training_only(shards: Path) -> None:
         DataConfig(crop_dropout=1.0)
     with pytest.raises(ValueError, match="data.crop_dropout hides mask crops; model.regions patches"):
         TrainConfig(shards="s", run_dir="r", model={"regions": "patches"}, data={"crop_dropout": 0.5})
+
+
+def test_crop_margin_grows_boxes_with_context(shards: Path) -> None:
+    """``model.crop_margin``: each box grown by that share of its size on every side, clipped to the image, before it is
+    cut; the stream a model reads (``ShardStream.for_model``) cuts the same crops; 0 reads the box itself."""
+    assert grow_box([10, 20, 19, 29], 0.5, (100, 100)) == [5, 15, 24, 34]
+    assert grow_box([0, 20, 99, 29], 0.25, (40, 100)) == [0, 18, 99, 31]  # clipped to the image
+    assert grow_box([3, 4, 5, 6], 0.0, (10, 10)) == [3, 4, 5, 6]
+    _, members = next(iter_samples(shards / "train-00000.tar"))
+    record = json.loads(members["json"])
+    image = np.asarray(Image.open(io.BytesIO(members["jpg"])).convert("RGB"))
+    crops, valid, _, _ = decode_sample(members, K, 24, None, margin=0.5)
+    for i, box in enumerate(record["boxes"]):
+        grown = grow_box(box, 0.5, image.shape[:2])
+        assert grown != box  # the 2 x 2 grid's cells have neighbours on two sides
+        expected = (crop_boxes(image, [grown], 24)[0].transpose(2, 0, 1) - data._MEAN_255) / data._STD_255
+        assert np.allclose(crops[i].numpy(), expected, atol=1e-5)
+    assert not torch.equal(crops, decode_sample(members, K, 24, None)[0])
+    dataset = ShardDataset.open(shards)
+    keys = [record["key"]]
+    model = ModelConfig(input_size=24, crop_margin=0.5)
+    batch = next(iter(ShardStream.for_model(dataset, keys, DataConfig(loader_threads=0), model, batch_size=1,
+                                            train=False)))
+    assert torch.equal(batch["crops"][0], crops) and batch["valid"][0].all()
+    with pytest.raises(ValueError, match="model.crop_margin grows mask crops; model.regions patches"):
+        ModelConfig(regions="patches", crop_margin=0.5)
 
 
 def test_augmentation_ranges() -> None:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -31,9 +32,9 @@ import torch
 from PIL import Image
 
 from pipeline.manifest import load_card, read_rows
-from pipeline.masks import crop_boxes
+from pipeline.masks import crop_boxes, grow_box
 from pipeline.shards import ShardError, iter_samples
-from schemas.config import DataConfig
+from schemas.config import DataConfig, ModelConfig
 from schemas.manifest import MANIFEST, DatasetCard, ShardStats
 from schemas.storage import Location, size
 
@@ -126,12 +127,13 @@ def split_keys(dataset: ShardDataset, val_fraction: float, seed: int) -> dict[st
 
 
 def decode_sample(
-    members: dict[str, bytes], k: int, size: int, augment: Callable[[np.ndarray], np.ndarray] | None,
-    whole_image: bool = False, out: np.ndarray | None = None,
+    members: dict[str, bytes], k: int, size: int, augment: Callable[[np.ndarray], np.ndarray] | None, *,
+    whole_image: bool = False, margin: float = 0.0, out: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int, str]:
     """Crops ``[k, 3, size, size]`` float32 (ImageNet-normalised, zero padding), valid ``[k]`` bool,
-    label and key of one sample, from its ``jpg`` and ``json`` members: each mask's box is cut from the
-    image and resized (``pipeline.masks.crop_boxes``), then ``augment`` is called once per crop.
+    label and key of one sample, from its ``jpg`` and ``json`` members: each mask's box, grown by ``margin``
+    (``model.crop_margin``, ``pipeline.masks.grow_box``), is cut from the image and resized
+    (``pipeline.masks.crop_boxes``), then ``augment`` is called once per crop.
     ``whole_image``: the whole image instead, as ``[1, 3, size, size]`` (patch baseline).
     ``out``: a float32 array of that shape to decode into (the sample's slice of a batch, so that
     collating copies nothing); every element is written, and the crops returned share its memory.
@@ -159,7 +161,7 @@ def decode_sample(
         if image.size != (record["width"], record["height"]):
             raise ShardError(f"sample {key}: image is {image.width}x{image.height}, "
                              f"the json says {record['width']}x{record['height']}")
-        boxes = record["boxes"][:n]
+        boxes = [grow_box(box, margin, (image.height, image.width)) for box in record["boxes"][:n]]
     pixels = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
     for i, crop in enumerate(crop_boxes(pixels, boxes, size)):
         crop = augment(crop) if augment is not None else crop
@@ -376,9 +378,10 @@ class ShardStream:
 
     def __init__(self, dataset: ShardDataset, keys: Iterable[str], config: DataConfig, *, input_size: int,
                  batch_size: int, train: bool, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 whole_image: bool = False, views: int = 1) -> None:
+                 whole_image: bool = False, crop_margin: float = 0.0, views: int = 1) -> None:
         """``config`` gives the shuffle buffer, augmentation and decoding threads; ``batch_size`` is the
-        images per batch this stream yields (a training step's share of one rank, or an evaluation batch).
+        images per batch this stream yields (a training step's share of one rank, or an evaluation batch);
+        ``input_size``, ``whole_image`` and ``crop_margin`` say what the model reads (``for_model``).
         ``views``: 2 adds ``"crops2"``, a second view of every image (``make_view_augments``; training only)."""
         if views not in (1, 2) or (views == 2 and not train):
             raise ValueError(f"views: {views}; a training stream has 1 or 2, an evaluation stream 1")
@@ -398,11 +401,18 @@ class ShardStream:
         self._labels = {k: row_of[k]["label"] for k in wanted}
         self._units: list[Unit] = sorted(by_shard.items())
         self._augment = config.augment if train and config.augment != "none" else None
-        self._whole_image = whole_image
+        self._whole_image, self._crop_margin = whole_image, crop_margin
         self._crop_dropout = config.crop_dropout if train and not whole_image else 0.0
         k = 1 if whole_image else dataset.masks_per_image
         self._buffers = [BatchBuffers((batch_size, k, 3, input_size, input_size), config.loader_threads + 2)
                          for _ in range(views)]
+
+    @classmethod
+    def for_model(cls, dataset: ShardDataset, keys: Iterable[str], config: DataConfig, model: ModelConfig,
+                  **kwargs: Any) -> ShardStream:
+        """The stream of the crops (or whole images) a model of config ``model`` reads."""
+        return cls(dataset, keys, config, input_size=model.input_size, whole_image=model.regions == "patches",
+                   crop_margin=model.crop_margin, **kwargs)
 
     def set_epoch(self, epoch: int) -> None:
         """Training streams reshuffle and reassign shards per epoch."""
@@ -456,7 +466,7 @@ class ShardStream:
             try:
                 for view, augment in zip(crops, augments):
                     sample = decode_sample(members, self.dataset.masks_per_image, self.input_size, augment,
-                                           self._whole_image, out=view[j])
+                                           whole_image=self._whole_image, margin=self._crop_margin, out=view[j])
             except (KeyError, OSError, ValueError) as exc:  # ShardError is a ValueError
                 raise ShardError(f"{tar}: sample {key}: {exc}") from exc
             if sample[2:] != (self._labels[key], key):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.masks import box_fraction, decode_masks, mask_boxes
+from pipeline.masks import box_fraction, decode_masks, grow_box, mask_boxes
 from pipeline.shards import ShardError, iter_samples
 from schemas.shard import MASKS_MEMBER, OBJECT_MEMBER, PARTS_MEMBER, SampleRecord
 from schemas.storage import Location, makedirs, put, read_text, size
@@ -95,7 +95,8 @@ def model_inputs(model: ProtoMask, members: dict[str, bytes], record: SampleReco
                  ) -> tuple[torch.Tensor, torch.Tensor, int, str]:
     """``decode_sample`` of one sample at the model's input size and regions, crops and valid on its device."""
     crops, valid, label, key = decode_sample(members, record.masks_per_image, model.config.input_size, None,
-                                             whole_image=model.config.regions == "patches")
+                                             whole_image=model.config.regions == "patches",
+                                             margin=model.config.crop_margin)
     device = next(model.parameters()).device
     return crops.to(device), valid.to(device), label, key
 
@@ -149,7 +150,8 @@ def saliency(model: ProtoMask, members: dict[str, bytes], record: SampleRecord, 
         prototypes, cells = torch.tensor([(p, m if patches else 0) for p, m in matches], device=crops.device).T
         relevance_maps = prp_relevance(model, crops[crop_of], prototypes=prototypes, cells=cells)
     for i, ((_, m), rel) in enumerate(zip(matches, relevance_maps.sum(1).clamp_min(0).detach().cpu().numpy())):
-        x0, y0, x1, y1 = (0, 0, record.width - 1, record.height - 1) if patches else record.boxes[m]
+        x0, y0, x1, y1 = ((0, 0, record.width - 1, record.height - 1) if patches
+                          else grow_box(record.boxes[m], model.config.crop_margin, (record.height, record.width)))
         box = np.asarray(Image.fromarray(rel).resize((x1 - x0 + 1, y1 - y0 + 1), Image.BILINEAR))
         canvas = np.zeros_like(maps[i])
         canvas[y0 : y1 + 1, x0 : x1 + 1] = box
@@ -253,9 +255,10 @@ def _outlined(image: Image.Image, mask: np.ndarray, *, heat: np.ndarray | None =
     return _on_tile(Image.fromarray(shown.astype(np.uint8)))
 
 
-def _box_crop(image: Image.Image, mask: np.ndarray) -> Image.Image:
-    ys, xs = np.nonzero(mask)
-    return image.crop((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
+def _box_crop(image: Image.Image, mask: np.ndarray, margin: float) -> Image.Image:
+    """The crop the model reads of the region ``mask``: its box grown by ``margin`` (``model.crop_margin``)."""
+    x0, y0, x1, y1 = grow_box(mask_boxes(mask[None])[0], margin, mask.shape)
+    return image.crop((x0, y0, x1 + 1, y1 + 1))
 
 
 def _blank(text: str) -> Image.Image:
@@ -342,7 +345,7 @@ def prototype_sources(model: ProtoMask, dataset: ShardDataset, push_log: list[di
                 entry["prototype"], entry["class"], key, record.label, entry["mask_index"], float(entry["distance"]),
                 None if part is None else own and overlaps(mask, part),
                 box_fraction(mask_boxes(mask[None])[0], mask.shape),
-                _outlined(image, mask), _fit(_box_crop(image, mask)))
+                _outlined(image, mask), _fit(_box_crop(image, mask, model.config.crop_margin)))
     return sources
 
 

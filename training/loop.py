@@ -300,10 +300,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     micro_batch = max(1, micro_batch // views)
 
     def stream(split: str, train: bool) -> ShardStream:
-        return ShardStream(dataset, splits[split], config.data, input_size=config.model.input_size,
-                           batch_size=step_share if train else micro_batch, train=train, rank=rank, world_size=world,
-                           seed=config.seed, whole_image=config.model.regions == "patches",
-                           views=views if train else 1)
+        return ShardStream.for_model(dataset, splits[split], config.data, config.model,
+                                     batch_size=step_share if train else micro_batch, train=train, rank=rank,
+                                     world_size=world, seed=config.seed, views=views if train else 1)
 
     start_epoch, pushed = 0, False
     s = config.schedule  # after pre-training: the add-on and/or the prototypes start from the pre-trained head

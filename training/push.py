@@ -299,8 +299,8 @@ def prune_prototypes(model: ProtoMask, batches: Iterable[dict], device: torch.de
 
 def _regions_stream(net: ProtoMask, dataset: ShardDataset, keys: Iterable[str], batch_size: int) -> ShardStream:
     """The model's inputs for ``keys`` in order, unaugmented, on this process alone (every rank reads them all)."""
-    return ShardStream(dataset, keys, DataConfig(loader_threads=0), input_size=net.config.input_size,
-                       batch_size=batch_size, train=False, whole_image=net.config.regions == "patches")
+    return ShardStream.for_model(dataset, keys, DataConfig(loader_threads=0), net.config, batch_size=batch_size,
+                                 train=False)
 
 
 ADDON_IMAGES = 512  # training images whose regions standardise the add-on's projections

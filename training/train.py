@@ -97,8 +97,7 @@ def run_evaluate(run_dir: Location | Path, shards: Location | Path | None = None
     train_config = load_config(TrainConfig, run_dir / "train_config.yaml", {})
     keys = split_keys(dataset, train_config.data.val_fraction, train_config.seed)[split]
     data = DataConfig(loader_threads=min(2, os.cpu_count() or 1))
-    stream = ShardStream(dataset, keys, data, input_size=model.config.input_size, batch_size=batch_size, train=False,
-                         whole_image=model.config.regions == "patches")
+    stream = ShardStream.for_model(dataset, keys, data, model.config, batch_size=batch_size, train=False)
     result = evaluate_split(model, stream, torch.device("cpu"), dataset=dataset, keys=keys, relevance=relevance)
     write_metrics(run_dir, split, result)
     return result
