@@ -45,8 +45,8 @@ CUB_DEV = Path(os.environ.get("PROTOMASK_CUB_DEV", REPO.parent / "shared" / "dat
 BEGIN, END = "<!-- measured by bench/real_photos.py: begin -->", "<!-- measured by bench/real_photos.py: end -->"
 MODELS = {  # row name -> model fields
     "ProtoMask": {"head": "prototypes", "regions": "masks"},
-    "patch baseline": {"head": "prototypes", "regions": "patches"},
-    "black-box, whole image": {"head": "linear", "regions": "patches"},
+    "patch baseline": {"head": "prototypes", "regions": "patches", "crop_margin": 0.0},  # no mask boxes to grow
+    "black-box, whole image": {"head": "linear", "regions": "patches", "crop_margin": 0.0},
     "black-box, crops": {"head": "linear", "regions": "masks"},
 }
 
