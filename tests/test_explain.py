@@ -53,11 +53,13 @@ def test_saliency_is_the_matched_mask_only(shards: Path) -> None:
         assert sal[~masks[ev.mask_index]].max(initial=0) == 0
 
 
-@pytest.mark.parametrize("regions", ["masks", "patches"])
-def test_relevance_stays_inside_the_matched_region(shards: Path, regions: str) -> None:
+@pytest.mark.parametrize(("regions", "crop_margin"), [("masks", 0.0), ("patches", 0.0), ("masks", 0.5)])
+def test_relevance_stays_inside_the_matched_region(shards: Path, regions: str, crop_margin: float) -> None:
+    """Also with ``model.crop_margin``: the relevance of the grown crop goes back onto the grown box, then the mask."""
     dataset = ShardDataset.open(shards)
     torch.manual_seed(0)
-    model = ProtoMask(TINY.model_copy(update={"regions": regions, "patch_grid": 4}), dataset.num_classes).eval()
+    config = TINY.model_copy(update={"regions": regions, "patch_grid": 4, "crop_margin": crop_margin})
+    model = ProtoMask(config, dataset.num_classes).eval()
     (_, members), = read_samples(dataset, [dataset.rows[1]["key"]])
     binary = explain_sample(model, members, k=2)
     rel = explain_sample(model, members, k=2, relevance="gradient")
