@@ -32,7 +32,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from bench.common import REPO, machine, print_table
 from pipeline.job import run_segment
-from pipeline.masks import box_fraction
+from pipeline.masks import box_fraction, grow_box
 from protomask.cli import config_file
 from schemas.config import SegmentConfig, SegmenterConfig, TrainConfig, load_config
 from schemas.shard import SampleRecord
@@ -96,7 +96,7 @@ def measure(name: str, config: TrainConfig) -> dict:
     rate = [float(e["images_per_s"]) for e in epochs]
     classes = [float(e["classes_per_step"]) for e in epochs if e.get("classes_per_step")]
     on_masks = model.regions == "masks" and model.head != "linear"
-    whole = whole_image_prototypes(run_dir.local, config.shards) if on_masks else None
+    whole = whole_image_prototypes(run_dir.local, config.shards, model.crop_margin) if on_masks else None
     return {
         "model": name, "head": model.head, "regions": model.regions, "config": identity(config),
         "measured": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -108,17 +108,21 @@ def measure(name: str, config: TrainConfig) -> dict:
     }
 
 
-def whole_image_prototypes(run_dir: Path, shards: Location) -> list[int]:
-    """[prototypes pushed onto a crop whose box covers at least WHOLE_IMAGE of its image, prototypes pushed]."""
+def whole_image_prototypes(run_dir: Path, shards: Location, crop_margin: float) -> list[int]:
+    """[prototypes pushed onto a mask whose box covers at least WHOLE_IMAGE of its image, those whose crop as the
+    model reads it (the box grown by ``crop_margin``) does, prototypes pushed]."""
     pushed = [e for e in json.loads((run_dir / "push_log.json").read_text())["push"] if e["key"] is not None]
     by_key = defaultdict(list)
     for entry in pushed:
         by_key[entry["key"]].append(entry["mask_index"])
-    whole = 0
+    whole = read = 0
     for key, members in read_samples(ShardDataset.open(shards), by_key):
         record = SampleRecord.model_validate_json(members["json"])
-        whole += sum(box_fraction(record.boxes[i], (record.height, record.width)) >= WHOLE_IMAGE for i in by_key[key])
-    return [whole, len(pushed)]
+        shape = (record.height, record.width)
+        boxes = [record.boxes[i] for i in by_key[key]]
+        whole += sum(box_fraction(box, shape) >= WHOLE_IMAGE for box in boxes)
+        read += sum(box_fraction(grow_box(box, crop_margin, shape), shape) >= WHOLE_IMAGE for box in boxes)
+    return [whole, read, len(pushed)]
 
 
 def write_results(path: Path, rows: list[dict], info: dict) -> None:
@@ -129,20 +133,21 @@ def write_results(path: Path, rows: list[dict], info: dict) -> None:
         f"Data: {info['data']}. Segmentation: {info['segmentation']}.",
         f"Training: `{info['config']}` on {info['workers']} Ray workers: {info['config_summary']}.", "",
         "| model | test balanced accuracy | top-3 | train accuracy (last epoch) | wall time | images/s | "
-        "peak memory per worker | classes per step | prototypes on whole-image crops | measured |",
+        "peak memory per worker | classes per step | prototypes on whole-image masks (crops) | measured |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['model']} | {r['balanced_accuracy']:.1%} | {r['top3']:.1%} | {r['train_accuracy']:.1%} | "
                      f"{r['wall_min']:.1f} min | {r['images_per_s']:.1f} | {r['peak_memory_mib'] / 1024:.2f} GiB | "
                      f"{r['classes_per_step']:.1f} of {r['batch_size']} images | "
-                     f"{'—' if r.get('whole_image') is None else '{} of {}'.format(*r['whole_image'])} | "
+                     f"{'—' if r.get('whole_image') is None else '{} ({}) of {}'.format(*r['whole_image'])} | "
                      f"{r['measured']} |")
     lines += ["", "Balanced accuracy is the mean per-class recall on the test split "
               f"({rows[0]['n_test']} photos), the paper's \"accuracy\". Images/s counts training images over all "
               "workers per second of the training epochs (validation excluded), averaged over the epochs. "
-              f"Prototypes on whole-image crops: pushed onto a mask whose box covers {WHOLE_IMAGE:.0%} of the image "
-              "or more, so that it points at no part (mask regions only)."]
+              f"Prototypes on whole-image masks: pushed onto a mask whose box covers {WHOLE_IMAGE:.0%} of the image "
+              "or more, so that it points at no part (mask regions only); in parentheses those whose crop, as the "
+              "model reads it (the box grown by model.crop_margin), covers that much."]
     if "ProtoMask" in by_name:
         ours = by_name["ProtoMask"]["balanced_accuracy"]
         for ref in ("black-box, whole image", "black-box, crops", "patch baseline"):
