@@ -218,7 +218,10 @@ def main() -> None:
                         f"({seg_s:.0f} s in this run; a rerun reuses the finished shards)",
         "config": str(config_path.relative_to(REPO)) if config_path.is_relative_to(REPO) else str(config_path),
         "workers": args.num_workers,
-        "config_summary": f"{m.backbone} width {m.width}, {m.input_size} px, {m.prototypes_per_class} prototypes "
+        "config_summary": f"{m.backbone} width {m.width}, {m.input_size} px"
+                          + (f", mask boxes grown by {m.crop_margin:g} of their size on every side" if m.crop_margin
+                             else "")
+                          + f", {m.prototypes_per_class} prototypes "
                           f"per class of dimension {m.prototype_dim}, epochs: {s.pretrain_epochs} pre-training + "
                           f"{s.warmup_epochs} warm-up + {s.joint_epochs} joint + {s.last_layer_epochs} last layer "
                           f"(the black-boxes train all {s.pretrain_epochs + s.warmup_epochs + s.joint_epochs + s.last_layer_epochs} "

@@ -437,3 +437,17 @@ def test_format_3_directory_still_reads(copy: Path) -> None:
     assert verify(copy) == []
     test = split_keys(ds, 0.0, 0)["test"]
     assert sorted(_keys(ShardStream(ds, test, DataConfig(loader_threads=0), input_size=8, batch_size=4, train=False))) == test
+
+
+def test_crop_coverage_counts_crops_as_read(shards: Path) -> None:
+    """bench/crop_coverage.py: a grid cell of the 2 x 2 masks covers a quarter of its image, grown by 0.5 about half
+    (clipped at the two image borders it touches)."""
+    from bench.crop_coverage import boxes_by_key, coverage_row
+
+    boxes = boxes_by_key(shards)
+    assert len(boxes) == 36 and all(len(masks) == K for masks, _ in boxes.values())
+    crops = [(box, shape) for masks, shape in boxes.values() for box in masks]
+    bare, grown = coverage_row("every mask", 0.0, crops), coverage_row("every mask", 0.5, crops)
+    assert bare["n"] == grown["n"] == 36 * K
+    assert bare["mean share of the image"] == "25%" and grown["mean share of the image"] == "56%"
+    assert bare["covering >= 90%"] == "0 (0%)"

@@ -1,0 +1,63 @@
+"""How much of its image a crop shows, with and without ``model.crop_margin``: over every mask of a shard folder,
+and over the masks a run's prototypes were pushed onto.
+
+    python bench/crop_coverage.py --shards S [--run-dir R ...] [--margins 0 0.25 0.5 1]
+
+A row per margin (and per run): the mean share of the image the crops cover, and how many cover at least
+``WHOLE_IMAGE`` of it (the gallery's "whole image" flag, measured here on the crop as the model reads it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with python -m
+
+from bench.common import print_table
+from pipeline.masks import box_fraction, grow_box
+from pipeline.shards import iter_samples
+from schemas.shard import SampleRecord
+from training.data import ShardDataset
+from training.explain import WHOLE_IMAGE
+
+
+def boxes_by_key(shards: Path) -> dict[str, tuple[list[list[int]], tuple[int, int]]]:
+    """Each sample's mask boxes and its image's (height, width)."""
+    dataset = ShardDataset.open(shards)
+    out = {}
+    for card in dataset.card.shards:
+        for key, members in iter_samples(dataset.tar_path(card.shard)):
+            record = SampleRecord.model_validate_json(members["json"])
+            out[key] = (record.boxes, (record.height, record.width))
+    return out
+
+
+def coverage_row(name: str, margin: float, crops: list[tuple[list[int], tuple[int, int]]]) -> dict:
+    shares = np.array([box_fraction(grow_box(box, margin, shape), shape) for box, shape in crops])
+    return {"crops": name, "margin": margin, "n": len(shares), "mean share of the image": f"{shares.mean():.0%}",
+            f"covering >= {WHOLE_IMAGE:.0%}": f"{int((shares >= WHOLE_IMAGE).sum())} ({np.mean(shares >= WHOLE_IMAGE):.0%})"}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shards", type=Path, required=True)
+    p.add_argument("--run-dir", type=Path, nargs="*", default=[], help="runs trained on these shards (push_log.json)")
+    p.add_argument("--margins", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0])
+    args = p.parse_args()
+    boxes = boxes_by_key(args.shards)
+    every = [(box, shape) for masks, shape in boxes.values() for box in masks]
+    rows = [coverage_row("every mask", m, every) for m in args.margins]
+    for run in args.run_dir:
+        pushed = [e for e in json.loads((run / "push_log.json").read_text())["push"] if e["key"] is not None]
+        crops = [(boxes[e["key"]][0][e["mask_index"]], boxes[e["key"]][1]) for e in pushed]
+        rows += [coverage_row(f"pushed onto: {run.name}", m, crops) for m in args.margins]
+    print_table("crop coverage", rows)
+
+
+if __name__ == "__main__":
+    main()
