@@ -126,6 +126,11 @@ def split_keys(dataset: ShardDataset, val_fraction: float, seed: int) -> dict[st
     return {split: sorted(keys) for split, keys in out.items()}
 
 
+def read_options(model: ModelConfig) -> dict[str, Any]:
+    """``decode_sample``'s ``whole_image`` and ``margin`` for what a model of config ``model`` reads."""
+    return {"whole_image": model.regions == "patches", "margin": model.crop_margin}
+
+
 def decode_sample(
     members: dict[str, bytes], k: int, size: int, augment: Callable[[np.ndarray], np.ndarray] | None, *,
     whole_image: bool = False, margin: float = 0.0, out: np.ndarray | None = None,
@@ -378,10 +383,10 @@ class ShardStream:
 
     def __init__(self, dataset: ShardDataset, keys: Iterable[str], config: DataConfig, *, input_size: int,
                  batch_size: int, train: bool, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 whole_image: bool = False, crop_margin: float = 0.0, views: int = 1) -> None:
+                 whole_image: bool = False, margin: float = 0.0, views: int = 1) -> None:
         """``config`` gives the shuffle buffer, augmentation and decoding threads; ``batch_size`` is the
         images per batch this stream yields (a training step's share of one rank, or an evaluation batch);
-        ``input_size``, ``whole_image`` and ``crop_margin`` say what the model reads (``for_model``).
+        ``input_size``, ``whole_image`` and ``margin`` say what the model reads (``for_model``, ``read_options``).
         ``views``: 2 adds ``"crops2"``, a second view of every image (``make_view_augments``; training only)."""
         if views not in (1, 2) or (views == 2 and not train):
             raise ValueError(f"views: {views}; a training stream has 1 or 2, an evaluation stream 1")
@@ -401,7 +406,7 @@ class ShardStream:
         self._labels = {k: row_of[k]["label"] for k in wanted}
         self._units: list[Unit] = sorted(by_shard.items())
         self._augment = config.augment if train and config.augment != "none" else None
-        self._whole_image, self._crop_margin = whole_image, crop_margin
+        self._whole_image, self._margin = whole_image, margin
         self._crop_dropout = config.crop_dropout if train and not whole_image else 0.0
         k = 1 if whole_image else dataset.masks_per_image
         self._buffers = [BatchBuffers((batch_size, k, 3, input_size, input_size), config.loader_threads + 2)
@@ -411,8 +416,7 @@ class ShardStream:
     def for_model(cls, dataset: ShardDataset, keys: Iterable[str], config: DataConfig, model: ModelConfig,
                   **kwargs: Any) -> ShardStream:
         """The stream of the crops (or whole images) a model of config ``model`` reads."""
-        return cls(dataset, keys, config, input_size=model.input_size, whole_image=model.regions == "patches",
-                   crop_margin=model.crop_margin, **kwargs)
+        return cls(dataset, keys, config, input_size=model.input_size, **read_options(model), **kwargs)
 
     def set_epoch(self, epoch: int) -> None:
         """Training streams reshuffle and reassign shards per epoch."""
@@ -466,7 +470,7 @@ class ShardStream:
             try:
                 for view, augment in zip(crops, augments):
                     sample = decode_sample(members, self.dataset.masks_per_image, self.input_size, augment,
-                                           whole_image=self._whole_image, margin=self._crop_margin, out=view[j])
+                                           whole_image=self._whole_image, margin=self._margin, out=view[j])
             except (KeyError, OSError, ValueError) as exc:  # ShardError is a ValueError
                 raise ShardError(f"{tar}: sample {key}: {exc}") from exc
             if sample[2:] != (self._labels[key], key):
