@@ -32,7 +32,7 @@ from pipeline.masks import box_fraction, decode_masks, grow_box, mask_boxes
 from pipeline.shards import ShardError, iter_samples
 from schemas.shard import MASKS_MEMBER, OBJECT_MEMBER, PARTS_MEMBER, SampleRecord
 from schemas.storage import Location, makedirs, put, read_text, size
-from training.data import ShardDataset, decode_sample
+from training.data import ShardDataset, decode_sample, read_options
 from training.model import ModelOutput, ProtoMask
 from training.prp import prp_relevance
 
@@ -95,8 +95,7 @@ def model_inputs(model: ProtoMask, members: dict[str, bytes], record: SampleReco
                  ) -> tuple[torch.Tensor, torch.Tensor, int, str]:
     """``decode_sample`` of one sample at the model's input size and regions, crops and valid on its device."""
     crops, valid, label, key = decode_sample(members, record.masks_per_image, model.config.input_size, None,
-                                             whole_image=model.config.regions == "patches",
-                                             margin=model.config.crop_margin)
+                                             **read_options(model.config))
     device = next(model.parameters()).device
     return crops.to(device), valid.to(device), label, key
 
@@ -255,9 +254,9 @@ def _outlined(image: Image.Image, mask: np.ndarray, *, heat: np.ndarray | None =
     return _on_tile(Image.fromarray(shown.astype(np.uint8)))
 
 
-def _box_crop(image: Image.Image, mask: np.ndarray, margin: float) -> Image.Image:
-    """The crop the model reads of the region ``mask``: its box grown by ``margin`` (``model.crop_margin``)."""
-    x0, y0, x1, y1 = grow_box(mask_boxes(mask[None])[0], margin, mask.shape)
+def _box_crop(image: Image.Image, box: np.ndarray, margin: float) -> Image.Image:
+    """The crop the model reads of a region with box ``box``: grown by ``margin`` (``model.crop_margin``)."""
+    x0, y0, x1, y1 = grow_box(box, margin, (image.height, image.width))
     return image.crop((x0, y0, x1 + 1, y1 + 1))
 
 
@@ -340,12 +339,13 @@ def prototype_sources(model: ProtoMask, dataset: ShardDataset, push_log: list[di
         part = _discriminative_part(members, record)
         for entry in by_key[key]:
             mask = masks[entry["mask_index"]]
+            box = mask_boxes(mask[None])[0]
             own = record.label == entry["class"]
             sources[entry["prototype"]] = PrototypeSource(
                 entry["prototype"], entry["class"], key, record.label, entry["mask_index"], float(entry["distance"]),
                 None if part is None else own and overlaps(mask, part),
-                box_fraction(mask_boxes(mask[None])[0], mask.shape),
-                _outlined(image, mask), _fit(_box_crop(image, mask, model.config.crop_margin)))
+                box_fraction(box, mask.shape), _outlined(image, mask),
+                _fit(_box_crop(image, box, model.config.crop_margin)))
     return sources
 
 
