@@ -22,11 +22,15 @@ from bench.common import print_table
 from pipeline.masks import box_fraction, grow_box
 from pipeline.shards import iter_samples
 from schemas.shard import SampleRecord
+from schemas.storage import Location
 from training.data import ShardDataset
 from training.explain import WHOLE_IMAGE
 
 
-def boxes_by_key(shards: Path) -> dict[str, tuple[list[list[int]], tuple[int, int]]]:
+Crop = tuple[list[int], tuple[int, int]]  # a mask's box and its image's (height, width)
+
+
+def boxes_by_key(shards: Location | Path) -> dict[str, tuple[list[list[int]], tuple[int, int]]]:
     """Each sample's mask boxes and its image's (height, width)."""
     dataset = ShardDataset.open(shards)
     out = {}
@@ -37,8 +41,19 @@ def boxes_by_key(shards: Path) -> dict[str, tuple[list[list[int]], tuple[int, in
     return out
 
 
-def coverage_row(name: str, margin: float, crops: list[tuple[list[int], tuple[int, int]]]) -> dict:
-    shares = np.array([box_fraction(grow_box(box, margin, shape), shape) for box, shape in crops])
+def pushed_crops(run_dir: Path, boxes: dict[str, tuple[list[list[int]], tuple[int, int]]]) -> list[Crop]:
+    """The masks a run's prototypes were pushed onto (``push_log.json``; prototypes left unpushed are skipped)."""
+    pushed = [e for e in json.loads((run_dir / "push_log.json").read_text())["push"] if e["key"] is not None]
+    return [(boxes[e["key"]][0][e["mask_index"]], boxes[e["key"]][1]) for e in pushed]
+
+
+def covered_shares(crops: list[Crop], margin: float) -> np.ndarray:
+    """The share of its image each crop covers once its box is grown by ``margin``."""
+    return np.array([box_fraction(grow_box(box, margin, shape), shape) for box, shape in crops])
+
+
+def coverage_row(name: str, margin: float, crops: list[Crop]) -> dict:
+    shares = covered_shares(crops, margin)
     return {"crops": name, "margin": margin, "n": len(shares), "mean share of the image": f"{shares.mean():.0%}",
             f"covering >= {WHOLE_IMAGE:.0%}": f"{int((shares >= WHOLE_IMAGE).sum())} ({np.mean(shares >= WHOLE_IMAGE):.0%})"}
 
@@ -53,9 +68,7 @@ def main() -> None:
     every = [(box, shape) for masks, shape in boxes.values() for box in masks]
     rows = [coverage_row("every mask", m, every) for m in args.margins]
     for run in args.run_dir:
-        pushed = [e for e in json.loads((run / "push_log.json").read_text())["push"] if e["key"] is not None]
-        crops = [(boxes[e["key"]][0][e["mask_index"]], boxes[e["key"]][1]) for e in pushed]
-        rows += [coverage_row(f"pushed onto: {run.name}", m, crops) for m in args.margins]
+        rows += [coverage_row(f"pushed onto: {run.name}", m, pushed_crops(run, boxes)) for m in args.margins]
     print_table("crop coverage", rows)
 
 

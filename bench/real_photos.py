@@ -22,7 +22,6 @@ import shlex
 import shutil
 import sys
 import time
-from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,14 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as bench/rea
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from bench.common import REPO, machine, print_table
+from bench.crop_coverage import boxes_by_key, covered_shares, pushed_crops
 from pipeline.job import run_segment
-from pipeline.masks import box_fraction, grow_box
 from protomask.cli import config_file
 from schemas.config import SegmentConfig, SegmenterConfig, TrainConfig, load_config
-from schemas.shard import SampleRecord
 from schemas.storage import Location
-from training.data import ShardDataset
-from training.explain import WHOLE_IMAGE, read_samples
+from training.explain import WHOLE_IMAGE
 from training.train import run_train
 
 CUB_DEV = Path(os.environ.get("PROTOMASK_CUB_DEV", REPO.parent / "shared" / "data" / "cub_dev"))
@@ -111,18 +108,8 @@ def measure(name: str, config: TrainConfig) -> dict:
 def whole_image_prototypes(run_dir: Path, shards: Location, crop_margin: float) -> list[int]:
     """[prototypes pushed onto a mask whose box covers at least WHOLE_IMAGE of its image, those whose crop as the
     model reads it (the box grown by ``crop_margin``) does, prototypes pushed]."""
-    pushed = [e for e in json.loads((run_dir / "push_log.json").read_text())["push"] if e["key"] is not None]
-    by_key = defaultdict(list)
-    for entry in pushed:
-        by_key[entry["key"]].append(entry["mask_index"])
-    whole = read = 0
-    for key, members in read_samples(ShardDataset.open(shards), by_key):
-        record = SampleRecord.model_validate_json(members["json"])
-        shape = (record.height, record.width)
-        boxes = [record.boxes[i] for i in by_key[key]]
-        whole += sum(box_fraction(box, shape) >= WHOLE_IMAGE for box in boxes)
-        read += sum(box_fraction(grow_box(box, crop_margin, shape), shape) >= WHOLE_IMAGE for box in boxes)
-    return [whole, read, len(pushed)]
+    crops = pushed_crops(run_dir, boxes_by_key(shards))
+    return [int((covered_shares(crops, margin) >= WHOLE_IMAGE).sum()) for margin in (0.0, crop_margin)] + [len(crops)]
 
 
 def write_results(path: Path, rows: list[dict], info: dict) -> None:
