@@ -19,12 +19,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with python -m
 
 from bench.common import print_table
-from pipeline.masks import box_fraction, grow_box
+from pipeline.masks import WHOLE_IMAGE, box_fraction, grow_box
 from pipeline.shards import iter_samples
 from schemas.shard import SampleRecord
 from schemas.storage import Location
 from training.data import ShardDataset
-from training.explain import WHOLE_IMAGE
 
 
 Crop = tuple[list[int], tuple[int, int]]  # a mask's box and its image's (height, width)

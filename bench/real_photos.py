@@ -32,10 +32,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from bench.common import REPO, machine, print_table
 from bench.crop_coverage import boxes_by_key, covered_shares, pushed_crops
 from pipeline.job import run_segment
+from pipeline.masks import WHOLE_IMAGE
 from protomask.cli import config_file
 from schemas.config import SegmentConfig, SegmenterConfig, TrainConfig, load_config
 from schemas.storage import Location
-from training.explain import WHOLE_IMAGE
 from training.train import run_train
 
 CUB_DEV = Path(os.environ.get("PROTOMASK_CUB_DEV", REPO.parent / "shared" / "data" / "cub_dev"))

@@ -35,6 +35,9 @@ def mask_boxes(masks: np.ndarray) -> np.ndarray:
     return boxes
 
 
+WHOLE_IMAGE = 0.9  # a region whose box covers this share of the image or more shows no part: its crop is the image
+
+
 def box_fraction(box: Sequence[int], shape: tuple[int, ...]) -> float:
     """Share of an image of ``shape`` (height, width) that the inclusive box ``[x_min, y_min, x_max, y_max]`` covers."""
     x0, y0, x1, y1 = box

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.masks import box_fraction, decode_masks, grow_box, mask_boxes
+from pipeline.masks import WHOLE_IMAGE, box_fraction, decode_masks, grow_box, mask_boxes
 from pipeline.shards import ShardError, iter_samples
 from schemas.shard import MASKS_MEMBER, OBJECT_MEMBER, PARTS_MEMBER, SampleRecord
 from schemas.storage import Location, makedirs, put, read_text, size
@@ -37,7 +37,6 @@ from training.model import ModelOutput, ProtoMask
 from training.prp import prp_relevance
 
 OVERLAP = 0.5  # a mask "hits" a part when their intersection covers half of the smaller of the two
-WHOLE_IMAGE = 0.9  # a region whose box covers this share of the image or more shows no part: its crop is the image
 OUTLINE = (255, 40, 40)
 TILE, GAP = 224, 8  # px of one image tile in the PNGs, and between tiles
 FLAG, GOOD, INK, MUTED, BACKGROUND = (215, 25, 28), (26, 130, 50), (20, 20, 20), (90, 90, 90), (236, 236, 236)

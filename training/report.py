@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.manifest import format_inspect, inspect, load_card
-from schemas.config import LOSS_TERMS
+from pipeline.masks import WHOLE_IMAGE
+from schemas.config import LOSS_TERMS, TrainConfig, load_config
 from schemas.storage import Location, modified, read_text, read_text_if_present, sha256
 from schemas.version import CODE_VERSION
 from training.metrics import OUR_COLUMNS, PAPER_METRICS
@@ -219,8 +220,6 @@ def _run_time(run_dir: Location) -> str:
 
 def lineage(run_dir: Location, rows: list[dict]) -> list[tuple[str, str]]:
     """(field, value) rows: what was trained on what, with which config and code, and how long it took."""
-    from schemas.config import TrainConfig, load_config
-
     meta = json.loads(read_text(run_dir / "model_config.json"))
     config = load_config(TrainConfig, run_dir / "train_config.yaml", {})
     shards = Location.parse(meta["shards"])
@@ -270,8 +269,6 @@ def _lineage_html(rows: list[tuple[str, str]]) -> str:
 
 def _flagged_html(prototypes: list[dict]) -> str:
     """The gallery's flagged prototypes as a list."""
-    from training.explain import WHOLE_IMAGE
-
     flagged = [p for p in prototypes if p["flags"]]
     checked = any(p["on_part"] is not None for p in prototypes)
     note = "" if checked else " The shards carry no ground-truth parts, so no prototype is checked for off-part."
