@@ -352,6 +352,10 @@ class ScheduleConfig(Strict):
         "prototype heads: epochs before warm-up that train the backbone through a linear classifier on its "
         "max-pooled crop features (the linear head's network), for backbones without pretrained weights; the "
         "paper starts from ImageNet weights instead (0)"))
+    pretrain_on: Literal["crops", "image"] = Field("crops", description=(
+        "what pre-training shows the backbone: crops: the model's own crops; image: each whole image, once (the "
+        "whole-image black-box's network, as ImageNet weights were trained on whole images; K times fewer "
+        "backbone passes per epoch)"))
     prototype_init: Literal["uniform", "crops"] = Field("uniform", description=(
         "uniform: prototypes start as U[0, 1) draws (the paper); crops (needs pretrain_epochs): after pre-training, "
         "the prototypes of each class start on the training crops (or patches) of distinct images that the "

@@ -17,7 +17,8 @@ from schemas.config import ModelConfig, SegmentConfig, TrainConfig
 from training.loop import (CHECKPOINT, checkpoint_state, freeze_batchnorm_statistics, make_optimizers, make_schedulers,
                            phase_of, set_trainable)
 from training.model import LinearHead, ProtoMask
-from training.data import ShardDataset
+from training.data import ShardDataset, ShardStream, split_keys
+from training.evaluate import classification
 from training.explain import run_explain
 from training.export import load_model
 from training.train import TrainError, run_evaluate, run_train
@@ -198,6 +199,33 @@ def test_linear_head_and_pretrained_backbone_train_on_the_same_shards(shards: Pa
     state = torch.load(tmp_path / "pre" / "model.pt", weights_only=True)
     assert not any(k.startswith("classifier") for k in state)  # the pre-training classifier is not exported
     assert run_train(pretrained)["test"] == first["test"]  # resumes from its checkpoint
+
+
+def test_pretraining_on_whole_images(shards: Path, tmp_path: Path) -> None:
+    """schedule.pretrain_on: image: the pre-training epoch shows the backbone whole images, so its validation
+    metrics are the pre-trained classifier's on the whole validation images (checked from the checkpoint)."""
+    config = _config(shards, tmp_path / "image", pretrain_epochs=3, pretrain_on="image", warmup_epochs=0,
+                     joint_epochs=0, last_layer_epochs=0, lr_backbone=0.01, lr_addon=0.01)
+    config = config.model_copy(update={"data": config.data.model_copy(update={"val_fraction": 0.5})})
+    run_train(config)
+    rows = list(csv.DictReader((tmp_path / "image" / "metrics.csv").open()))
+    assert [r["phase"] for r in rows] == ["pretrain"] * 3
+    row = rows[-1]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.common import newest_checkpoint
+
+    state = torch.load(newest_checkpoint(tmp_path / "image"), map_location="cpu", weights_only=True)
+    model = ProtoMask(config.model, 3)
+    model.load_state_dict(state["model"])
+    linear = LinearHead(config.model, 3, trunk=(model.backbone, model.channels))
+    linear.classifier.load_state_dict(state["pretrain_classifier"])
+    dataset = ShardDataset.open(shards)
+    val = split_keys(dataset, 0.5, config.seed)["val"]
+    stream = ShardStream(dataset, val, config.data, input_size=32, batch_size=8, train=False, whole_image=True)
+    metrics = classification(linear.eval(), stream, torch.device("cpu"))
+    assert metrics["n"] == len(val) >= 15
+    for name in ("accuracy", "balanced_accuracy", "macro_f1"):
+        assert metrics[name] == pytest.approx(float(row[f"val_{name}"]))
 
 
 def test_auxiliary_head_trains_in_the_joint_phase_only_and_is_not_exported(shards: Path, tmp_path: Path) -> None:

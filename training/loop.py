@@ -29,7 +29,7 @@ from torch import nn
 from schemas.config import TrainConfig
 from schemas.storage import Location, append, list_files, put, read_text_if_present
 from schemas.version import FORMAT_VERSION
-from training.data import ShardDataset, ShardStream, split_keys
+from training.data import ShardDataset, ShardStream, read_options, split_keys
 from training.evaluate import classification, evaluate_split, write_metrics
 from training.export import export_model
 from training.losses import class_weights, total_loss
@@ -299,10 +299,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     views = 2 if isinstance(model, PIPNet) else 1  # PIP-Net trains on two views of each image at once
     micro_batch = max(1, micro_batch // views)
 
-    def stream(split: str, train: bool) -> ShardStream:
-        return ShardStream.for_model(dataset, splits[split], config.data, config.model,
-                                     batch_size=step_share if train else micro_batch, train=train, rank=rank,
-                                     world_size=world, seed=config.seed, views=views if train else 1)
+    def stream(split: str, train: bool, *, whole_image: bool = False) -> ShardStream:
+        """The split's crops as the model reads them; ``whole_image``: each whole image instead."""
+        reads = {"whole_image": True, "margin": 0.0} if whole_image else read_options(config.model)
+        return ShardStream(dataset, splits[split], config.data, input_size=config.model.input_size, **reads,
+                           batch_size=step_share if train else micro_batch, train=train, rank=rank,
+                           world_size=world, seed=config.seed, views=views if train else 1)
 
     start_epoch, pushed = 0, False
     s = config.schedule  # after pre-training: the add-on and/or the prototypes start from the pre-trained head
@@ -337,7 +339,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     run_dir = config.run_dir
     log = MetricsLog(run_dir) if rank == 0 else None
-    train_stream, val_stream = stream("train", True), stream("val", False)
+    image_pretrain = pretrainer is not None and s.pretrain_on == "image"  # pre-training reads whole images
+    streams = {on_images: (stream("train", True, whole_image=on_images), stream("val", False, whole_image=on_images))
+               for on_images in {False, image_pretrain}}
     has_prototypes = isinstance(model, ProtoMask)
     net, net_phase = model, None
     epochs = total_epochs(config)
@@ -366,6 +370,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if isinstance(model, ProtoPool) and phase in ("warmup", "joint"):
             model.gumbel_scale.fill_(gumbel_scale(epoch - s.pretrain_epochs, s.gumbel_epochs))
         module = pretrainer if phase == "pretrain" else model
+        train_stream, val_stream = streams[phase == "pretrain" and image_pretrain]
         if phase != net_phase:
             set_trainable(module, phase, config)
             net, net_phase = _wrap(module, device), phase
