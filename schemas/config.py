@@ -404,6 +404,9 @@ class ScheduleConfig(Strict):
         if self.addon_init == "classifier" and not self.pretrain_epochs:
             raise ValueError("schedule.addon_init: classifier starts from the pre-trained classifier; "
                              "set schedule.pretrain_epochs > 0 (or addon_init: random)")
+        if self.pretrain_on == "image" and not self.pretrain_epochs:
+            raise ValueError("schedule.pretrain_on: image says what pre-training reads; "
+                             "set schedule.pretrain_epochs > 0 (or pretrain_on: crops)")
         return self
 
 

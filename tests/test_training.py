@@ -204,6 +204,8 @@ def test_linear_head_and_pretrained_backbone_train_on_the_same_shards(shards: Pa
 def test_pretraining_on_whole_images(shards: Path, tmp_path: Path) -> None:
     """schedule.pretrain_on: image: the pre-training epoch shows the backbone whole images, so its validation
     metrics are the pre-trained classifier's on the whole validation images (checked from the checkpoint)."""
+    with pytest.raises(ValueError, match="schedule.pretrain_on: image says what pre-training reads"):
+        _config(shards, tmp_path / "none", pretrain_on="image")
     config = _config(shards, tmp_path / "image", pretrain_epochs=3, pretrain_on="image", warmup_epochs=0,
                      joint_epochs=0, last_layer_epochs=0, lr_backbone=0.01, lr_addon=0.01)
     config = config.model_copy(update={"data": config.data.model_copy(update={"val_fraction": 0.5})})
