@@ -27,9 +27,10 @@ from training.data import ShardDataset
 
 
 Crop = tuple[list[int], tuple[int, int]]  # a mask's box and its image's (height, width)
+Boxes = dict[str, tuple[list[list[int]], tuple[int, int]]]  # per sample key: its masks' boxes, its image's shape
 
 
-def boxes_by_key(shards: Location | Path) -> dict[str, tuple[list[list[int]], tuple[int, int]]]:
+def boxes_by_key(shards: Location | Path) -> Boxes:
     """Each sample's mask boxes and its image's (height, width)."""
     dataset = ShardDataset.open(shards)
     out = {}
@@ -40,7 +41,7 @@ def boxes_by_key(shards: Location | Path) -> dict[str, tuple[list[list[int]], tu
     return out
 
 
-def pushed_crops(run_dir: Path, boxes: dict[str, tuple[list[list[int]], tuple[int, int]]]) -> list[Crop]:
+def pushed_crops(run_dir: Path, boxes: Boxes) -> list[Crop]:
     """The masks a run's prototypes were pushed onto (``push_log.json``; prototypes left unpushed are skipped)."""
     pushed = [e for e in json.loads((run_dir / "push_log.json").read_text())["push"] if e["key"] is not None]
     return [(boxes[e["key"]][0][e["mask_index"]], boxes[e["key"]][1]) for e in pushed]
