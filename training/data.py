@@ -126,9 +126,12 @@ def split_keys(dataset: ShardDataset, val_fraction: float, seed: int) -> dict[st
     return {split: sorted(keys) for split, keys in out.items()}
 
 
-def read_options(model: ModelConfig) -> dict[str, Any]:
-    """``decode_sample``'s ``whole_image`` and ``margin`` for what a model of config ``model`` reads."""
-    return {"whole_image": model.regions == "patches", "margin": model.crop_margin}
+def read_options(model: ModelConfig, *, whole_image: bool = False) -> dict[str, Any]:
+    """``decode_sample``'s ``whole_image`` and ``margin`` for what a model of config ``model`` reads;
+    ``whole_image``: each whole image whatever the model's regions (``schedule.pretrain_on: image``)."""
+    if whole_image or model.regions == "patches":
+        return {"whole_image": True, "margin": 0.0}
+    return {"whole_image": False, "margin": model.crop_margin}
 
 
 def decode_sample(

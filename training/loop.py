@@ -301,8 +301,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     def stream(split: str, train: bool, *, whole_image: bool = False) -> ShardStream:
         """The split's crops as the model reads them; ``whole_image``: each whole image instead."""
-        reads = {"whole_image": True, "margin": 0.0} if whole_image else read_options(config.model)
-        return ShardStream(dataset, splits[split], config.data, input_size=config.model.input_size, **reads,
+        return ShardStream(dataset, splits[split], config.data, input_size=config.model.input_size,
+                           **read_options(config.model, whole_image=whole_image),
                            batch_size=step_share if train else micro_batch, train=train, rank=rank,
                            world_size=world, seed=config.seed, views=views if train else 1)
 
