@@ -20,7 +20,8 @@ from pipeline.shards import ShardError, iter_samples
 from schemas.config import DataConfig, ModelConfig, SegmentConfig, TrainConfig
 from schemas.storage import Location
 from conftest import segment_without_ray
-from training.data import ShardDataset, ShardStream, decode_sample, make_augment, make_view_augments, split_keys
+from training.data import (ShardDataset, ShardStream, decode_sample, make_augment, make_view_augments, read_options,
+                           split_keys)
 
 K, CROP = 4, 32
 
@@ -203,6 +204,9 @@ def test_crop_margin_grows_boxes_with_context(shards: Path) -> None:
     batch = next(iter(ShardStream.for_model(dataset, keys, DataConfig(loader_threads=0), model, batch_size=1,
                                             train=False)))
     assert torch.equal(batch["crops"][0], crops) and batch["valid"][0].all()
+    assert read_options(model) == {"whole_image": False, "margin": 0.5}
+    assert read_options(model, whole_image=True) == {"whole_image": True, "margin": 0.0}  # pre-training on images
+    assert read_options(ModelConfig(regions="patches")) == {"whole_image": True, "margin": 0.0}
     with pytest.raises(ValueError, match="model.crop_margin grows mask crops; model.regions patches"):
         ModelConfig(regions="patches", crop_margin=0.5)
 
