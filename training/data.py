@@ -416,10 +416,12 @@ class ShardStream:
                          for _ in range(views)]
 
     @classmethod
-    def for_model(cls, dataset: ShardDataset, keys: Iterable[str], config: DataConfig, model: ModelConfig,
-                  **kwargs: Any) -> ShardStream:
-        """The stream of the crops (or whole images) a model of config ``model`` reads."""
-        return cls(dataset, keys, config, input_size=model.input_size, **read_options(model), **kwargs)
+    def for_model(cls, dataset: ShardDataset, keys: Iterable[str], config: DataConfig, model: ModelConfig, *,
+                  whole_image: bool = False, **kwargs: Any) -> ShardStream:
+        """The stream of the crops (or whole images) a model of config ``model`` reads; ``whole_image``: each whole
+        image whatever the model's regions (``read_options``)."""
+        return cls(dataset, keys, config, input_size=model.input_size,
+                   **read_options(model, whole_image=whole_image), **kwargs)
 
     def set_epoch(self, epoch: int) -> None:
         """Training streams reshuffle and reassign shards per epoch."""

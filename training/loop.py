@@ -29,7 +29,7 @@ from torch import nn
 from schemas.config import TrainConfig
 from schemas.storage import Location, append, list_files, put, read_text_if_present
 from schemas.version import FORMAT_VERSION
-from training.data import ShardDataset, ShardStream, read_options, split_keys
+from training.data import ShardDataset, ShardStream, split_keys
 from training.evaluate import classification, evaluate_split, write_metrics
 from training.export import export_model
 from training.losses import class_weights, total_loss
@@ -301,10 +301,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     def stream(split: str, train: bool, *, whole_image: bool = False) -> ShardStream:
         """The split's crops as the model reads them; ``whole_image``: each whole image instead."""
-        return ShardStream(dataset, splits[split], config.data, input_size=config.model.input_size,
-                           **read_options(config.model, whole_image=whole_image),
-                           batch_size=step_share if train else micro_batch, train=train, rank=rank,
-                           world_size=world, seed=config.seed, views=views if train else 1)
+        return ShardStream.for_model(dataset, splits[split], config.data, config.model, whole_image=whole_image,
+                                     batch_size=step_share if train else micro_batch, train=train, rank=rank,
+                                     world_size=world, seed=config.seed, views=views if train else 1)
 
     start_epoch, pushed = 0, False
     s = config.schedule  # after pre-training: the add-on and/or the prototypes start from the pre-trained head
