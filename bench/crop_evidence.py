@@ -144,7 +144,8 @@ def fit(head: nn.Module, config: TrainConfig, train: Features, epochs: int, seed
             f = torch.where(flip, train["flipped"][idx], train["f"][idx])
             valid, y = train["valid"][idx], train["y"][idx]
             if crop_dropout:
-                valid = torch.stack([hide_crops(v, crop_dropout, [seed, epoch, int(j)]) for v, j in zip(valid, idx)])
+                valid = torch.stack([torch.from_numpy(hide_crops(v.numpy(), crop_dropout, [seed, epoch, int(j)]))
+                                     for v, j in zip(valid, idx)])
             logits, min_d = head(f, valid)
             loss = F.cross_entropy(logits, y)
             if min_d is not None:

@@ -158,24 +158,30 @@ def test_two_view_stream(shards: Path) -> None:
 
 
 def test_crop_dropout_hides_crops_in_training_only(shards: Path) -> None:
-    """``data.crop_dropout``: about that share of the valid crops hidden in training, at least one kept per image,
-    the same on a rerun; evaluation and the whole-image input see every crop."""
+    """``data.crop_dropout``: about that share of the valid crops hidden in training (zeros, the rest decoded as
+    without it), at least one kept per image, the same on a rerun; evaluation and the whole-image input see every
+    crop."""
     dataset = ShardDataset.open(shards)
     keys = split_keys(dataset, 0.0, 0)["train"]
 
-    def valid(p: float, *, train: bool = True, whole_image: bool = False) -> torch.Tensor:
+    def batches(p: float, *, train: bool = True, whole_image: bool = False) -> dict[str, torch.Tensor]:
         config = DataConfig(batch_size=4, loader_threads=0, augment="none", crop_dropout=p)
-        return torch.cat([b["valid"] for b in ShardStream(dataset, keys, config, input_size=16, batch_size=4,
-                                                          train=train, seed=3, whole_image=whole_image)])
+        stream = list(ShardStream(dataset, keys, config, input_size=16, batch_size=4, train=train, seed=3,
+                                  whole_image=whole_image))
+        return {name: torch.cat([b[name] for b in stream]) for name in ("crops", "valid")}
 
-    every, hidden = valid(0.0), valid(0.5)
-    assert hidden.shape == every.shape and not (hidden & ~every).any() and hidden.any(1).all()
-    assert 0.35 < 1 - hidden.sum() / every.sum() < 0.65
-    assert torch.equal(valid(0.5), hidden)
-    assert torch.equal(valid(0.5, train=False), valid(0.0, train=False))
-    assert valid(0.5, whole_image=True).all()
-    one_left = torch.tensor([False, True, False])
-    assert torch.equal(data.hide_crops(one_left, 0.99, [0]), one_left)
+    every, hidden = batches(0.0), batches(0.5)
+    shown = hidden["valid"]
+    assert shown.shape == every["valid"].shape and not (shown & ~every["valid"]).any() and shown.any(1).all()
+    assert 0.35 < 1 - shown.sum() / every["valid"].sum() < 0.65
+    assert torch.equal(hidden["crops"][shown], every["crops"][shown])
+    assert not hidden["crops"][~shown].any()
+    assert every["crops"][every["valid"] & ~shown].flatten(1).abs().sum(1).gt(0).all()
+    assert torch.equal(batches(0.5)["valid"], shown)
+    assert torch.equal(batches(0.5, train=False)["valid"], batches(0.0, train=False)["valid"])
+    assert batches(0.5, whole_image=True)["valid"].all()
+    one_left = np.array([False, True, False])
+    assert np.array_equal(data.hide_crops(one_left, 0.99, [0]), one_left)
     with pytest.raises(ValueError, match="crop_dropout"):
         DataConfig(crop_dropout=1.0)
     with pytest.raises(ValueError, match="data.crop_dropout hides mask crops; model.regions patches"):

@@ -21,6 +21,7 @@ from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -136,13 +137,15 @@ def read_options(model: ModelConfig, *, whole_image: bool = False) -> dict[str, 
 
 def decode_sample(
     members: dict[str, bytes], k: int, size: int, augment: Callable[[np.ndarray], np.ndarray] | None, *,
-    whole_image: bool = False, margin: float = 0.0, out: np.ndarray | None = None,
+    whole_image: bool = False, margin: float = 0.0, hide: Callable[[np.ndarray], np.ndarray] | None = None,
+    out: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int, str]:
     """Crops ``[k, 3, size, size]`` float32 (ImageNet-normalised, zero padding), valid ``[k]`` bool,
     label and key of one sample, from its ``jpg`` and ``json`` members: each mask's box, grown by ``margin``
     (``model.crop_margin``, ``pipeline.masks.grow_box``), is cut from the image and resized
     (``pipeline.masks.crop_boxes``), then ``augment`` is called once per crop.
     ``whole_image``: the whole image instead, as ``[1, 3, size, size]`` (patch baseline).
+    ``hide``: the valid mask → the crops shown (``hide_crops``); hidden crops are zeros, not decoded, and not valid.
     ``out``: a float32 array of that shape to decode into (the sample's slice of a batch, so that
     collating copies nothing); every element is written, and the crops returned share its memory.
 
@@ -158,7 +161,10 @@ def decode_sample(
     crops = np.empty((k, 3, size, size), np.float32) if out is None else out
     if crops.shape != (k, 3, size, size):
         raise ValueError(f"out has shape {crops.shape}, expected {(k, 3, size, size)}")
-    crops[n:] = 0
+    shown = np.arange(k) < n
+    if hide is not None:
+        shown = hide(shown)
+    crops[~shown] = 0
     if (data := members.get("jpg")) is None:
         raise ShardError(f"sample {key}: member {key}.jpg is missing")
     image = Image.open(io.BytesIO(data))
@@ -171,21 +177,21 @@ def decode_sample(
                              f"the json says {record['width']}x{record['height']}")
         boxes = [grow_box(box, margin, (image.height, image.width)) for box in record["boxes"][:n]]
     pixels = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
-    for i, crop in enumerate(crop_boxes(pixels, boxes, size)):
+    indices = np.flatnonzero(shown)
+    for i, crop in zip(indices, crop_boxes(pixels, [boxes[i] for i in indices], size)):
         crop = augment(crop) if augment is not None else crop
         np.subtract(crop.transpose(2, 0, 1), _MEAN_255, out=crops[i])  # uint8 → float32 in the same pass
         crops[i] /= _STD_255
-    return torch.from_numpy(crops), torch.from_numpy(np.arange(k) < n), label, key
+    return torch.from_numpy(crops), torch.from_numpy(shown), label, key
 
 
-def hide_crops(valid: torch.Tensor, p: float, seed: Sequence[int]) -> torch.Tensor:
+def hide_crops(valid: np.ndarray, p: float, seed: Sequence[int]) -> np.ndarray:
     """``data.crop_dropout``: each valid crop hidden with probability ``p``, one of them kept when all would be."""
     rng = np.random.default_rng([*seed, 1])  # apart from the augmentation's stream of the same seed
-    valid = valid.numpy()
     shown = valid & (rng.random(len(valid)) >= p)
     if not shown.any():
         shown[rng.choice(np.flatnonzero(valid))] = True
-    return torch.from_numpy(shown)
+    return shown
 
 
 _GREY = np.array([0.299, 0.587, 0.114])
@@ -472,17 +478,17 @@ class ShardStream:
                 augments = make_view_augments(seed, self._augment or "none")
             else:
                 augments = (make_augment(seed, self._augment) if self._augment else None,)
+            hide = partial(hide_crops, p=self._crop_dropout, seed=seed) if self._crop_dropout else None
             try:
                 for view, augment in zip(crops, augments):
                     sample = decode_sample(members, self.dataset.masks_per_image, self.input_size, augment,
-                                           whole_image=self._whole_image, margin=self._margin, out=view[j])
+                                           whole_image=self._whole_image, margin=self._margin, hide=hide,
+                                           out=view[j])
             except (KeyError, OSError, ValueError) as exc:  # ShardError is a ValueError
                 raise ShardError(f"{tar}: sample {key}: {exc}") from exc
             if sample[2:] != (self._labels[key], key):
                 raise ShardError(f"{tar}: sample {key} says key {sample[3]} label {sample[2]}, "
                                  f"the manifest says label {self._labels[key]}")
-            if self._crop_dropout:
-                sample = (sample[0], hide_crops(sample[1], self._crop_dropout, seed), *sample[2:])
             decoded.append(sample)
         _, valid, labels, keys = zip(*decoded)
         return {**{name: torch.from_numpy(view) for name, view in zip(("crops", "crops2"), crops)},
