@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -30,21 +31,26 @@ Crop = tuple[list[int], tuple[int, int]]  # a mask's box and its image's (height
 Boxes = dict[str, tuple[list[list[int]], tuple[int, int]]]  # per sample key: its masks' boxes, its image's shape
 
 
-def boxes_by_key(shards: Location | Path) -> Boxes:
-    """Each sample's mask boxes and its image's (height, width)."""
+def boxes_by_key(shards: Location | Path, keys: Collection[str] | None = None) -> Boxes:
+    """Each sample's mask boxes and its image's (height, width); only those of ``keys`` when given."""
     dataset = ShardDataset.open(shards)
     out = {}
     for card in dataset.card.shards:
         for key, members in iter_samples(dataset.tar_path(card.shard)):
-            record = SampleRecord.model_validate_json(members["json"])
-            out[key] = (record.boxes, (record.height, record.width))
+            if keys is None or key in keys:
+                record = SampleRecord.model_validate_json(members["json"])
+                out[key] = (record.boxes, (record.height, record.width))
     return out
 
 
+def pushed(run_dir: Path) -> list[dict]:
+    """The last push of a run (``push_log.json``), without the prototypes it left unpushed."""
+    return [e for e in json.loads((run_dir / "push_log.json").read_text())["push"] if e["key"] is not None]
+
+
 def pushed_crops(run_dir: Path, boxes: Boxes) -> list[Crop]:
-    """The masks a run's prototypes were pushed onto (``push_log.json``; prototypes left unpushed are skipped)."""
-    pushed = [e for e in json.loads((run_dir / "push_log.json").read_text())["push"] if e["key"] is not None]
-    return [(boxes[e["key"]][0][e["mask_index"]], boxes[e["key"]][1]) for e in pushed]
+    """The masks a run's prototypes were pushed onto."""
+    return [(boxes[e["key"]][0][e["mask_index"]], boxes[e["key"]][1]) for e in pushed(run_dir)]
 
 
 def covered_shares(crops: list[Crop], margin: float) -> np.ndarray:

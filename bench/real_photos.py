@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as bench/rea
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from bench.common import REPO, machine, print_table
-from bench.crop_coverage import boxes_by_key, covered_shares, pushed_crops
+from bench.crop_coverage import boxes_by_key, covered_shares, pushed, pushed_crops
 from pipeline.job import run_segment
 from pipeline.masks import WHOLE_IMAGE
 from protomask.cli import config_file
@@ -108,7 +108,7 @@ def measure(name: str, config: TrainConfig) -> dict:
 def whole_image_prototypes(run_dir: Path, shards: Location, crop_margin: float) -> list[int]:
     """[prototypes pushed onto a mask whose box covers at least WHOLE_IMAGE of its image, those whose crop as the
     model reads it (the box grown by ``crop_margin``) does, prototypes pushed]."""
-    crops = pushed_crops(run_dir, boxes_by_key(shards))
+    crops = pushed_crops(run_dir, boxes_by_key(shards, {e['key'] for e in pushed(run_dir)}))
     return [int((covered_shares(crops, margin) >= WHOLE_IMAGE).sum()) for margin in (0.0, crop_margin)] + [len(crops)]
 
 

@@ -461,3 +461,5 @@ def test_crop_coverage_counts_crops_as_read(shards: Path) -> None:
     assert bare["n"] == grown["n"] == 36 * K
     assert bare["mean share of the image"] == "25%" and grown["mean share of the image"] == "56%"
     assert bare["covering >= 90%"] == "0 (0%)"
+    some = sorted(boxes)[::7]
+    assert boxes_by_key(shards, set(some)) == {key: boxes[key] for key in some}
