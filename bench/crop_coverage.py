@@ -48,9 +48,9 @@ def pushed(run_dir: Path) -> list[dict]:
     return [e for e in json.loads((run_dir / "push_log.json").read_text())["push"] if e["key"] is not None]
 
 
-def pushed_crops(run_dir: Path, boxes: Boxes) -> list[Crop]:
-    """The masks a run's prototypes were pushed onto."""
-    return [(boxes[e["key"]][0][e["mask_index"]], boxes[e["key"]][1]) for e in pushed(run_dir)]
+def pushed_crops(push: list[dict], boxes: Boxes) -> list[Crop]:
+    """The masks a push (``pushed``) put the prototypes onto."""
+    return [(boxes[e["key"]][0][e["mask_index"]], boxes[e["key"]][1]) for e in push]
 
 
 def covered_shares(crops: list[Crop], margin: float) -> np.ndarray:
@@ -74,7 +74,8 @@ def main() -> None:
     every = [(box, shape) for masks, shape in boxes.values() for box in masks]
     rows = [coverage_row("every mask", m, every) for m in args.margins]
     for run in args.run_dir:
-        rows += [coverage_row(f"pushed onto: {run.name}", m, pushed_crops(run, boxes)) for m in args.margins]
+        crops = pushed_crops(pushed(run), boxes)
+        rows += [coverage_row(f"pushed onto: {run.name}", m, crops) for m in args.margins]
     print_table("crop coverage", rows)
 
 

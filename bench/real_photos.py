@@ -108,7 +108,8 @@ def measure(name: str, config: TrainConfig) -> dict:
 def whole_image_prototypes(run_dir: Path, shards: Location, crop_margin: float) -> list[int]:
     """[prototypes pushed onto a mask whose box covers at least WHOLE_IMAGE of its image, those whose crop as the
     model reads it (the box grown by ``crop_margin``) does, prototypes pushed]."""
-    crops = pushed_crops(run_dir, boxes_by_key(shards, {e['key'] for e in pushed(run_dir)}))
+    push = pushed(run_dir)
+    crops = pushed_crops(push, boxes_by_key(shards, {e["key"] for e in push}))
     return [int((covered_shares(crops, margin) >= WHOLE_IMAGE).sum()) for margin in (0.0, crop_margin)] + [len(crops)]
 
 
