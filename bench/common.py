@@ -219,7 +219,7 @@ def write_listing(root: Path, folder: Path, passes: int) -> tuple[int, Path]:
 
 
 class ShardClock:
-    """Notes when each shard's completion marker (``<split>-NNNNN_stats.json``) appears in ``out``, from a
+    """Notes when each shard's completion marker (``_job/<split>-NNNNN_stats.json``) appears in ``out``, from a
     thread polling every ``interval`` seconds, to time a job's steady state without touching it."""
 
     def __init__(self, out: Path, interval: float = 0.01) -> None:
@@ -240,7 +240,7 @@ class ShardClock:
     def _scan(self) -> None:
         now = time.perf_counter()
         with contextlib.suppress(FileNotFoundError):
-            for entry in os.scandir(self.out):
+            for entry in os.scandir(_markers(self.out)):
                 if _is_marker(entry.name) and entry.name not in self.seen:
                     self.seen[entry.name] = now
 
@@ -264,9 +264,16 @@ def _is_marker(name: str) -> bool:
     return bool((match := SHARD_FILE.match(name)) and match["suffix"] == SHARD_SUFFIX["stats"])
 
 
+def _markers(out: Path) -> Path:
+    """The folder of a shard directory's completion markers."""
+    from schemas.manifest import SHARD_DIR
+
+    return out / SHARD_DIR["stats"]
+
+
 def shard_images(out: Path) -> dict[str, int]:
     """Inputs per finished shard (from the markers), by marker file name."""
-    return {p.name: json.loads(p.read_text())["count"] for p in out.iterdir() if _is_marker(p.name)}
+    return {p.name: json.loads(p.read_text())["count"] for p in _markers(out).iterdir() if _is_marker(p.name)}
 
 
 def segment_cub(out: Path, root: Path = CUB_MINI, masks_per_image: int = 8, crop_size: int | None = None,

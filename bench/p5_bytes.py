@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as bench/p5_
 
 from bench.common import CUB_MINI, Figure, parser, report, segment_cub, tree_bytes, write_reference
 from pipeline.shards import iter_samples
+from schemas.manifest import shard_glob
 
 TARGET = "<= 0.2"
 TAR_BLOCK = 512
@@ -34,7 +35,7 @@ def tar_footprint(size: int) -> int:
 def member_bytes(shards: Path) -> dict[str, int]:
     """Tar footprint per member kind (``crop_NN.jpg`` counted together as ``crops``)."""
     kinds: dict[str, int] = {}
-    for tar in sorted(shards.glob("*.tar")):
+    for tar in sorted(shards.glob(shard_glob(part="tar"))):
         for _, members in iter_samples(tar):
             for ext, data in members.items():
                 kind = "crop_NN.jpg" if ext.startswith("crop_") else ext

@@ -26,26 +26,28 @@ from pipeline.segmenters.base import Segmenter
 from pipeline.shards import read_stats
 from pipeline.sources import list_source
 from schemas.config import SegmentConfig, stable_hash, write_config
-from schemas.manifest import (CONFIG_FILE, JOB_DIR, JOB_FILE, MANIFEST, PLAN_FILE, SHARD_FILE, SHARD_TMP, DatasetCard,
-                              SegmenterInfo, ShardStats, shard_stem)
+from schemas.manifest import (CONFIG_FILE, FLAT_CONFIG_FILE, FLAT_MANIFEST, JOB_DIR, JOB_FILE, MANIFEST, PLAN_FILE,
+                              SHARD_FILE, SHARD_TMP, WEBDATASET_DIR, DatasetCard, SegmenterInfo, ShardStats, shard_stem)
 from schemas.storage import Location, delete, list_files, makedirs, put, read_text, read_text_if_present, size
 
 log = logging.getLogger("protomask.segment")
 
 SHARDS_IN_FLIGHT = 2  # per worker
 PROGRESS_INTERVAL_S = 0.5  # how often a worker reports its images to the progress bar
-# what --overwrite removes: the shard files (schemas.manifest.SHARD_FILE, which also knows format 3's names),
-# the manifest, the config, the job's folder and temp files; SHARD_TMP: a shard write cut short
-OTHER_FILES = re.compile(rf"^({re.escape(MANIFEST)}|{re.escape(CONFIG_FILE)}|\..*\.tmp)$")
+# what --overwrite removes: the parquet files at the top (SHARD_FILE, which also knows the names of formats 3-5,
+# whose shard files all sat there), the manifest (format 6's and the flat formats'), the flat formats' config,
+# temp files, and the job's and the tars' folders with everything in them
+OTHER_FILES = re.compile(rf"^({'|'.join(map(re.escape, (MANIFEST, FLAT_MANIFEST, FLAT_CONFIG_FILE)))}|\..*\.tmp)$")
+OUR_FOLDERS = (JOB_DIR, WEBDATASET_DIR)
 
 
 def is_ours(name: str, *, folder: bool = False) -> bool:
     """Whether this tool writes ``name`` (``/``-separated, relative to a shard directory): the shard files, the
-    manifest, the config and temp files at its top, and the job's folder (``folder``: ``name`` is a local folder)
-    with everything in it."""
+    manifest, the config and temp files at its top, and the job's and the tars' folders (``folder``: ``name``
+    is a local folder) with everything in them."""
     top, below, _ = name.partition("/")
-    if below or folder and name == JOB_DIR:
-        return top == JOB_DIR
+    if below or folder and name in OUR_FOLDERS:
+        return top in OUR_FOLDERS
     return bool(SHARD_FILE.match(name) or OTHER_FILES.match(name))
 
 
@@ -54,7 +56,7 @@ class JobError(RuntimeError):
 
 
 def _ours(out: Location) -> list[Location]:
-    """This tool's files in ``out`` (``is_ours``): locally its top level, the job's folder as one entry; on S3
+    """This tool's files in ``out`` (``is_ours``): locally its top level, each of its folders as one entry; on S3
     every object below the prefix, from one LIST."""
     if out.is_local:
         entries = sorted(out.local.iterdir()) if out.local.is_dir() else []
@@ -82,7 +84,7 @@ def _prepare_out(config: SegmentConfig, job_hash: str) -> None:
         for loc in ours:
             shutil.rmtree(loc.local) if loc.is_local and loc.local.is_dir() else delete(loc)
     try:
-        makedirs(out)
+        makedirs(out / JOB_DIR)
         write_config(config, out / CONFIG_FILE)
     except OSError as exc:
         raise JobError(f"{out}: output directory is not writable: {exc.strerror or exc}") from exc
@@ -147,7 +149,6 @@ def run_segment(config: SegmentConfig, address: str | None = None, progress: boo
     job_hash = stable_hash({"config": config.output_hash(), "plan": plan_hash(plan, listing.classes)})
     _prepare_out(config, job_hash)
     out = config.out
-    makedirs(out / JOB_DIR)
     if size(out / PLAN_FILE) is None:
         write_plan(plan, listing.classes, out / PLAN_FILE)
     put(out / JOB_FILE, json.dumps({"job_hash": job_hash, "config_hash": config.output_hash()}, indent=1))
@@ -174,7 +175,7 @@ def run_segment(config: SegmentConfig, address: str | None = None, progress: boo
             f"{len(done)} finished shards are kept in {out}; rerun the same command to redo only the failed ones"
         )
     if out.is_local:  # every shard is finished: temp files of writes cut short earlier are garbage (S3 has none)
-        for path in out.local.iterdir():
+        for path in out.local.rglob(".*.tmp"):
             if SHARD_TMP.match(path.name):
                 path.unlink(missing_ok=True)
     if info is None:

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.shards import ShardError, TarScan, iter_samples, scan_tar
-from schemas.manifest import MANIFEST, DatasetCard, SegmenterInfo, ShardStats
+from schemas.manifest import FLAT_MANIFEST, MANIFEST, DatasetCard, SegmenterInfo, ShardStats
 from schemas.shard import MASKS_MEMBER, OBJECT_MEMBER, PARTS_MEMBER, SampleRecord, crop_member
 from schemas.storage import Location, put, read_bytes, size
 from schemas.version import CODE_VERSION
@@ -32,7 +32,7 @@ def build_card(
     masks_per_image: int, crop_size: int | None, segmenter: SegmenterInfo, shuffle_seed: int, *,
     max_box_fraction: float = 1.0,
 ) -> DatasetCard:
-    """Aggregate the finished shards into a DatasetCard and write ``manifest.json`` (``storage.put``: whole or
+    """Aggregate the finished shards into a DatasetCard and write ``_manifest.json`` (``storage.put``: whole or
     not at all)."""
     out = Location.parse(out)
     rows = read_rows(out, shards).to_pylist()
@@ -68,13 +68,18 @@ def build_card(
 
 
 def load_card(out: Location | Path) -> DatasetCard:
-    """The ``manifest.json`` of a shard directory; ``ShardError`` naming it when missing or invalid."""
+    """The ``_manifest.json`` of a shard directory (``manifest.json`` in formats 3-5); ``ShardError`` naming it
+    when missing or invalid."""
     out = Location.parse(out)
     path = out / MANIFEST
     try:
         data = read_bytes(path)
     except (FileNotFoundError, IsADirectoryError):
-        raise ShardError(f"{path}: no manifest (is {out} a finished shard directory?)") from None
+        try:
+            path = out / FLAT_MANIFEST
+            data = read_bytes(path)
+        except (FileNotFoundError, IsADirectoryError):
+            raise ShardError(f"{out / MANIFEST}: no manifest (is {out} a finished shard directory?)") from None
     except OSError as exc:
         raise ShardError(f"{path}: cannot read the manifest: {exc}") from exc
     try:

@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.masks import MaskSet, crop_boxes, encode_masks
-from schemas.manifest import ROW_SCHEMA, ShardStats, shard_file, shard_stem
+from schemas.manifest import ROW_SCHEMA, SHARD_DIR, ShardStats, shard_file, shard_stem
 from schemas.shard import MASKS_MEMBER, OBJECT_MEMBER, PARTS_MEMBER, SampleRecord, crop_member
-from schemas.storage import Location, open_read, put, read_bytes, size
+from schemas.storage import Location, makedirs, open_read, put, read_bytes, size
 
 TAR_MTIME = 946684800  # 2000-01-01: a constant so reruns give identical bytes
 
@@ -174,10 +174,10 @@ def write_shard(
     out: Location | Path, shard: int, samples: list[EncodedSample], rows: list[dict], config_hash: str,
     duration_s: float,
 ) -> ShardStats:
-    """Write ``<split>-<shard>.tar`` and ``.parquet``, then the ``_stats.json`` marker (names:
-    ``schemas.manifest.shard_file``), each whole or not at all (``storage.put``: one request on S3). Both files
-    are built in memory first, so their sizes and checksums come from the bytes written. The split is the
-    rows' own: a shard never holds two splits."""
+    """Write ``_webdataset/<split>-<shard>.tar`` and ``<split>-<shard>.parquet``, then the marker
+    ``_job/<split>-<shard>_stats.json`` (names: ``schemas.manifest.shard_file``), each whole or not at all
+    (``storage.put``: one request on S3). Both files are built in memory first, so their sizes and checksums
+    come from the bytes written. The split is the rows' own: a shard never holds two splits."""
     splits = sorted({str(r["split"]) for r in rows})
     if len(splits) != 1:
         raise ValueError(f"shard {shard}: its rows must all have one split, got {splits or 'no rows'}")
@@ -185,6 +185,8 @@ def write_shard(
     table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["key"]), schema=ROW_SCHEMA)
     tar_bytes = _in_memory(lambda f: _write_tar(f, samples))
     parquet_bytes = _in_memory(lambda f: pq.write_table(table, f, compression="zstd"))
+    for part in ("tar", "stats"):
+        makedirs(out / SHARD_DIR[part])
     put(out / shard_file(split, shard, "tar"), tar_bytes)
     put(out / shard_file(split, shard, "parquet"), parquet_bytes)
     ok = sum(r["status"] == "ok" for r in rows)

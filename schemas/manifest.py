@@ -1,22 +1,26 @@
 """Manifests of a shard directory.
 
-Files in a shard directory (format 5: every shard holds one split, and its files are named by it, so
-a glob such as ``train-*.tar`` picks one split; the job's own files sit in ``_job/``, which dataset
-readers skip, so ``pyarrow.dataset``, pandas, duckdb and Ray Data see one parquet row per input)::
+Files in a shard directory (format 6). Its top level holds only the per-shard parquet files, so the folder
+is one parquet dataset with one row per input for ``pyarrow.dataset``, pandas, duckdb and Ray Data; every
+other file sits under a ``_``-prefixed name, which those readers skip (the Hadoop convention of
+``_metadata``). Every shard holds one split, and its files are named by it, so a glob such as
+``_webdataset/train-*.tar`` picks one split::
 
-    train-00000.tar         WebDataset shard (see schemas.shard)
-    train-00000.parquet     one row per input of the shard, failures included (ROW_SCHEMA)
-    train-00000_stats.json  ShardStats; written last: its presence marks the shard finished
-    ...                     shard numbers are global: train shards first, then val, then test
-    test-00004.tar
-    manifest.json           DatasetCard, written when every shard is finished
-    segment_config.yaml     the resolved SegmentConfig
-    _job/plan.parquet       the work plan (PLAN_SCHEMA): which input goes to which key and shard
-    _job/job.json           the job hash that guards the directory against a different config
+    train-00000.parquet              one row per input of the shard, failures included (ROW_SCHEMA)
+    ...                              shard numbers are global: train shards first, then val, then test
+    test-00004.parquet
+    _manifest.json                   DatasetCard, written when every shard is finished
+    _webdataset/train-00000.tar      WebDataset shard (see schemas.shard); the folder holds tars only
+    _job/train-00000_stats.json      ShardStats; written last: its presence marks the shard finished
+    _job/segment_config.yaml         the resolved SegmentConfig
+    _job/plan.parquet                the work plan (PLAN_SCHEMA): which input goes to which key and shard
+    _job/job.json                    the job hash that guards the directory against a different config
 
-``shard_file`` makes these names and ``SHARD_FILE`` / ``SHARD_TMP`` recognise them: every reader and
-writer goes through them. Format 3 directories named shards ``00000.tar`` (no split); their
-ShardStats have no ``split``, and ``shard_file`` gives their names for ``split=None``.
+``shard_file`` makes these names and ``SHARD_FILE`` / ``SHARD_TMP`` recognise their last part: every reader
+and writer goes through them. Earlier formats kept every file at the top (``manifest.json``,
+``train-00000.tar``, ...; ``FOLDER_LAYOUT_FROM``) and still read: ``ShardStats.file`` names a shard's files
+by the format that wrote it. Format 3 directories named shards ``00000.tar`` (no split); their ShardStats
+have no ``split``, and ``shard_file`` gives their names for ``split=None``.
 """
 
 from __future__ import annotations
@@ -29,19 +33,24 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.version import FORMAT_VERSION
 
-MANIFEST = "manifest.json"
-CONFIG_FILE = "segment_config.yaml"
-JOB_DIR = "_job"  # "_": skipped by pyarrow.dataset and Ray Data; a folder: not matched by a *.parquet glob
+JOB_DIR = "_job"  # "_": skipped by pyarrow.dataset, pandas and Ray Data; a folder: not matched by a *.parquet glob
+WEBDATASET_DIR = "_webdataset"
+MANIFEST = "_manifest.json"
+FLAT_MANIFEST = "manifest.json"  # where formats 3-5 kept the DatasetCard
+FLAT_CONFIG_FILE = "segment_config.yaml"  # and the SegmentConfig
+FOLDER_LAYOUT_FROM = 6  # the first format with a shard's tar and marker in folders (SHARD_DIR)
+CONFIG_FILE = f"{JOB_DIR}/segment_config.yaml"
 PLAN_FILE = f"{JOB_DIR}/plan.parquet"
 JOB_FILE = f"{JOB_DIR}/job.json"
 SPLITS = ("train", "val", "test")  # also the order of the splits' shards in a plan
 SHARD_DIGITS = 5  # of the shard number, in file names and at the start of every key
 ShardPart = Literal["tar", "parquet", "stats"]
 SHARD_SUFFIX: dict[str, str] = {"tar": ".tar", "parquet": ".parquet", "stats": "_stats.json"}
+SHARD_DIR: dict[str, str] = {"tar": WEBDATASET_DIR, "parquet": "", "stats": JOB_DIR}  # "": the top level
 
 _SHARD = (rf"(?:(?P<split>{'|'.join(SPLITS)})-)?(?P<shard>\d{{{SHARD_DIGITS}}})"
           rf"(?P<suffix>{'|'.join(re.escape(s) for s in SHARD_SUFFIX.values())})")
-SHARD_FILE = re.compile(rf"^{_SHARD}$")  # a shard file: train-00000.tar, test-00003_stats.json (format 3: 00000.tar)
+SHARD_FILE = re.compile(rf"^{_SHARD}$")  # a shard file's name: train-00000.tar, test-00003_stats.json, 00000.tar
 SHARD_TMP = re.compile(rf"^\.{_SHARD}\..+\.tmp$")  # its temp name while written (pipeline.shards), a write cut short
 
 
@@ -55,14 +64,19 @@ def shard_stem(split: str | None, shard: int) -> str:
     return f"{split}-{number}"
 
 
-def shard_file(split: str | None, shard: int, part: ShardPart) -> str:
-    """The file name of one part of a shard: ``shard_file("train", 0, "tar") == "train-00000.tar"``."""
-    return shard_stem(split, shard) + SHARD_SUFFIX[part]
+def shard_file(split: str | None, shard: int, part: ShardPart, *, flat: bool = False) -> str:
+    """The path of one part of a shard, relative to the shard directory:
+    ``shard_file("train", 0, "tar") == "_webdataset/train-00000.tar"``; ``flat``: at the top, as formats 3-5
+    kept it."""
+    name = shard_stem(split, shard) + SHARD_SUFFIX[part]
+    return name if flat or not SHARD_DIR[part] else f"{SHARD_DIR[part]}/{name}"
 
 
 def shard_glob(split: str | None = None, part: ShardPart = "tar") -> str:
-    """A glob of one part of every shard of ``split`` (``None``: of every split): ``'train-*.tar'``."""
-    return f"{split or '*'}-{'[0-9]' * SHARD_DIGITS}{SHARD_SUFFIX[part]}"
+    """A glob of one part of every shard of ``split`` (``None``: of every split), relative to the shard
+    directory: ``'_webdataset/train-[0-9]...[0-9].tar'``."""
+    name = f"{split or '*'}-{'[0-9]' * SHARD_DIGITS}{SHARD_SUFFIX[part]}"
+    return f"{SHARD_DIR[part]}/{name}" if SHARD_DIR[part] else name
 
 
 # the fields every input has from the plan on
@@ -106,7 +120,7 @@ class Strict(BaseModel):
 
 
 class ShardStats(Strict):
-    """``<split>-<shard:05d>_stats.json``: the completion marker of one shard."""
+    """``_job/<split>-<shard:05d>_stats.json``: the completion marker of one shard."""
 
     shard: int
     name: str = Field(description="'train-00000': shard_stem(split, shard), the stem of the shard's files")
@@ -124,8 +138,9 @@ class ShardStats(Strict):
     format_version: str = FORMAT_VERSION
 
     def file(self, part: ShardPart) -> str:
-        """The file name of one part of this shard (``shard_file``)."""
-        return shard_file(self.split, self.shard, part)
+        """The path of one part of this shard in its directory (``shard_file``), in the layout of the format
+        that wrote it."""
+        return shard_file(self.split, self.shard, part, flat=int(self.format_version) < FOLDER_LAYOUT_FROM)
 
 
 class SegmenterInfo(Strict):
@@ -135,7 +150,7 @@ class SegmenterInfo(Strict):
 
 
 class DatasetCard(Strict):
-    """``manifest.json``: what a training job needs to know about a shard directory without opening a tar."""
+    """``_manifest.json``: what a training job needs to know about a shard directory without opening a tar."""
 
     format_version: str = FORMAT_VERSION
     code_version: str

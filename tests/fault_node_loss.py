@@ -110,7 +110,7 @@ def main(tmp: Path, retries: int, replace: bool) -> None:
             "after_removal_on_victim": [s for s, n, _ in trace[started_before:] if n == victim],
             "inputs": card.counts["inputs"], "planned": plan.num_rows, "shards": len(card.shards),
             "rows": len(keys), "distinct": len(set(keys)), "same_keys": sorted(keys) == sorted(plan.column("key").to_pylist()),
-            "stale_tmp": sorted(p.name for p in config.out.local.glob(".*.tmp")),
+            "stale_tmp": sorted(p.name for p in config.out.local.rglob(".*.tmp")),
             "in_flight_marker": in_flight is not None
             and (config.out.local / shard_file(shard_splits(plan)[in_flight], in_flight, "stats")).is_file(),
             "problems": verify(config.out.local),

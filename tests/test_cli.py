@@ -74,7 +74,7 @@ def test_segment_inspect_verify_cli(ray_local, tmp_path: Path, capsys) -> None:
     assert code == 0
     printed = capsys.readouterr().out
     assert "12 ok, 0 failed, 12 inputs" in printed and "red_circle" in printed
-    assert "masks_per_image: 8" in (out / "segment_config.yaml").read_text()
+    assert "masks_per_image: 8" in (out / "_job/segment_config.yaml").read_text()
 
     assert main(["manifest", "inspect", "--shards", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -90,12 +90,12 @@ def test_segment_inspect_verify_cli(ray_local, tmp_path: Path, capsys) -> None:
     assert proc.wait(timeout=120) == 0 and proc.stderr.read() == ""
 
     # corrupt one shard (bit flip), truncate another, delete the third: verify names each, exits 1
-    data = bytearray((out / "train-00000.tar").read_bytes())
+    data = bytearray((out / "_webdataset/train-00000.tar").read_bytes())
     data[700] ^= 0x01
-    (out / "train-00000.tar").write_bytes(bytes(data))
-    t = (out / "train-00001.tar").read_bytes()
-    (out / "train-00001.tar").write_bytes(t[: len(t) // 2])
-    (out / "test-00002.tar").unlink()
+    (out / "_webdataset/train-00000.tar").write_bytes(bytes(data))
+    t = (out / "_webdataset/train-00001.tar").read_bytes()
+    (out / "_webdataset/train-00001.tar").write_bytes(t[: len(t) // 2])
+    (out / "_webdataset/test-00002.tar").unlink()
     assert main(["manifest", "verify", "--shards", str(out)]) == 1
     report = capsys.readouterr().out
     assert "shard train-00000: " in report and "checksum differs" in report

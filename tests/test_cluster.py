@@ -216,9 +216,9 @@ def test_segment_via_ray_job_submit(tmp_path: Path) -> None:
         assert job.returncode == 0, log
         assert "succeeded" in job.stdout, log
 
-        manifest = json.loads((out / "manifest.json").read_text())
+        manifest = json.loads((out / "_manifest.json").read_text())
         assert manifest["counts"]["ok"] == 24, manifest["counts"]
-        assert len(list(out.glob("*.tar"))) == 2
+        assert len(list(out.glob("_webdataset/*.tar"))) == 2
 
         # cluster/runtime_env.yaml uploads this checkout (working_dir "."): the job imports protomask from that copy
         verify = subprocess.run(

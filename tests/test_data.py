@@ -65,8 +65,8 @@ def test_open_counts(shards: Path) -> None:
     assert [(s.name, s.split, s.count) for s in ds.card.shards] == [
         *((f"train-{i:05d}", "train", 5 if i < 5 else 2) for i in range(6)), ("test-00006", "test", 5),
         ("test-00007", "test", 4)]
-    assert sorted(p.name for p in shards.glob("train-*.tar")) == [f"train-{i:05d}.tar" for i in range(6)]
-    assert ds.tar_path(6) == Location.parse(shards / "test-00006.tar")
+    assert sorted(p.name for p in shards.glob("_webdataset/train-*.tar")) == [f"train-{i:05d}.tar" for i in range(6)]
+    assert ds.tar_path(6) == Location.parse(shards / "_webdataset/test-00006.tar")
     assert all(r["split"] == ds.card.shards[r["shard"]].split for r in ds.rows)  # a shard holds one split
 
 
@@ -84,7 +84,7 @@ def test_split_keys_stratified_deterministic(shards: Path) -> None:
 
 
 def test_decode_sample_pads_and_resizes(shards: Path) -> None:
-    key, members = next(iter_samples(shards / "train-00000.tar"))
+    key, members = next(iter_samples(shards / "_webdataset/train-00000.tar"))
     crops, valid, label, out_key = decode_sample(members, K + 2, 24, None)
     assert out_key == key and label == json.loads(members["json"])["label"]
     assert crops.shape == (K + 2, 3, 24, 24) and crops.dtype == torch.float32
@@ -104,7 +104,7 @@ def test_decode_sample_pads_and_resizes(shards: Path) -> None:
 
 
 def test_augmentation_changes_crops_not_shapes(shards: Path) -> None:
-    _, members = next(iter_samples(shards / "train-00000.tar"))
+    _, members = next(iter_samples(shards / "_webdataset/train-00000.tar"))
     plain, valid, _, _ = decode_sample(members, K + 1, CROP, None)
     a1, valid1, _, _ = decode_sample(members, K + 1, CROP, make_augment(7))
     a2, _, _, _ = decode_sample(members, K + 1, CROP, make_augment(7))
@@ -194,7 +194,7 @@ def test_crop_margin_grows_boxes_with_context(shards: Path) -> None:
     assert grow_box([10, 20, 19, 29], 0.5, (100, 100)) == [5, 15, 24, 34]
     assert grow_box([0, 20, 99, 29], 0.25, (40, 100)) == [0, 18, 99, 31]  # clipped to the image
     assert grow_box([3, 4, 5, 6], 0.0, (10, 10)) == [3, 4, 5, 6]
-    _, members = next(iter_samples(shards / "train-00000.tar"))
+    _, members = next(iter_samples(shards / "_webdataset/train-00000.tar"))
     record = json.loads(members["json"])
     image = np.asarray(Image.open(io.BytesIO(members["jpg"])).convert("RGB"))
     crops, valid, _, _ = decode_sample(members, K, 24, None, margin=0.5)
@@ -292,7 +292,7 @@ def test_eval_stream_covers_every_key_once(shards: Path, monkeypatch: pytest.Mon
 
 
 def test_truncated_tar_refused_at_open(copy: Path) -> None:
-    tar = copy / "train-00003.tar"
+    tar = copy / "_webdataset/train-00003.tar"
     tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
     with pytest.raises(ShardError, match="train-00003.tar"):
         ShardDataset.open(copy)
@@ -302,7 +302,7 @@ def test_truncated_tar_refused_at_open(copy: Path) -> None:
 
 
 def test_corrupt_tar_fails_on_iteration(copy: Path) -> None:
-    tar = copy / "train-00002.tar"
+    tar = copy / "_webdataset/train-00002.tar"
     raw = bytearray(tar.read_bytes())
     with tarfile.open(tar) as src:
         offset = src.getmembers()[7].offset  # a header in the middle; the size stays right
@@ -315,7 +315,7 @@ def test_corrupt_tar_fails_on_iteration(copy: Path) -> None:
 
 
 def test_tar_missing_a_key_fails_on_iteration(copy: Path) -> None:
-    tar = copy / "train-00004.tar"
+    tar = copy / "_webdataset/train-00004.tar"
     with tarfile.open(tar) as src:
         members = [(m, src.extractfile(m).read()) for m in src.getmembers()]
     dropped = members[0][0].name.split(".")[0]
@@ -323,11 +323,11 @@ def test_tar_missing_a_key_fails_on_iteration(copy: Path) -> None:
         for info, payload in members:
             if not info.name.startswith(dropped + "."):
                 dst.addfile(info, io.BytesIO(payload))
-    card = json.loads((copy / "manifest.json").read_text())
+    card = json.loads((copy / "_manifest.json").read_text())
     for s in card["shards"]:
         if s["name"] == "train-00004":
             s["tar_bytes"] = tar.stat().st_size
-    (copy / "manifest.json").write_text(json.dumps(card))
+    (copy / "_manifest.json").write_text(json.dumps(card))
     ds = ShardDataset.open(copy)
     keys = [r["key"] for r in ds.rows if r["shard"] == 4]
     stream = ShardStream(ds, keys, DataConfig(loader_threads=0), input_size=CROP, batch_size=2, train=False)
@@ -429,21 +429,31 @@ def test_training_batches_of_real_photos_mix_classes(cub_dev: Path, tmp_path: Pa
     assert np.mean(distinct) >= 11, np.mean(distinct)
 
 
-def test_format_3_directory_still_reads(copy: Path) -> None:
-    """Format 3 named shards 00000.tar (no split) and had no shuffle_seed: such directories still read."""
+@pytest.mark.parametrize("version", ["3", "5"])
+def test_flat_directory_still_reads(copy: Path, version: str) -> None:
+    """Formats 3-5 kept every file at the top (manifest.json, train-00000.tar, train-00000_stats.json), and format
+    3 named shards 00000.tar (no split) and had no shuffle_seed: such directories still read."""
     from pipeline.manifest import verify
-    from schemas.manifest import shard_file
+    from schemas.manifest import FLAT_MANIFEST, MANIFEST, shard_file
 
-    card = json.loads((copy / "manifest.json").read_text())
-    card.pop("shuffle_seed")
+    card = json.loads((copy / MANIFEST).read_text())
+    (copy / MANIFEST).unlink()
     for s in card["shards"]:
+        split = None if version == "3" else s["split"]
         for part in ("tar", "parquet", "stats"):
-            (copy / shard_file(s["split"], s["shard"], part)).rename(copy / shard_file(None, s["shard"], part))
-        s.pop("split")
-        s["name"] = f"{s['shard']:05d}"
-    (copy / "manifest.json").write_text(json.dumps({**card, "format_version": "3"}))
+            flat = copy / shard_file(split, s["shard"], part, flat=True)
+            (copy / shard_file(s["split"], s["shard"], part)).rename(flat)
+        s["format_version"] = version
+        if version == "3":
+            s.pop("split")
+            s["name"] = f"{s['shard']:05d}"
+    if version == "3":
+        card.pop("shuffle_seed")
+    (copy / FLAT_MANIFEST).write_text(json.dumps({**card, "format_version": version}))
     ds = ShardDataset.open(copy)
-    assert ds.card.shuffle_seed is None and ds.tar_path(6) == Location.parse(copy / "00006.tar")
+    assert ds.card.format_version == version
+    assert ds.tar_path(6) == Location.parse(copy / ("00006.tar" if version == "3" else "test-00006.tar"))
+    assert (ds.card.shuffle_seed is None) == (version == "3")
     assert verify(copy) == []
     test = split_keys(ds, 0.0, 0)["test"]
     assert sorted(_keys(ShardStream(ds, test, DataConfig(loader_threads=0), input_size=8, batch_size=4, train=False))) == test

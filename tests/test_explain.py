@@ -297,7 +297,7 @@ def test_report_lineage_names_the_shards_model_and_code(report: Path, shards: Pa
 
     section = _section(report, 0)
     table = section[section.index('<table class="lineage">'):].split("</table>")[0]
-    card = json.loads((shards / "manifest.json").read_text())
+    card = json.loads((shards / "_manifest.json").read_text())
     segmenter = card["segmenter"]
     digest = hashlib.sha256((report.parent.parent / "masks" / "model.pt").read_bytes()).hexdigest()
     for field, value in [("shards config_hash", card["config_hash"]), ("model.pt sha256", digest),

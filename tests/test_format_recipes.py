@@ -54,8 +54,20 @@ def test_parquet_readers_give_one_row_per_input(shards: Path) -> None:
 
 
 @pytest.mark.ray
+def test_the_bare_folder_is_one_parquet_dataset(shards: Path) -> None:
+    """The folder as it is, no glob: dataset readers skip the _-prefixed tars, markers, manifest and plan."""
+    import pandas as pd
+    import pyarrow.dataset as ds
+
+    assert ds.dataset(shards, format="parquet").count_rows() == INPUTS
+    assert len(pd.read_parquet(shards)) == INPUTS
+
+
+@pytest.mark.ray
 def test_ray_data_recipe_decodes_every_member(shards: Path) -> None:
-    rows = run("ray-data", shards)["samples"].take_all()
+    scope = run("ray-data", shards)
+    assert scope["rows"].count() == INPUTS
+    rows = scope["samples"].take_all()
     assert len(rows) == INPUTS
     for row in rows:
         record = row["json"]

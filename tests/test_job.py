@@ -14,14 +14,14 @@ from PIL import Image
 from pipeline.job import JobError, run_segment
 from pipeline.manifest import inspect, verify
 from schemas.config import SegmentConfig
-from schemas.manifest import PLAN_FILE, SHARD_FILE, shard_glob
+from schemas.manifest import CONFIG_FILE, JOB_FILE, MANIFEST, PLAN_FILE, SHARD_FILE, shard_file, shard_glob
 
 pytestmark = pytest.mark.ray
 
 
 def _shard_files(out: Path) -> dict[str, int]:
     """mtime of every shard file (tar, parquet, stats marker) in ``out``."""
-    return {p.name: p.stat().st_mtime_ns for p in out.iterdir() if SHARD_FILE.match(p.name)}
+    return {p.relative_to(out).as_posix(): p.stat().st_mtime_ns for p in out.rglob("*") if SHARD_FILE.match(p.name)}
 
 
 def _config(tmp_path: Path, **kw) -> SegmentConfig:
@@ -41,14 +41,20 @@ def test_synthetic_job_resume_and_guard(ray_local, tmp_path: Path) -> None:
     # 12 train inputs in shards 0-1, then 6 test inputs in shard 2: a shard holds one split
     assert [(s.name, s.split, s.count) for s in card.shards] == [
         ("train-00000", "train", 8), ("train-00001", "train", 4), ("test-00002", "test", 6)]
-    assert card.shuffle_seed == 0 and card.format_version == "5"
+    assert card.shuffle_seed == 0 and card.format_version == "6"
     assert card.per_split == {"test": {"ok": 6, "failed": 0}, "train": {"ok": 12, "failed": 0}}
     assert sum(card.masks_hist.values()) == 18 and max(card.masks_hist) <= 4
     assert verify(config.out.local) == []
     summary = inspect(config.out.local)
     assert summary["samples"]["ok"] == 18 and summary["segmenter"]["name"] == "superpixel"
-    (sample,) = [m for m in tarfile.open(config.out.local / "train-00000.tar").getnames() if m == "000000.json"]
-    assert (config.out.local / "segment_config.yaml").is_file() and (config.out.local / PLAN_FILE).is_file()
+    (sample,) = [m for m in tarfile.open(config.out.local / "_webdataset/train-00000.tar").getnames()
+                 if m == "000000.json"]
+    assert (config.out.local / CONFIG_FILE).is_file() and (config.out.local / PLAN_FILE).is_file()
+    # the folder is one parquet dataset (one row per input) and _webdataset/ holds the tars only
+    assert sorted(p.name for p in config.out.local.iterdir() if not p.name.startswith("_")) == [
+        "test-00002.parquet", "train-00000.parquet", "train-00001.parquet"]
+    assert sorted(p.name for p in (config.out.local / "_webdataset").iterdir()) == [
+        "test-00002.tar", "train-00000.tar", "train-00001.tar"]
 
     before = _shard_files(config.out.local)
     assert len(before) == 9
@@ -67,25 +73,38 @@ def test_synthetic_job_resume_and_guard(ray_local, tmp_path: Path) -> None:
 def test_rerun_redoes_only_unfinished_shards_with_identical_bytes(ray_local, tmp_path: Path) -> None:
     config = _config(tmp_path)
     run_segment(config, progress=False)
-    reference = {p.name: p.read_bytes() for p in config.out.local.glob("*.tar")}
+    reference = {p.name: p.read_bytes() for p in config.out.local.glob("_webdataset/*.tar")}
     # simulate a crash: shard 1 never got its marker and left a temp file; shard 2 is gone
-    (config.out.local / "train-00001_stats.json").unlink()
-    (config.out.local / ".train-00001.tar.dead.tmp").write_bytes(b"partial")
-    for name in ("test-00002.tar", "test-00002.parquet", "test-00002_stats.json", "manifest.json"):
+    (config.out.local / "_job/train-00001_stats.json").unlink()
+    (config.out.local / "_webdataset/.train-00001.tar.dead.tmp").write_bytes(b"partial")
+    for name in ("_webdataset/test-00002.tar", "test-00002.parquet", "_job/test-00002_stats.json", MANIFEST):
         (config.out.local / name).unlink()
-    kept = (config.out.local / "train-00000_stats.json").stat().st_mtime_ns
+    kept = (config.out.local / "_job/train-00000_stats.json").stat().st_mtime_ns
     run_segment(config, progress=False)
-    assert (config.out.local / "train-00000_stats.json").stat().st_mtime_ns == kept
-    assert not (config.out.local / ".train-00001.tar.dead.tmp").exists()
-    assert {p.name: p.read_bytes() for p in config.out.local.glob("*.tar")} == reference
+    assert (config.out.local / "_job/train-00000_stats.json").stat().st_mtime_ns == kept
+    assert not (config.out.local / "_webdataset/.train-00001.tar.dead.tmp").exists()
+    assert {p.name: p.read_bytes() for p in config.out.local.glob("_webdataset/*.tar")} == reference
     assert verify(config.out.local) == []
 
 
 def test_grid_segmenter_and_overwrite(ray_local, tmp_path: Path) -> None:
-    run_segment(_config(tmp_path), progress=False)
+    card = run_segment(_config(tmp_path), progress=False)
+    out = tmp_path / "shards"
+    # the layout of formats 3-5: every file at the top (the plan and job hash stay in _job/, as in format 5)
+    for stats in card.shards:
+        for part in ("tar", "stats"):
+            (out / stats.file(part)).rename(out / shard_file(stats.split, stats.shard, part, flat=True))
+    (out / MANIFEST).rename(out / "manifest.json")
+    (out / CONFIG_FILE).rename(out / "segment_config.yaml")
+    (out / JOB_FILE).write_text('{"job_hash": "of format 5"}')  # FORMAT_VERSION is part of the job hash
+    (out / "notes.txt").write_text("kept")
+    with pytest.raises(JobError, match="different configuration"):
+        run_segment(_config(tmp_path), progress=False)
     card = run_segment(_config(tmp_path, segmenter={"name": "grid", "grid": 2}, overwrite=True), progress=False)
     assert card.segmenter.name == "grid" and card.masks_hist == {4: 18}
-    assert verify(tmp_path / "shards") == []
+    assert sorted(p.name for p in out.iterdir()) == ["_job", MANIFEST, "_webdataset", "notes.txt", "test-00002.parquet",
+                                                     "train-00000.parquet", "train-00001.parquet"]
+    assert verify(out) == []
 
 
 def test_nested_masks_and_box_limit_are_recorded(ray_local, tmp_path: Path) -> None:
@@ -99,7 +118,7 @@ def test_nested_masks_and_box_limit_are_recorded(ray_local, tmp_path: Path) -> N
     card = run_segment(config, progress=False)
     assert card.max_box_fraction == 0.5 and card.segmenter.params["merge_levels"] == [60.0]
     assert "K=4  boxes up to 50% of the image" in format_inspect(inspect(config.out.local))
-    for tar in config.out.local.glob("*.tar"):
+    for tar in config.out.local.glob("_webdataset/*.tar"):
         with tarfile.open(tar) as f:
             for member in (m for m in f.getmembers() if m.name.endswith(".json")):
                 record = json.loads(f.extractfile(member).read())
@@ -161,8 +180,8 @@ def test_cub_mini_two_workers(ray_local, cub_mini: Path, tmp_path: Path) -> None
     # 36 train inputs in shards 0-2, 24 test inputs in shards 3-4, each shard mixing classes
     assert [(s.name, s.count) for s in card.shards] == [
         ("train-00000", 16), ("train-00001", 16), ("train-00002", 4), ("test-00003", 16), ("test-00004", 8)]
-    listed = subprocess.run(["tar", "-tf", str(config.out.local / "train-00000.tar")], capture_output=True, text=True,
-                            check=True)
+    listed = subprocess.run(["tar", "-tf", str(config.out.local / "_webdataset/train-00000.tar")],
+                            capture_output=True, text=True, check=True)
     names = listed.stdout.split()
     assert len({n.split(".")[0] for n in names}) == 16 and sum(n.endswith(".json") for n in names) == 16
     assert card.shards[0].tar_members == len(names)
@@ -171,7 +190,8 @@ def test_cub_mini_two_workers(ray_local, cub_mini: Path, tmp_path: Path) -> None
     assert _shard_files(config.out.local) == before
     import webdataset as wds
 
-    for split, urls, n in (("train", "train-{00000..00002}.tar", 36), ("test", "test-{00003..00004}.tar", 24)):
+    for split, urls, n in (("train", "_webdataset/train-{00000..00002}.tar", 36),
+                           ("test", "_webdataset/test-{00003..00004}.tar", 24)):
         samples = list(wds.WebDataset(str(config.out.local / urls), shardshuffle=False).decode("rgb8"))
         assert len(samples) == n and all(s["crop_00.jpg"].shape == (64, 64, 3) for s in samples)
         assert {s["json"]["split"] for s in samples} == {split}

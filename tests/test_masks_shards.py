@@ -13,7 +13,7 @@ import pytest
 from pipeline.masks import crop_boxes, mask_boxes, pack_masks, select_masks, unpack_masks
 from pipeline.segmenters.base import Proposal
 from pipeline.shards import ShardError, encode_sample, iter_samples, read_stats, write_shard
-from schemas.manifest import SHARD_FILE, SHARD_TMP, shard_file, shard_glob, shard_stem
+from schemas.manifest import SHARD_FILE, SHARD_TMP, ShardStats, shard_file, shard_glob, shard_stem
 from schemas.shard import SampleRecord
 
 
@@ -92,17 +92,17 @@ def test_write_shard_reproducible_and_readable(tmp_path: Path) -> None:
     a.mkdir(), b.mkdir()
     stats = write_shard(a, 0, [_sample(k) for k in keys], _rows(keys), "h", 1.0)
     write_shard(b, 0, [_sample(k) for k in reversed(keys)], _rows(list(reversed(keys))), "h", 2.0)
-    assert (a / "train-00000.tar").read_bytes() == (b / "train-00000.tar").read_bytes()
+    assert (a / "_webdataset/train-00000.tar").read_bytes() == (b / "_webdataset/train-00000.tar").read_bytes()
     assert (a / "train-00000.parquet").read_bytes() == (b / "train-00000.parquet").read_bytes()
     assert stats.ok == 2 and stats.tar_members == 2 * 5 and read_stats(a, "train", 0) == stats
     assert (stats.split, stats.name) == ("train", "train-00000") and read_stats(a, "test", 0) is None
-    assert not list(a.glob(".*tmp"))
-    with tarfile.open(a / "train-00000.tar") as tar:  # plain tar: sorted, adjacent members, fixed metadata
+    assert not list(a.rglob(".*tmp"))
+    with tarfile.open(a / "_webdataset/train-00000.tar") as tar:  # plain tar: sorted, adjacent members, fixed metadata
         names = tar.getnames()
         assert names[:5] == ["0000000.crop_00.jpg", "0000000.crop_01.jpg", "0000000.jpg",
                              "0000000.json", "0000000.masks.npy.gz"]
         assert {m.mtime for m in tar.getmembers()} == {946684800}
-    samples = list(iter_samples(a / "train-00000.tar"))
+    samples = list(iter_samples(a / "_webdataset/train-00000.tar"))
     assert [k for k, _ in samples] == ["0000000", "0000001"]
     meta = json.loads(samples[0][1]["json"])
     assert meta["n_masks"] == 2 and meta["boxes"] == [[0, 0, 7, 5], [8, 6, 15, 11]]
@@ -110,16 +110,20 @@ def test_write_shard_reproducible_and_readable(tmp_path: Path) -> None:
 
 def test_shard_file_names_one_place() -> None:
     assert [shard_file("train", 0, p) for p in ("tar", "parquet", "stats")] == [
-        "train-00000.tar", "train-00000.parquet", "train-00000_stats.json"]
-    assert shard_file("test", 3, "tar") == "test-00003.tar" and shard_stem("val", 12) == "val-00012"
-    assert shard_file(None, 7, "tar") == "00007.tar"  # format 3 directories
+        "_webdataset/train-00000.tar", "train-00000.parquet", "_job/train-00000_stats.json"]
+    assert shard_file("test", 3, "tar", flat=True) == "test-00003.tar" and shard_stem("val", 12) == "val-00012"
+    assert shard_file(None, 7, "tar", flat=True) == "00007.tar"  # format 3 directories
+    flat = ShardStats(shard=3, name="test-00003", split="test", count=1, ok=1, failed=0, tar_members=3, tar_bytes=1,
+                      tar_sha256="", parquet_sha256="", duration_s=0, config_hash="", format_version="5")
+    assert [flat.file(p) for p in ("tar", "stats")] == ["test-00003.tar", "test-00003_stats.json"]  # formats 3-5
+    assert flat.model_copy(update={"format_version": "6"}).file("tar") == "_webdataset/test-00003.tar"
     match = SHARD_FILE.match("test-00003_stats.json")
     assert match and match["split"] == "test" and int(match["shard"]) == 3
     assert SHARD_FILE.match("00003.parquet") and not SHARD_FILE.match("holdout-00003.tar")
     assert not SHARD_FILE.match("train-0003.tar") and not SHARD_FILE.match("train-00003.tar.tmp")
     assert SHARD_TMP.match(".train-00001.tar.1a2b3c4d.tmp") and not SHARD_TMP.match(".manifest.json.tmp")
-    assert fnmatch.filter(["train-00000.tar", "test-00001.tar", "train-00000.parquet"], shard_glob("train")) == [
-        "train-00000.tar"]
+    assert fnmatch.filter(["_webdataset/train-00000.tar", "_webdataset/test-00001.tar", "train-00000.parquet"],
+                          shard_glob("train")) == ["_webdataset/train-00000.tar"]
     with pytest.raises(ValueError, match="holdout"):
         shard_file("holdout", 0, "tar")
 
@@ -136,7 +140,7 @@ def test_webdataset_library_reads_shard(tmp_path: Path) -> None:
     import webdataset as wds
 
     write_shard(tmp_path, 0, [_sample("0000000")], _rows(["0000000"]), "h", 1.0)
-    ds = wds.WebDataset(str(tmp_path / "train-00000.tar"), shardshuffle=False).decode("rgb8")
+    ds = wds.WebDataset(str(tmp_path / "_webdataset/train-00000.tar"), shardshuffle=False).decode("rgb8")
     (sample,) = list(ds)
     assert sample["jpg"].shape == (12, 16, 3) and sample["crop_01.jpg"].shape == (8, 8, 3)
     assert sample["masks.npy.gz"].shape == (2, 12, 2) and sample["json"]["label"] == 1
@@ -156,10 +160,10 @@ def test_reader_refuses_traversal_member(tmp_path: Path) -> None:
 
 def test_reader_names_truncated_tar(tmp_path: Path) -> None:
     write_shard(tmp_path, 0, [_sample("0000000")], _rows(["0000000"]), "h", 1.0)
-    data = (tmp_path / "train-00000.tar").read_bytes()
-    (tmp_path / "train-00000.tar").write_bytes(data[: len(data) // 3])
+    data = (tmp_path / "_webdataset/train-00000.tar").read_bytes()
+    (tmp_path / "_webdataset/train-00000.tar").write_bytes(data[: len(data) // 3])
     with pytest.raises(ShardError, match="train-00000.tar"):
-        list(iter_samples(tmp_path / "train-00000.tar"))
+        list(iter_samples(tmp_path / "_webdataset/train-00000.tar"))
 
 
 def test_crop_members_only_when_crop_size_is_set() -> None:
@@ -177,7 +181,7 @@ def test_crop_members_only_when_crop_size_is_set() -> None:
 def test_reader_names_tar_truncated_where_tarfile_stays_quiet(tmp_path: Path, cut: str) -> None:
     """Python's tarfile ends without error at a header cut short or missing; the reader must not."""
     write_shard(tmp_path, 0, [_sample("0000000")], _rows(["0000000"]), "h", 1.0)
-    path = tmp_path / "train-00000.tar"
+    path = tmp_path / "_webdataset/train-00000.tar"
     with tarfile.open(path) as tar:
         offset = tar.getmembers()[2].offset  # the third member's header
         end = tar.offset

@@ -35,6 +35,11 @@ def _config(tmp: Path, **kw) -> SegmentConfig:
     })
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file below ``folder`` by relative path: its bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def _env() -> dict:
     return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
@@ -92,9 +97,9 @@ def test_killed_driver_rerun_redoes_only_unfinished_shards_byte_identical(tmp_pa
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 360  # Ray's start-up and the first shards: minutes on a busy 2-core machine
-        while time.time() < deadline and len(list(out.glob("*_stats.json"))) < 3:
+        while time.time() < deadline and len(list(out.glob("_job/*_stats.json"))) < 3:
             time.sleep(0.02)
-        at_kill = len(list(out.glob("*_stats.json")))
+        at_kill = len(list(out.glob("_job/*_stats.json")))
         job.kill()  # SIGKILL, the driver process only
         job.wait(timeout=60)
         # Ray's GCS and raylet share the driver's fate; its shard workers notice and exit within seconds
@@ -109,7 +114,7 @@ def test_killed_driver_rerun_redoes_only_unfinished_shards_byte_identical(tmp_pa
         lingering = _session(job.pid)
         for proc in lingering:  # only this driver's session: other Ray instances are left alone
             proc.kill()
-    finished = {p.name: p.stat().st_mtime_ns for p in out.glob("*_stats.json")}
+    finished = {p.relative_to(out): p.stat().st_mtime_ns for p in out.glob("_job/*_stats.json")}
     print(f"markers at the kill: {at_kill}; once its workers exited ({exited_after:.1f} s): {len(finished)}; "
           f"lingering agents killed: {[p.pid for p in lingering]}")
     assert 3 <= at_kill <= len(finished) < 28, "the kill did not land mid-job"
@@ -119,11 +124,12 @@ def test_killed_driver_rerun_redoes_only_unfinished_shards_byte_identical(tmp_pa
     assert subprocess.run(command(tmp_path / "straight"), env=_env(), capture_output=True, timeout=300).returncode == 0
     for name, mtime in finished.items():  # shards finished before the rerun were not redone
         assert (out / name).stat().st_mtime_ns == mtime
-    tars = sorted(p.name for p in (tmp_path / "straight").glob("*.tar"))
-    assert len(tars) == 28 and sorted(p.name for p in out.glob("*.tar")) == tars
+    tars = sorted(p.name for p in (tmp_path / "straight").glob("_webdataset/*.tar"))
+    assert len(tars) == 28 and sorted(p.name for p in out.glob("_webdataset/*.tar")) == tars
     for name in tars:
-        assert (out / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
-    assert not list(out.glob(".*.tmp")) and verify(out) == []  # writes cut short by the kill: cleaned up
+        tar = Path("_webdataset", name)
+        assert (out / tar).read_bytes() == (tmp_path / "straight" / tar).read_bytes(), name
+    assert not list(out.rglob(".*.tmp")) and verify(out) == []  # writes cut short by the kill: cleaned up
 
 
 def _is_agent(proc) -> bool:
@@ -174,7 +180,7 @@ def test_tar_rewritten_without_a_sample_is_named(shards: Path, tmp_path: Path) -
 
     copy = tmp_path / "shards"
     shutil.copytree(shards, copy)
-    tar = copy / "train-00001.tar"
+    tar = copy / "_webdataset/train-00001.tar"
     with tarfile.open(tar) as src:
         members = [(info, src.extractfile(info).read()) for info in src]
     last = members[-1][0].name.split(".")[0]
@@ -215,9 +221,9 @@ def test_bit_flipped_shard_refused_by_training(shards: Path, tmp_path: Path) -> 
 
     copy = tmp_path / "shards"
     shutil.copytree(shards, copy)
-    data = bytearray((copy / "train-00003.tar").read_bytes())
+    data = bytearray((copy / "_webdataset/train-00003.tar").read_bytes())
     data[len(data) // 2] ^= 0x10  # same size: only the checksum can tell
-    (copy / "train-00003.tar").write_bytes(bytes(data))
+    (copy / "_webdataset/train-00003.tar").write_bytes(bytes(data))
     ShardDataset.open(copy)  # sizes still agree
     with pytest.raises(ShardError, match=r"shard train-00003: .*train-00003.tar checksum differs"):
         run_train(_train_config(copy, tmp_path / "run"))
@@ -243,7 +249,7 @@ def test_disk_full_during_a_shard_keeps_finished_shards(tmp_path: Path, monkeypa
     rows = make_plan(list_source(config), config.shard_size, config.shuffle_seed, config.test_fraction).to_pylist()
     for s in (0, 1):
         processor.process(s, [r for r in rows if r["shard"] == s])
-    before = {p.name: p.read_bytes() for p in config.out.local.iterdir()}
+    before = _files(config.out.local)
     real_fsync = os.fsync
 
     def full(fd: int) -> None:
@@ -254,7 +260,7 @@ def test_disk_full_during_a_shard_keeps_finished_shards(tmp_path: Path, monkeypa
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(OSError, match=r"No space left on device: '.*/train-00002.tar'"):
         processor.process(2, [r for r in rows if r["shard"] == 2])
-    assert {p.name: p.read_bytes() for p in config.out.local.iterdir()} == before  # nothing partial, nothing lost
+    assert _files(config.out.local) == before  # nothing partial, nothing lost
 
 
 def test_a_failing_image_in_a_segmenter_batch_fails_alone(tmp_path: Path) -> None:
@@ -297,12 +303,12 @@ def test_a_failing_image_in_a_segmenter_batch_fails_alone(tmp_path: Path) -> Non
 def test_unwritable_shard_exhausts_retries_and_keeps_the_rest(ray_local, tmp_path: Path) -> None:
     config = _config(tmp_path, num_workers=2, cpus_per_worker=0.5, max_shard_retries=1)
     run_segment(config, progress=False)
-    for name in ("train-00001.tar", "train-00001.parquet", "train-00001_stats.json", "manifest.json"):
+    for name in ("_webdataset/train-00001.tar", "train-00001.parquet", "_job/train-00001_stats.json", MANIFEST):
         (config.out.local / name).unlink()
-    (config.out.local / "train-00001.tar").mkdir()  # the rename onto it fails every time, like an unwritable target
+    (config.out.local / "_webdataset/train-00001.tar").mkdir()  # the rename onto it fails every time
 
     def others() -> dict[str, int]:
-        return {p.name: p.stat().st_mtime_ns for p in config.out.local.iterdir()
+        return {p.relative_to(config.out.local): p.stat().st_mtime_ns for p in config.out.local.rglob("*")
                 if SHARD_FILE.match(p.name) and not p.name.startswith("train-00001")}
 
     before = others()
@@ -310,4 +316,4 @@ def test_unwritable_shard_exhausts_retries_and_keeps_the_rest(ray_local, tmp_pat
     with pytest.raises(JobError, match=r"shards \['train-00001'\] failed after 1 retries; 5 finished shards are kept"):
         run_segment(config, progress=False)
     assert others() == before
-    assert not list(config.out.local.glob(".*.tmp"))
+    assert not list(config.out.local.rglob(".*.tmp"))

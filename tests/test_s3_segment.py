@@ -23,9 +23,9 @@ from schemas.storage import Location, delete, list_files, put, read_bytes
 
 SYNTHETIC = {"num_classes": 2, "train_per_class": 4, "test_per_class": 2, "image_size": 48}
 # 12 inputs in shards of 4: train-00000, train-00001, test-00002
-SHARDS = [f"{stem}{suffix}" for stem in ("train-00000", "train-00001", "test-00002")
-          for suffix in (".tar", ".parquet", "_stats.json")]
-JOB_FILES = ["_job/job.json", "_job/plan.parquet", "manifest.json", "segment_config.yaml"]
+SHARDS = [f"{folder}{stem}{suffix}" for stem in ("train-00000", "train-00001", "test-00002")
+          for folder, suffix in (("_webdataset/", ".tar"), ("", ".parquet"), ("_job/", "_stats.json"))]
+JOB_FILES = ["_job/job.json", "_job/plan.parquet", "_job/segment_config.yaml", "_manifest.json"]
 
 
 def _config(root: Location | Path, out: Location | Path, **kw) -> SegmentConfig:
@@ -65,7 +65,7 @@ def puts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def _shard_puts(keys: list[str], out: Location) -> list[str]:
     """The shard files among ``keys``, named relative to ``out``, sorted."""
     names = [k.removeprefix(_key(out) + "/") for k in keys]
-    return sorted(n for n in names if SHARD_FILE.match(n))
+    return sorted(n for n in names if SHARD_FILE.match(n.rpartition("/")[2]))
 
 
 def test_inside_root_below_a_url_is_pure_posix() -> None:
@@ -151,15 +151,15 @@ def test_segment_to_s3_verifies_and_a_rerun_writes_only_unfinished_shards(
 
     puts.clear()
     assert run_segment(config, progress=False).shards == card.shards
-    assert sorted(puts) == sorted(_key(out / name) for name in ("segment_config.yaml", "_job/job.json",
-                                                                 "manifest.json"))
+    assert sorted(puts) == sorted(_key(out / name) for name in ("_job/segment_config.yaml", "_job/job.json",
+                                                                 "_manifest.json"))
     # a tar and parquet without their marker (a job killed before it); a marker whose tar is cut short
-    delete(out / "train-00001_stats.json")
-    tar = read_bytes(out / "test-00002.tar")
-    put(out / "test-00002.tar", tar[: len(tar) // 2])
+    delete(out / "_job/train-00001_stats.json")
+    tar = read_bytes(out / "_webdataset/test-00002.tar")
+    put(out / "_webdataset/test-00002.tar", tar[: len(tar) // 2])
     puts.clear()
     again = run_segment(config, progress=False)
-    assert _shard_puts(puts, out) == sorted(n for n in SHARDS if n.startswith(("train-00001", "test-00002")))
+    assert _shard_puts(puts, out) == sorted(n for n in SHARDS if "train-00001" in n or "test-00002" in n)
     assert [s.tar_sha256 for s in again.shards] == [s.tar_sha256 for s in card.shards] and verify(out) == []
 
 
@@ -168,7 +168,8 @@ def test_overwrite_on_s3_deletes_only_this_tools_objects(ray_local, bucket: str,
     out = Location.parse(bucket) / "shards"
     run_segment(_config(tmp_path / "synth", out, shard_size=2), progress=False)  # 6 shards
     foreign = {name: name.encode() for name in (
-        "notes.txt", "sub/train-00000.tar", ".cache/x.tmp", "_jobs/plan.parquet", "manifest.json.bak")}
+        "notes.txt", "sub/train-00000.tar", ".cache/x.tmp", "_jobs/plan.parquet", "_manifest.json.bak",
+        "webdataset/train-00000.tar")}
     for name, data in foreign.items():
         put(out / name, data)
     beside = Location.parse(bucket) / "shards-old/train-00000.tar"  # the same key prefix, another folder
@@ -198,7 +199,7 @@ def test_s3_to_s3_gives_the_rows_and_bytes_of_local_to_local(ray_local, bucket: 
     assert main(["segment", "--config", str(file), "--root", str(root), "--out", str(out), "--shard-size", "4",
                  "--masks-per-image", "3", "--num-workers", "2", "--cpus-per-worker", "0.5", "--no-progress"]) == 0
     assert "12 ok, 0 failed, 12 inputs" in capsys.readouterr().out
-    card = json.loads(read_bytes(out / "manifest.json"))
+    card = json.loads(read_bytes(out / "_manifest.json"))
 
     def sums(shards: list[dict]) -> list[tuple]:
         return [(s["name"], s["tar_bytes"], s["tar_sha256"], s["parquet_sha256"]) for s in shards]
@@ -231,9 +232,9 @@ def test_refused_writes_fail_the_job_naming_the_shards_and_keep_the_finished_one
         with pytest.raises(JobError, match=(r"shards \['train-00001', 'test-00002'\] failed after 0 retries; 1 "
                                             rf"finished shards are kept in {out}; rerun the same command")):
             run_segment(config, progress=False)
-    assert any(f"{out / 'train-00001.tar'}" in r.getMessage() and "ACCESS_DENIED" in r.getMessage()
+    assert any(f"{out / '_webdataset/train-00001.tar'}" in r.getMessage() and "ACCESS_DENIED" in r.getMessage()
                for r in caplog.records)
-    assert sorted(list_files(out)) == sorted(SHARDS[:3] + JOB_FILES[:2] + ["segment_config.yaml"])
+    assert sorted(list_files(out)) == sorted(SHARDS[:3] + JOB_FILES[:3])
 
     monkeypatch.setattr(S3Backend, "put_object", recording)
     puts.clear()

@@ -69,11 +69,12 @@ def test_config_fields_take_urls_and_keep_local_paths_as_they_were(tmp_path: Pat
 
 
 def test_output_hash_unchanged() -> None:
-    """Golden values computed before the path fields learned URLs: shard directories keep their job hash."""
+    """Golden values (format 6; the format version is part of the hash): a path given as a URL-capable field
+    hashes as the plain path did, so shard directories keep their job hash."""
     listing = SegmentConfig(source="listing", root=Path("/data/imgs"), out=Path("out/shards"),
                             listing=Path("lists/all.csv"))
-    assert listing.output_hash() == "3e92e6f0bec83008"
-    assert SegmentConfig(root=Path("synth"), out=Path("shards")).output_hash() == "74bc168454a92866"
+    assert listing.output_hash() == "b488e184584b2101"
+    assert SegmentConfig(root=Path("synth"), out=Path("shards")).output_hash() == "4335d578d8d86e38"
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -201,7 +202,7 @@ def test_shard_directory_on_s3_reads_as_the_local_one(shards: Path, bucket: str,
     assert json.loads(capsys.readouterr().out)["per_split"] == inspect(shards)["per_split"]
 
     local, remote = ShardDataset.open(shards), ShardDataset.open(url)
-    assert remote.rows == local.rows and remote.tar_path(0) == url / "train-00000.tar"
+    assert remote.rows == local.rows and remote.tar_path(0) == url / "_webdataset/train-00000.tar"
     digest = hashlib.sha256()
     assert list(iter_samples(remote.tar_path(0), digest)) == list(iter_samples(local.tar_path(0)))
     assert digest.hexdigest() == remote.card.shards[0].tar_sha256
@@ -216,15 +217,15 @@ def test_shard_directory_on_s3_reads_as_the_local_one(shards: Path, bucket: str,
 
 def test_truncated_or_missing_tar_on_s3_is_named(shards: Path, bucket: str) -> None:
     url = _upload(shards, bucket)
-    tar = url / "train-00000.tar"
+    tar = url / "_webdataset/train-00000.tar"
     data = read_bytes(tar)
     put(tar, data[: len(data) // 2])
-    delete(url / "test-00004.tar")
+    delete(url / "_webdataset/test-00004.tar")
     problems = verify(url)
     assert any(p.startswith(f"shard train-00000: {tar}: unreadable tar: ") for p in problems)
-    assert f"shard test-00004: {url / 'test-00004.tar'} is missing" in problems and len(problems) == 2
+    assert f"shard test-00004: {url / '_webdataset/test-00004.tar'} is missing" in problems and len(problems) == 2
     assert [p.split(":")[0] for p in shard_problems(url, load_card(url))] == ["shard train-00000", "shard test-00004"]
     with pytest.raises(ShardError, match=f"{tar}: {len(data) // 2} bytes, the manifest says {len(data)}"):
         ShardDataset.open(url)
-    with pytest.raises(ShardError, match=f"{url / 'nothing/manifest.json'}: no manifest"):
+    with pytest.raises(ShardError, match=f"{url / 'nothing/_manifest.json'}: no manifest"):
         load_card(url / "nothing")

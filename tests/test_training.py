@@ -284,8 +284,8 @@ def test_corrupt_shard_refused_before_training(shards: Path, tmp_path: Path) -> 
 
     copy = tmp_path / "shards"
     shutil.copytree(shards, copy)
-    data = (copy / "train-00001.tar").read_bytes()
-    (copy / "train-00001.tar").write_bytes(data[:1000])
+    data = (copy / "_webdataset/train-00001.tar").read_bytes()
+    (copy / "_webdataset/train-00001.tar").write_bytes(data[:1000])
     with pytest.raises(Exception, match="train-00001.tar"):
         run_train(_config(copy, tmp_path / "run"))
     assert not (tmp_path / "run" / "metrics.csv").exists()

@@ -36,7 +36,7 @@ from pipeline.manifest import load_card, read_rows
 from pipeline.masks import crop_boxes, grow_box
 from pipeline.shards import ShardError, iter_samples
 from schemas.config import DataConfig, ModelConfig
-from schemas.manifest import MANIFEST, DatasetCard, ShardStats
+from schemas.manifest import DatasetCard, ShardStats
 from schemas.storage import Location, size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -69,7 +69,7 @@ class ShardDataset:
         for stats in card.shards:
             tar = root / stats.file("tar")
             if (found := size(tar)) is None:
-                raise ShardError(f"{tar}: shard listed in {root / MANIFEST} is missing")
+                raise ShardError(f"{tar}: shard listed in the manifest of {root} is missing")
             if found != stats.tar_bytes:
                 raise ShardError(f"{tar}: {found} bytes, the manifest says {stats.tar_bytes} (truncated or replaced)")
         try:
