@@ -27,7 +27,8 @@ from pipeline.shards import read_stats
 from pipeline.sources import list_source
 from schemas.config import SegmentConfig, stable_hash, write_config
 from schemas.manifest import (CONFIG_FILE, FLAT_CONFIG_FILE, FLAT_MANIFEST, JOB_DIR, JOB_FILE, MANIFEST, PLAN_FILE,
-                              SHARD_FILE, SHARD_TMP, WEBDATASET_DIR, DatasetCard, SegmenterInfo, ShardStats, shard_stem)
+                              SHARD_DIR, SHARD_FILE, SHARD_TMP, WEBDATASET_DIR, DatasetCard, SegmenterInfo, ShardStats,
+                              shard_stem)
 from schemas.storage import Location, delete, list_files, makedirs, put, read_text, read_text_if_present, size
 
 log = logging.getLogger("protomask.segment")
@@ -175,9 +176,10 @@ def run_segment(config: SegmentConfig, address: str | None = None, progress: boo
             f"{len(done)} finished shards are kept in {out}; rerun the same command to redo only the failed ones"
         )
     if out.is_local:  # every shard is finished: temp files of writes cut short earlier are garbage (S3 has none)
-        for path in out.local.rglob(".*.tmp"):
-            if SHARD_TMP.match(path.name):
-                path.unlink(missing_ok=True)
+        for folder in set(SHARD_DIR.values()):  # a temp file sits beside the file it becomes
+            for path in (out.local / folder).glob(".*.tmp"):
+                if SHARD_TMP.match(path.name):
+                    path.unlink(missing_ok=True)
     if info is None:
         info = _segmenter_info(segmenter, out)
     return build_card(

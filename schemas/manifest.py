@@ -69,13 +69,17 @@ def shard_file(split: str | None, shard: int, part: ShardPart, *, flat: bool = F
     ``shard_file("train", 0, "tar") == "_webdataset/train-00000.tar"``; ``flat``: at the top, as formats 3-5
     kept it."""
     name = shard_stem(split, shard) + SHARD_SUFFIX[part]
-    return name if flat or not SHARD_DIR[part] else f"{SHARD_DIR[part]}/{name}"
+    return name if flat else _in_folder(part, name)
 
 
 def shard_glob(split: str | None = None, part: ShardPart = "tar") -> str:
     """A glob of one part of every shard of ``split`` (``None``: of every split), relative to the shard
     directory: ``'_webdataset/train-[0-9]...[0-9].tar'``."""
-    name = f"{split or '*'}-{'[0-9]' * SHARD_DIGITS}{SHARD_SUFFIX[part]}"
+    return _in_folder(part, f"{split or '*'}-{'[0-9]' * SHARD_DIGITS}{SHARD_SUFFIX[part]}")
+
+
+def _in_folder(part: ShardPart, name: str) -> str:
+    """``name`` inside the folder of ``part`` (``SHARD_DIR``), relative to the shard directory."""
     return f"{SHARD_DIR[part]}/{name}" if SHARD_DIR[part] else name
 
 

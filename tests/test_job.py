@@ -77,12 +77,15 @@ def test_rerun_redoes_only_unfinished_shards_with_identical_bytes(ray_local, tmp
     # simulate a crash: shard 1 never got its marker and left a temp file; shard 2 is gone
     (config.out.local / "_job/train-00001_stats.json").unlink()
     (config.out.local / "_webdataset/.train-00001.tar.dead.tmp").write_bytes(b"partial")
+    (config.out.local / "notes").mkdir()
+    (config.out.local / "notes/.train-00001.tar.mine.tmp").write_bytes(b"not ours")  # another folder: kept
     for name in ("_webdataset/test-00002.tar", "test-00002.parquet", "_job/test-00002_stats.json", MANIFEST):
         (config.out.local / name).unlink()
     kept = (config.out.local / "_job/train-00000_stats.json").stat().st_mtime_ns
     run_segment(config, progress=False)
     assert (config.out.local / "_job/train-00000_stats.json").stat().st_mtime_ns == kept
     assert not (config.out.local / "_webdataset/.train-00001.tar.dead.tmp").exists()
+    assert (config.out.local / "notes/.train-00001.tar.mine.tmp").read_bytes() == b"not ours"
     assert {p.name: p.read_bytes() for p in config.out.local.glob("_webdataset/*.tar")} == reference
     assert verify(config.out.local) == []
 
