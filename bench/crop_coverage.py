@@ -34,9 +34,10 @@ Boxes = dict[str, tuple[list[list[int]], tuple[int, int]]]  # per sample key: it
 def boxes_by_key(shards: Location | Path, keys: Collection[str] | None = None) -> Boxes:
     """Each sample's mask boxes and its image's (height, width); only those of ``keys`` when given."""
     dataset = ShardDataset.open(shards)
+    wanted = {r["shard"] for r in dataset.rows if keys is None or r["key"] in keys}  # tars holding none: not read
     out = {}
-    for card in dataset.card.shards:
-        for key, members in iter_samples(dataset.tar_path(card.shard)):
+    for shard in sorted(wanted):
+        for key, members in iter_samples(dataset.tar_path(shard)):
             if keys is None or key in keys:
                 record = SampleRecord.model_validate_json(members["json"])
                 out[key] = (record.boxes, (record.height, record.width))
