@@ -16,6 +16,7 @@ from pipeline.job import run_segment
 from schemas.config import ModelConfig, SegmentConfig, TrainConfig
 from training.loop import (CHECKPOINT, checkpoint_state, freeze_batchnorm_statistics, make_optimizers, make_schedulers,
                            phase_of, set_trainable)
+from training.averaging import WeightAverage, decay_per_step
 from training.model import LinearHead, ProtoMask
 from training.data import ShardDataset, ShardStream, split_keys
 from training.evaluate import classification
@@ -277,6 +278,45 @@ def test_auxiliary_head_trains_in_the_joint_phase_only_and_is_not_exported(shard
     black_box = TrainConfig.model_validate({**config.model_dump(), "model": {**config.model.model_dump(),
                                                                             "head": "linear"}})
     assert black_box.loss.auxiliary == 1.0  # ignored by the linear head: small-cpu + model.head=linear is the black-box
+
+
+def test_weight_average(shards: Path, tmp_path: Path) -> None:
+    """schedule.ema_half_life: validation and the end of the joint phase read the average of the steps' weights,
+    which a mid-joint checkpoint holds beside the live weights; an average over the last step alone is the
+    last step's weights, so the run is the plain one."""
+    plain = run_train(_config(shards, tmp_path / "plain", last_layer_epochs=0))
+    assert run_train(_config(shards, tmp_path / "instant", last_layer_epochs=0, ema_half_life=1e-9))["test"] \
+        == plain["test"]
+    run_train(_config(shards, tmp_path / "slow", last_layer_epochs=0, ema_half_life=1000))
+    checkpoints = sorted((tmp_path / "slow").glob(f"checkpoint_*/{CHECKPOINT}"), key=lambda p: p.parent.name)
+    mid, end = (torch.load(p, map_location="cpu", weights_only=True) for p in checkpoints)
+    assert (mid["epoch"], end["epoch"]) == (2, 3) and "weight_average" in mid and "weight_average" not in end
+    average = mid["weight_average"]
+    backbone = [k for k in average if k.startswith("backbone.") and k in dict(ProtoMask(ModelConfig(**TINY), 3)
+                                                                              .named_parameters())]
+    moved = sum(float((mid["model"][k] - average[k]).norm()) for k in backbone)  # one joint epoch of steps
+    drift = sum(float((end["model"][k] - average[k]).norm()) for k in backbone)  # a half-life of 1000 epochs
+    assert moved > 0 and drift < 0.01 * moved
+    assert "num_batches_tracked" not in " ".join(average) and any(k.endswith("running_var") for k in average)
+
+
+def test_weight_average_update_and_swap() -> None:
+    model = ProtoMask(ModelConfig(**TINY), 3)
+    average = WeightAverage(model, decay_per_step(2.0, 5))
+    assert decay_per_step(2.0, 5) ** 10 == pytest.approx(0.5)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    average.update(model)
+    share = 1 - decay_per_step(2.0, 5)
+    assert torch.allclose(average.average["prototypes"], start["prototypes"] + share)
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    with average.applied(model):
+        assert torch.allclose(model.prototypes, start["prototypes"] + share)
+    assert all(torch.equal(live[k], v) for k, v in model.state_dict().items())
+    restored = WeightAverage(model, 0.5, average={k: v.clone() for k, v in average.average.items()})
+    assert all(torch.equal(restored.average[k], v) for k, v in average.average.items())
 
 
 def test_corrupt_shard_refused_before_training(shards: Path, tmp_path: Path) -> None:

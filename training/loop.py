@@ -3,7 +3,8 @@
     open shards → split → model → micro-batch → resume from the last checkpoint
     for each epoch: phase (pre-train | warm-up | joint | last layer)
                     → [place prototypes on crops before the first prototype epoch, push before the first
-                       last-layer epoch] → train → validate → checkpoint + metrics (ray.train.report)
+                       last-layer epoch] → train [→ the joint phase's weight average into the model after its
+                       last epoch] → validate → checkpoint + metrics (ray.train.report)
     → test → export (rank 0)
 
 One optimiser step takes ``data.batch_size`` images over all workers, whatever their number: each worker
@@ -16,6 +17,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import resource
 import tempfile
 import time
@@ -30,6 +32,7 @@ from schemas.config import TrainConfig
 from schemas.storage import Location, append, list_files, put, read_text_if_present
 from schemas.version import FORMAT_VERSION
 from training.data import ShardDataset, ShardStream, split_keys
+from training.averaging import WeightAverage, decay_per_step
 from training.evaluate import classification, evaluate_split, write_metrics
 from training.export import export_model
 from training.losses import class_weights, total_loss
@@ -130,10 +133,12 @@ def make_schedulers(optimizers: dict[str, torch.optim.Optimizer], config: TrainC
 
 
 def checkpoint_state(model: Model, optimizers: dict, schedulers: dict, epoch: int, config: TrainConfig, *, pushed: bool,
-                     placed: bool = True, pretrainer: LinearHead | None = None) -> dict:
+                     placed: bool = True, pretrainer: LinearHead | None = None,
+                     average: WeightAverage | None = None) -> dict:
     """A plain dict of tensors and JSON-able values: loadable with ``torch.load(weights_only=True)``."""
     return {
         **({"pretrain_classifier": pretrainer.classifier.state_dict()} if pretrainer is not None else {}),
+        **({"weight_average": average.average} if average is not None else {}),
         "format_version": FORMAT_VERSION,
         "model": model.state_dict(),
         "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
@@ -173,13 +178,15 @@ def _all_sum(values: list[float], device: torch.device) -> list[float]:
 
 def train_one_epoch(model: Model, net: nn.Module, stream: Iterable[dict], optimizer: torch.optim.Optimizer,
                     config: TrainConfig, phase: str, weights: torch.Tensor | None, device: torch.device,
-                    *, micro_batch: int, warmup_progress: float = 1.0) -> dict[str, float]:
+                    *, micro_batch: int, warmup_progress: float = 1.0,
+                    average: WeightAverage | None = None) -> dict[str, float]:
     """One pass over this worker's part of the train split; returns epoch means over all workers.
 
     Each batch of the stream is this worker's share of one optimiser step; it runs as micro-batches of at
     most ``micro_batch`` images, each loss weighted by its share of the batch, so the accumulated gradient
     is the batch's (DDP averages it over workers at the last micro-batch only). ``warmup_progress``: the share
-    of the warm-up done by the end of this epoch (PIP-Net's alignment ramp)."""
+    of the warm-up done by the end of this epoch (PIP-Net's alignment ramp); ``average``: updated after every
+    step."""
     model.train()
     if not config.parity.train_mode_frozen_batchnorm:
         freeze_batchnorm_statistics(model)
@@ -213,6 +220,8 @@ def train_one_epoch(model: Model, net: nn.Module, stream: Iterable[dict], optimi
         optimizer.step()
         if isinstance(model, ProtoMask):
             model.after_step(phase)
+        if average is not None:
+            average.update(model)
     elapsed = time.perf_counter() - start
     keys = sorted(sums)
     totals = _all_sum([sums[k] for k in keys] + [correct, seen, elapsed], device)
@@ -322,6 +331,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model.to(device)
     if pretrainer is not None:
         pretrainer.to(device)
+    decay = decay_per_step(s.ema_half_life, math.ceil(len(splits["train"]) / config.data.batch_size)) \
+        if s.ema_half_life else 0.0
+    average = None  # schedule.ema_half_life: the joint phase's weight average, until the model takes it
+    if state is not None and "weight_average" in state:
+        average = WeightAverage(model, decay, average=state["weight_average"])
     optimizers = make_optimizers(model, config, pretrainer=pretrainer)
     schedulers = make_schedulers(optimizers, config)
     if state is not None:
@@ -366,6 +380,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         elif phase == "joint" and s.push_every and has_prototypes and model.pushes \
                 and (n := joint_epoch(epoch, config)) and n % s.push_every == 0:
             push(model, optimizers, config, stream, device, rank, reporter, epoch=epoch)
+            average = None  # the prototypes moved: the average starts again from the pushed model
+        if phase == "joint" and s.ema_half_life and average is None:
+            average = WeightAverage(model, decay)
         if isinstance(model, ProtoPool) and phase in ("warmup", "joint"):
             model.gumbel_scale.fill_(gumbel_scale(epoch - s.pretrain_epochs, s.gumbel_epochs))
         module = pretrainer if phase == "pretrain" else model
@@ -377,18 +394,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
         row = {"epoch": epoch, "phase": phase,
                **train_one_epoch(module, net, reporter.track(train_stream, f"epoch {epoch + 1}/{epochs} {phase}"),
                                  optimizers[phase], config, phase, weights, device, micro_batch=micro_batch,
-                                 warmup_progress=(epoch - s.pretrain_epochs + 1) / max(s.warmup_epochs, 1))}
+                                 warmup_progress=(epoch - s.pretrain_epochs + 1) / max(s.warmup_epochs, 1),
+                                 average=average if phase == "joint" else None)}
         if phase in schedulers:
             schedulers[phase].step()
+        if average is not None and (epoch + 1 == epochs or phase_of(epoch + 1, config) != "joint"):
+            reporter.note("the model takes its weight average (schedule.ema_half_life)")
+            average.apply(model)
+            average = None
         sync_buffers(module)
-        val = classification(module, reporter.track(val_stream, "validation"), device)
+        with average.applied(model) if average is not None else contextlib.nullcontext():
+            val = classification(module, reporter.track(val_stream, "validation"), device)
         row.update({f"val_{k}": v for k, v in val.items() if k != "n"})
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
                 log.write(row)
                 torch.save(checkpoint_state(model, optimizers, schedulers, epoch + 1, config, pushed=pushed,
-                                            placed=placed, pretrainer=pretrainer), Path(d) / CHECKPOINT)
+                                            placed=placed, pretrainer=pretrainer, average=average),
+                           Path(d) / CHECKPOINT)
                 ckpt = ray.train.Checkpoint.from_directory(d)
             reporter.epoch(row, epochs)
             ray.train.report({k: v for k, v in row.items() if k != "phase"}, checkpoint=ckpt)
