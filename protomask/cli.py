@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -142,8 +143,12 @@ def cmd_demo(config: DemoConfig, args: argparse.Namespace) -> int:
     workers, out = config.num_workers, config.out
     segment = SegmentConfig(
         source="synthetic", root=out / "synthetic", out=out / "shards", masks_per_image=6,
-        shard_size=32, num_workers=workers, cpus_per_worker=2 / workers,
+        shard_size=32, num_workers=workers, cpus_per_worker=2 / workers, overwrite=config.overwrite,
     )
+    runs = {"protomask": out / "run_masks", "patch baseline": out / "run_patches"}
+    if config.overwrite:
+        for folder in (*runs.values(), out / "report"):
+            shutil.rmtree(folder, ignore_errors=True)
     t0 = time.perf_counter()
     card = run_segment(segment, progress=args.progress)
     t_segment = time.perf_counter() - t0
@@ -157,7 +162,7 @@ def cmd_demo(config: DemoConfig, args: argparse.Namespace) -> int:
     for name, model in (("protomask", {"regions": "masks"}), ("patch baseline", {"regions": "patches", "input_size": 112})):
         train = load_config(TrainConfig, CONFIGS / "demo.yaml", {
             **{f"model.{k}": v for k, v in model.items()}, "shards": segment.out,
-            "run_dir": out / f"run_{model['regions']}", "num_workers": workers, "cpus_per_worker": 1 / workers,
+            "run_dir": runs[name], "num_workers": workers, "cpus_per_worker": 1 / workers,
         })
         print(f"\n{name}: training on {workers} workers")
         t1 = time.perf_counter()
@@ -165,7 +170,7 @@ def cmd_demo(config: DemoConfig, args: argparse.Namespace) -> int:
         print(train_summary(train.run_dir, results[name], time.perf_counter() - t1))
     print()
     print(format_side_by_side(results, "test"))
-    report = write_report([("protomask", out / "run_masks"), ("patch baseline", out / "run_patches")], out / "report")
+    report = write_report(list(runs.items()), out / "report")
     best = results["protomask"]
     print(f"\nProtoMask test balanced accuracy {best['balanced_accuracy']:.1%} (chance {1 / len(card.classes):.0%}), "
           f"part hit rate {best['part_hit_rate']:.1%}; report: {report}")

@@ -565,3 +565,6 @@ class DemoConfig(Strict):
 
     out: Path = Field(Path("demo"), description="folder of the images, shards, runs and report")
     num_workers: int = Field(2, ge=1, description="segmentation and training workers")
+    overwrite: bool = Field(False, description=(
+        "replace the shards, runs and report an earlier demo left in out (of other settings or another version); "
+        "without it a rerun reuses the finished shards and runs"))

@@ -287,3 +287,25 @@ def test_train_console_is_one_line_per_epoch(tmp_path: Path) -> None:
     noise = ("TrainingReport", "PlacementGroupCleaner", "Checkpoint successfully", "RayTrainWorker", "Traceback",
              "Token authentication")
     assert not any(word in run.stdout + run.stderr for word in noise), run.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_overwrite_replaces_an_older_demo(tmp_path: Path) -> None:
+    """`make demo` over a demo folder of another version: refused with the way out named, then replaced with
+    --overwrite, end to end (shards verified, both models trained, the report written)."""
+    out = tmp_path / "demo"
+    (out / "shards" / "_job").mkdir(parents=True)
+    (out / "shards" / "_job" / "job.json").write_text(json.dumps({"job_hash": "of-an-older-version"}))
+    (out / "run_masks").mkdir()
+    (out / "run_masks" / "checkpoint_2026-01-01_00-00-00.000000").mkdir()
+    exe = Path(sys.executable).with_name("protomask")
+    refused = subprocess.run([str(exe), "demo", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0
+    assert "holds shards of a different configuration" in refused.stderr and "--overwrite" in refused.stderr
+    assert (out / "run_masks" / "checkpoint_2026-01-01_00-00-00.000000").is_dir()  # nothing removed
+    run = subprocess.run([str(exe), "demo", "--out", str(out), "--overwrite"], capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "verify: OK" in run.stdout and "ProtoMask test balanced accuracy" in run.stdout.splitlines()[-1]
+    assert not (out / "run_masks" / "checkpoint_2026-01-01_00-00-00.000000").exists()
+    assert (out / "report" / "index.html").is_file() and (out / "run_patches" / "model.pt").is_file()

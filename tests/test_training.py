@@ -174,6 +174,18 @@ def test_train_two_workers_export_evaluate_and_rerun_resumes(shards: Path, tmp_p
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "resume" and events[-1]["epoch"] == 4
     assert len((run_dir / "metrics.csv").read_text().splitlines()) == 1 + 4
+    # a rerun that would resume this run under other training settings is refused before anything is written
+    recorded = (run_dir / "train_config.yaml").read_bytes()
+    other = _config(shards, run_dir, push_every=1, lr_backbone=5e-4)
+    other = other.model_copy(update={"data": other.data.model_copy(update={"augment": "none"})})
+    with pytest.raises(TrainError, match=r"holds a run of another configuration \(schedule.lr_backbone: 0.001 there, "
+                                         r"0.0005 now; data.augment: 'reference' there, 'none' now\); .*another "
+                                         r"--run-dir"):
+        run_train(other)
+    assert (run_dir / "train_config.yaml").read_bytes() == recorded
+    (run_dir / "train_config.yaml").write_text("model: {head: mlp}\n")
+    with pytest.raises(TrainError, match="train_config.yaml: the run's config no longer reads"):
+        run_train(_config(shards, run_dir, push_every=1))
 
 
 def test_linear_head_and_pretrained_backbone_train_on_the_same_shards(shards: Path, tmp_path: Path) -> None:

@@ -7,12 +7,13 @@ import os
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 from cluster.connect import init_ray
 from pipeline.manifest import shard_problems
 from pipeline.shards import ShardError
-from schemas.config import DataConfig, TrainConfig, load_config, write_config
-from schemas.storage import Location, makedirs, read_text
+from schemas.config import ConfigError, DataConfig, TrainConfig, load_config, write_config
+from schemas.storage import Location, list_files, makedirs, read_text
 from training import TrainError
 from training.data import ShardDataset, ShardStream, split_keys
 from training.evaluate import evaluate_split, metrics_file, write_metrics
@@ -38,6 +39,7 @@ def run_train(config: TrainConfig, *, address: str | None = None, progress: bool
         raise TrainError(f"--run-dir {run_dir}: name a folder for the run (s3://bucket/runs/r1, not a bucket)")
     makedirs(run_dir)
     config = config.model_copy(update={"run_dir": run_dir, "shards": config.shards.resolve()})
+    refuse_another_run(config)
     write_config(config, run_dir / "train_config.yaml")
     init_ray(address)
     board = ProgressBoard.remote()
@@ -67,6 +69,44 @@ def run_train(config: TrainConfig, *, address: str | None = None, progress: bool
                 "file for a smaller machine") from None
         raise TrainError(f"training failed: {result.error}") from result.error
     return json.loads(read_text(metrics_file(run_dir, "test")))
+
+
+# how a run is carried out, not what it trains: a rerun that resumes a run may change these
+RESUMABLE_WITH_OTHER = ("run_dir", "num_workers", "use_gpu", "cpus_per_worker", "max_failures", "verify_checksums",
+                        "data.micro_batch", "data.memory_gb", "data.loader_threads")
+
+
+def refuse_another_run(config: TrainConfig) -> None:
+    """A rerun resumes from run_dir's newest checkpoint, so it must train what that run trained: refuse (before
+    anything is written) a config that differs from the recorded ``train_config.yaml`` in any field but those
+    of ``RESUMABLE_WITH_OTHER``, naming the fields."""
+    run_dir = config.run_dir
+    if not any(name.startswith("checkpoint_") for name in list_files(run_dir)):
+        return  # nothing to resume: a new start may change anything
+    recorded_file = run_dir / "train_config.yaml"
+    try:
+        recorded = load_config(TrainConfig, recorded_file, {})
+    except (ConfigError, ValidationError) as exc:
+        raise TrainError(f"{recorded_file}: the run's config no longer reads ({str(exc).splitlines()[0]}); "
+                         f"use another --run-dir, or delete {run_dir} to start over") from None
+
+    def fields(c: TrainConfig) -> dict:
+        return {k: v for k, v in _dotted(c.model_dump(mode="json")).items() if k not in RESUMABLE_WITH_OTHER}
+
+    before, now = fields(recorded), fields(config)
+    differ = [k for k in dict.fromkeys([*before, *now]) if before.get(k) != now.get(k)]
+    if differ:
+        listed = "; ".join(f"{k}: {before.get(k)!r} there, {now.get(k)!r} now" for k in differ)
+        raise TrainError(f"{run_dir} holds a run of another configuration ({listed}); a rerun resumes it only with "
+                         f"the same settings: use another --run-dir, or delete {run_dir} to start over")
+
+
+def _dotted(tree: dict, prefix: str = "") -> dict:
+    """A nested mapping as ``{"a.b": value}``."""
+    out = {}
+    for k, v in tree.items():
+        out.update(_dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 OOM_SIGNS = ("OutOfMemoryError", "out of memory", "OOM killer", "low on memory", "Cannot allocate memory")
