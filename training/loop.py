@@ -31,8 +31,8 @@ from torch import nn
 from schemas.config import TrainConfig
 from schemas.storage import Location, append, list_files, put, read_text_if_present
 from schemas.version import FORMAT_VERSION
-from training.data import ShardDataset, ShardStream, split_keys
 from training.averaging import WeightAverage, decay_per_step
+from training.data import ShardDataset, ShardStream, split_keys
 from training.evaluate import classification, evaluate_split, write_metrics
 from training.export import export_model
 from training.losses import class_weights, total_loss
@@ -395,7 +395,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                **train_one_epoch(module, net, reporter.track(train_stream, f"epoch {epoch + 1}/{epochs} {phase}"),
                                  optimizers[phase], config, phase, weights, device, micro_batch=micro_batch,
                                  warmup_progress=(epoch - s.pretrain_epochs + 1) / max(s.warmup_epochs, 1),
-                                 average=average if phase == "joint" else None)}
+                                 average=average)}
         if phase in schedulers:
             schedulers[phase].step()
         if average is not None and (epoch + 1 == epochs or phase_of(epoch + 1, config) != "joint"):
