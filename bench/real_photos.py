@@ -74,10 +74,10 @@ def identity(config: TrainConfig) -> str:
         for key in ("prototypes_per_class", "prototype_dim", "patch_grid", "off_class_weight"):
             data["model"].pop(key)
         data.pop("loss"), data.pop("parity")
-        s = config.schedule  # all the linear head reads: its epochs (every phase is joint), 2 rates, the StepLR
+        s = config.schedule  # all the linear head reads: its epochs (all joint), 2 rates, the StepLR, the average
         data["schedule"] = {"epochs": s.pretrain_epochs + s.warmup_epochs + s.joint_epochs + s.last_layer_epochs,
                             "lr_backbone": s.lr_backbone, "lr_addon": s.lr_addon, "step_size": s.step_size,
-                            "gamma": s.gamma}
+                            "gamma": s.gamma, "ema_half_life": s.ema_half_life}
     return json.dumps(data, sort_keys=True)
 
 
@@ -214,7 +214,9 @@ def main() -> None:
                           + (" on whole images" if s.pretrain_on == "image" else "") + " + "
                           f"{s.warmup_epochs} warm-up + {s.joint_epochs} joint + {s.last_layer_epochs} last layer "
                           f"(the black-boxes train all {s.pretrain_epochs + s.warmup_epochs + s.joint_epochs + s.last_layer_epochs} "
-                          f"epochs end to end), {config.data.batch_size} images per step",
+                          f"epochs end to end), {config.data.batch_size} images per step"
+                          + (f", the weights averaged over the joint phase's steps (half-life {s.ema_half_life:g} "
+                             "epoch; the black-boxes' over all their epochs)" if s.ema_half_life else ""),
     }
     write_results(args.out, rows, info)
     (args.work / "results.json").write_text(json.dumps({"rows": rows, "info": info}, indent=1))

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import torch
-from pydantic import ValidationError
 
 from cluster.connect import init_ray
 from pipeline.manifest import shard_problems
@@ -86,9 +85,10 @@ def refuse_another_run(config: TrainConfig) -> None:
     recorded_file = run_dir / "train_config.yaml"
     try:
         recorded = load_config(TrainConfig, recorded_file, {})
-    except (ConfigError, ValidationError) as exc:
-        raise TrainError(f"{recorded_file}: the run's config no longer reads ({str(exc).splitlines()[0]}); "
-                         f"use another --run-dir, or delete {run_dir} to start over") from None
+    except ConfigError as exc:
+        problems = "; ".join(line.strip() for line in str(exc).splitlines()[1:]) or str(exc)
+        raise TrainError(f"{recorded_file}: the run's config no longer reads ({problems}); use another --run-dir, "
+                         f"or delete {run_dir} to start over") from None
 
     def fields(c: TrainConfig) -> dict:
         return {k: v for k, v in _dotted(c.model_dump(mode="json")).items() if k not in RESUMABLE_WITH_OTHER}
