@@ -101,7 +101,8 @@ def main() -> None:
     batches = [{"crops": z[i:i + 64], "valid": v[i:i + 64], "label": y[i:i + 64],
                 "key": [f"{i + j:08d}" for j in range(len(y[i:i + 64]))]} for z, v, y in [data["train"]]
                for i in range(0, len(y), 64)]
-    model.embed = lambda crops, valid=None: crops  # the batches above hold embeddings already
+    model.embed = lambda crops, valid=None: crops  # the batches above hold embeddings already,
+    model.region_valid = lambda valid: valid  # and the validity of every region (patches: every cell)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     rows = []
     for name, project in (("no push", None), ("push (the paper)", push_prototypes), ("distinct push", push_distinct)):
