@@ -36,7 +36,7 @@ bench: $(STAMP)
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m bench.run_all
 
 # docs/results.md: cub_dev segmented once, ProtoMask, the patch baseline and both black-boxes trained with
-# configs/small-cpu.yaml on 2 workers (alone from a fresh clone: 15 min on a fast 2-core machine, 33-64 min on slower ones)
+# configs/small-cpu.yaml on 2 workers (alone from a fresh clone: 16 min on a fast 2-core machine, 33-64 min on slower ones)
 bench-real: $(STAMP)
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python bench/real_photos.py
 
