@@ -35,13 +35,11 @@ class WeightAverage:
         self.average = {name: (state[name] if average is None else average[name].to(state[name].device)).detach()
                         .clone() for name in averaged_names(model)}
 
-    @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        state = model.state_dict()
+        state = model.state_dict()  # detached tensors: nothing here is recorded for autograd
         for name, value in self.average.items():
             value.lerp_(state[name], 1.0 - self.decay)
 
-    @torch.no_grad()
     def apply(self, model: nn.Module) -> None:
         """Load the average into the model (its other entries stay as they are)."""
         model.load_state_dict(self.average, strict=False)
@@ -54,5 +52,4 @@ class WeightAverage:
         try:
             yield
         finally:
-            with torch.no_grad():
-                model.load_state_dict(live, strict=False)
+            model.load_state_dict(live, strict=False)
