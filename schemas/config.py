@@ -383,10 +383,10 @@ class ScheduleConfig(Strict):
         "and the backbone's joint rate goes on from where pre-training left it (the linear head's schedule over "
         "the same epochs), while the add-on, prototypes and classifier start in full"))
     ema_half_life: float = Field(0.0, ge=0, description=(
-        "joint phase: keep an exponential moving average of the weights (parameters and BatchNorm statistics) "
-        "whose steps' weights halve every this many epochs; validation reads the average, and the model takes "
-        "it at the end of the joint phase, before push (torchvision's --model-ema). 0: the last step's weights "
-        "(the paper)"))
+        "joint and last-layer phases: keep an exponential moving average of the weights (parameters and "
+        "BatchNorm statistics) whose steps' weights halve every this many epochs; validation reads the average, "
+        "and the model takes it at the end of each phase: before push, and after the last-layer epochs on the "
+        "pushed prototypes (torchvision's --model-ema). 0: the last step's weights (the paper)"))
     gumbel_epochs: int = Field(50, ge=1, description=(
         "kind protopool: prototype epochs (warm-up and joint) over which the Gumbel-softmax's 1/τ rises from 1 "
         "to 1000 (the reference's 50)"))

@@ -293,12 +293,11 @@ def test_auxiliary_head_trains_in_the_joint_phase_only_and_is_not_exported(shard
 
 
 def test_weight_average(shards: Path, tmp_path: Path) -> None:
-    """schedule.ema_half_life: validation and the end of the joint phase read the average of the steps' weights,
-    which a mid-joint checkpoint holds beside the live weights; an average over the last step alone is the
-    last step's weights, so the run is the plain one."""
-    plain = run_train(_config(shards, tmp_path / "plain", last_layer_epochs=0))
-    assert run_train(_config(shards, tmp_path / "instant", last_layer_epochs=0, ema_half_life=1e-9))["test"] \
-        == plain["test"]
+    """schedule.ema_half_life: validation and the ends of the joint and last-layer phases read the average of the
+    phase's steps' weights, which a checkpoint within the phase holds beside the live weights; an average over the
+    last step alone is the last step's weights, so the run is the plain one."""
+    plain = run_train(_config(shards, tmp_path / "plain"))
+    assert run_train(_config(shards, tmp_path / "instant", ema_half_life=1e-9))["test"] == plain["test"]
     run_train(_config(shards, tmp_path / "slow", last_layer_epochs=0, ema_half_life=1000))
     checkpoints = sorted((tmp_path / "slow").glob(f"checkpoint_*/{CHECKPOINT}"), key=lambda p: p.parent.name)
     mid, end = (torch.load(p, map_location="cpu", weights_only=True) for p in checkpoints)
@@ -310,6 +309,16 @@ def test_weight_average(shards: Path, tmp_path: Path) -> None:
     drift = sum(float((end["model"][k] - average[k]).norm()) for k in backbone)  # a half-life of 1000 epochs
     assert moved > 0 and drift < 0.01 * moved
     assert "num_batches_tracked" not in " ".join(average) and any(k.endswith("running_var") for k in average)
+
+    run_train(_config(shards, tmp_path / "slow-last", last_layer_epochs=2, ema_half_life=1000))
+    checkpoints = sorted((tmp_path / "slow-last").glob(f"checkpoint_*/{CHECKPOINT}"), key=lambda p: p.parent.name)
+    mid, end = (torch.load(p, map_location="cpu", weights_only=True) for p in checkpoints)
+    assert (mid["epoch"], mid["pushed"], end["epoch"]) == (4, True, 5) and "weight_average" not in end
+    average = mid["weight_average"]  # started from the pushed model
+    assert torch.equal(average["prototypes"], mid["model"]["prototypes"])
+    moved = float((mid["model"]["last_layer.weight"] - average["last_layer.weight"]).norm())
+    drift = float((end["model"]["last_layer.weight"] - average["last_layer.weight"]).norm())
+    assert moved > 0 and drift < 0.01 * moved
 
 
 def test_weight_average_update_and_swap() -> None:

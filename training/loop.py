@@ -3,8 +3,8 @@
     open shards → split → model → micro-batch → resume from the last checkpoint
     for each epoch: phase (pre-train | warm-up | joint | last layer)
                     → [place prototypes on crops before the first prototype epoch, push before the first
-                       last-layer epoch] → train [→ the joint phase's weight average into the model after its
-                       last epoch] → validate → checkpoint + metrics (ray.train.report)
+                       last-layer epoch] → train [→ the joint or last-layer phase's weight average into the
+                       model after its last epoch] → validate → checkpoint + metrics (ray.train.report)
     → test → export (rank 0)
 
 One optimiser step takes ``data.batch_size`` images over all workers, whatever their number: each worker
@@ -44,6 +44,7 @@ from training.push import (addon_from_classifier, place_on_crops, prune_prototyp
 
 CHECKPOINT = "checkpoint.pt"
 PHASES = ("pretrain", "warmup", "joint", "last_layer")
+AVERAGED_PHASES = ("joint", "last_layer")  # schedule.ema_half_life: each keeps its own average (push lies between)
 
 
 def phase_of(epoch: int, config: TrainConfig) -> str:
@@ -333,7 +334,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         pretrainer.to(device)
     decay = decay_per_step(s.ema_half_life, math.ceil(len(splits["train"]) / config.data.batch_size)) \
         if s.ema_half_life else 0.0
-    average = None  # schedule.ema_half_life: the joint phase's weight average, until the model takes it
+    average = None  # schedule.ema_half_life: the current phase's weight average, until the model takes it
     if state is not None and "weight_average" in state:
         average = WeightAverage(model, decay, average=state["weight_average"])
     optimizers = make_optimizers(model, config, pretrainer=pretrainer)
@@ -381,7 +382,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 and (n := joint_epoch(epoch, config)) and n % s.push_every == 0:
             push(model, optimizers, config, stream, device, rank, reporter, epoch=epoch)
             average = None  # the prototypes moved: the average starts again from the pushed model
-        if phase == "joint" and s.ema_half_life and average is None:
+        if phase in AVERAGED_PHASES and s.ema_half_life and average is None:
             average = WeightAverage(model, decay)
         if isinstance(model, ProtoPool) and phase in ("warmup", "joint"):
             model.gumbel_scale.fill_(gumbel_scale(epoch - s.pretrain_epochs, s.gumbel_epochs))
@@ -398,7 +399,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                  average=average)}
         if phase in schedulers:
             schedulers[phase].step()
-        if average is not None and (epoch + 1 == epochs or phase_of(epoch + 1, config) != "joint"):
+        if average is not None and (epoch + 1 == epochs or phase_of(epoch + 1, config) != phase):
             reporter.note("the model takes its weight average (schedule.ema_half_life)")
             average.apply(model)
             average = None
