@@ -7,7 +7,7 @@ With no last-layer epochs the run's newest checkpoint holds the model before pus
 region embeddings of both splits are computed once; the product's ``push_prototypes`` (the paper's push) and
 ``push_distinct`` then run on them. ``--last-layer-epochs N`` then imitates the last-layer phase on those fixed
 embeddings (the backbone is frozen there): the config's rate, batch size, class-balanced cross-entropy and L1
-term, and flipped crops embedded once more when the config flips. The product's phase draws other batches and
+term, flipped crops embedded once more when the config flips, and the weight average (``schedule.ema_half_life``). The product's phase draws other batches and
 flips: on the run in docs/results.md the imitation gave 39.9 % where the full run ended at 41.8 %, so compare
 variants within this script, not with full runs.
 """
@@ -15,6 +15,7 @@ variants within this script, not with full runs.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import newest_checkpoint, print_table
 from schemas.config import TrainConfig, load_config
+from training.averaging import decay_per_step
 from training.data import ShardDataset, ShardStream, split_keys
 from training.losses import class_weights, total_loss
 from training.metrics import classification_metrics
@@ -68,6 +70,9 @@ def last_layer_phase(model: ProtoMask, data: dict[str, Embedded], config: TrainC
     weight = model.last_layer.weight.requires_grad_(True)
     optimizer = torch.optim.Adam([weight], lr=config.schedule.lr_last_layer)
     generator = torch.Generator().manual_seed(config.seed)
+    half_life = config.schedule.ema_half_life
+    decay = decay_per_step(half_life, math.ceil(len(labels) / config.data.batch_size)) if half_life else 0.0
+    average = weight.detach().clone()
     for _ in range(epochs):
         order, flip = torch.randperm(len(labels), generator=generator), torch.rand(len(labels), generator=generator) < 0.5
         for i in range(0, len(labels), config.data.batch_size):
@@ -78,7 +83,10 @@ def last_layer_phase(model: ProtoMask, data: dict[str, Embedded], config: TrainC
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            average.lerp_(weight.detach(), 1.0 - decay)
     weight.requires_grad_(False)
+    if half_life:
+        weight.copy_(average)
 
 
 def main() -> None:

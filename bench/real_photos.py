@@ -215,8 +215,9 @@ def main() -> None:
                           f"{s.warmup_epochs} warm-up + {s.joint_epochs} joint + {s.last_layer_epochs} last layer "
                           f"(the black-boxes train all {s.pretrain_epochs + s.warmup_epochs + s.joint_epochs + s.last_layer_epochs} "
                           f"epochs end to end), {config.data.batch_size} images per step"
-                          + (f", the weights averaged over the joint phase's steps (half-life {s.ema_half_life:g} "
-                             "epoch; the black-boxes' over all their epochs)" if s.ema_half_life else ""),
+                          + (f", the weights averaged over the joint phase's steps and again over the last-layer "
+                             f"phase's (half-life {s.ema_half_life:g} epoch; the black-boxes' over all their epochs)"
+                             if s.ema_half_life else ""),
     }
     write_results(args.out, rows, info)
     (args.work / "results.json").write_text(json.dumps({"rows": rows, "info": info}, indent=1))

@@ -323,3 +323,10 @@ def test_push_cost_last_layer_imitation_trains_only_the_last_layer_and_fits_it()
     with torch.no_grad():
         assert float(torch.nn.functional.cross_entropy(logits(model, train), train[2])) < 0.8 * loss_before
     assert not model.last_layer.weight.requires_grad
+    trained = model.last_layer.weight.clone()
+
+    model.load_state_dict(before)  # with the weight average: the last layer ends on it, here near its start
+    averaged = config.model_copy(update={"schedule": config.schedule.model_copy(update={"ema_half_life": 10000.0})})
+    last_layer_phase(model, {"train": train}, averaged, epochs=20)
+    start = before["last_layer.weight"]
+    assert 0 < float((model.last_layer.weight - start).norm()) < 0.01 * float((trained - start).norm())
