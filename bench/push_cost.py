@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import newest_checkpoint, print_table
 from schemas.config import TrainConfig, load_config
-from training.averaging import decay_per_step
+from training.averaging import WeightAverage, decay_per_step
 from training.data import ShardDataset, ShardStream, split_keys
 from training.losses import class_weights, total_loss
 from training.metrics import classification_metrics
@@ -71,9 +71,8 @@ def last_layer_phase(model: ProtoMask, data: dict[str, Embedded], config: TrainC
     weight = model.last_layer.weight.requires_grad_(True)
     optimizer = torch.optim.Adam([weight], lr=config.schedule.lr_last_layer)
     generator = torch.Generator().manual_seed(config.seed)
-    half_life = config.schedule.ema_half_life
-    decay = decay_per_step(half_life, math.ceil(len(labels) / config.data.batch_size)) if half_life else 0.0
-    average = weight.detach().clone()
+    half_life, steps = config.schedule.ema_half_life, math.ceil(len(labels) / config.data.batch_size)
+    average = WeightAverage(model.last_layer, decay_per_step(half_life, steps)) if half_life else None
     for _ in range(epochs):
         order, flip = torch.randperm(len(labels), generator=generator), torch.rand(len(labels), generator=generator) < 0.5
         for i in range(0, len(labels), config.data.batch_size):
@@ -84,10 +83,11 @@ def last_layer_phase(model: ProtoMask, data: dict[str, Embedded], config: TrainC
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            average.lerp_(weight.detach(), 1.0 - decay)
+            if average is not None:
+                average.update(model.last_layer)
     weight.requires_grad_(False)
-    if half_life:
-        weight.copy_(average)
+    if average is not None:
+        average.apply(model.last_layer)
 
 
 def main() -> None:
