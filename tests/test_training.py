@@ -395,7 +395,12 @@ def test_train_and_evaluate_on_cub_mini_shards(ray_local, cub_mini: Path, tmp_pa
 
 
 @pytest.mark.slow
-def test_killed_worker_resumes_from_checkpoint(shards: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("schedule", "kill_after"), [
+    ({"joint_epochs": 8}, 1),  # mid-joint
+    # within the last-layer phase, whose weight average (started from the pushed model) the checkpoint must carry
+    ({"joint_epochs": 2, "last_layer_epochs": 5, "ema_half_life": 1.0}, 4),
+], ids=["joint", "last-layer-averaged"])
+def test_killed_worker_resumes_from_checkpoint(shards: Path, tmp_path: Path, schedule: dict, kill_after: int) -> None:
     import contextlib
     import os
     import signal
@@ -403,13 +408,14 @@ def test_killed_worker_resumes_from_checkpoint(shards: Path, tmp_path: Path) -> 
     import psutil
 
     run_dir = tmp_path / "run"
-    config = _config(shards, run_dir, joint_epochs=8)
+    config = _config(shards, run_dir, **schedule)
+    epochs = 1 + schedule["joint_epochs"] + config.schedule.last_layer_epochs
     killed: list[int] = []
 
-    def kill_a_worker_after_epoch_1() -> None:
+    def kill_a_worker() -> None:
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
-            if registered_epoch(run_dir) >= 1:  # Ray Train's controller has taken the epoch-1 checkpoint
+            if registered_epoch(run_dir) >= kill_after:  # Ray Train's controller has taken that epoch's checkpoint
                 for proc in psutil.Process().children(recursive=True):  # this test's Ray only, not another job's
                     cmdline: list[str] = []
                     with contextlib.suppress(psutil.NoSuchProcess):
@@ -420,24 +426,27 @@ def test_killed_worker_resumes_from_checkpoint(shards: Path, tmp_path: Path) -> 
                         return
             time.sleep(0.2)
 
-    killer = threading.Thread(target=kill_a_worker_after_epoch_1, daemon=True)
+    killer = threading.Thread(target=kill_a_worker, daemon=True)
     killer.start()
     result = run_train(config)
     killer.join()
     assert killed, "no Ray Train worker process was found to kill"
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    assert any(e["event"] == "resume" and e["epoch"] >= 2 for e in events)
-    epochs = [int(line.split(",")[0]) for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
-    assert epochs == list(range(10))
+    assert any(e["event"] == "resume" and kill_after <= e["epoch"] < epochs for e in events)
+    assert [int(line.split(",")[0]) for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]] == list(
+        range(epochs))
     assert result["test"]["n"] == 12
     # the same run without the kill: data order and augmentation are seeded by (seed, epoch, rank) and
-    # the checkpoint holds model, optimisers and scheduler, so the resumed run ends where it would have
-    straight = run_train(_config(shards, tmp_path / "straight", joint_epochs=8))
+    # the checkpoint holds model, optimisers, scheduler and weight average, so the resumed run ends where it would have
+    straight = run_train(_config(shards, tmp_path / "straight", **schedule))
     for metric, value in straight["test"].items():
         if isinstance(value, float):
             assert result["test"][metric] == pytest.approx(value, abs=1e-6), metric
         else:  # counts, the confusion matrix, the head's name
             assert result["test"][metric] == value, metric
+    exported, expected = (torch.load(d / "model.pt", weights_only=True) for d in (run_dir, tmp_path / "straight"))
+    for name, value in expected.items():
+        assert torch.allclose(exported[name], value, atol=1e-6), name
 
 
 def test_addon_from_classifier_standardises_the_leading_directions(shards: Path) -> None:
