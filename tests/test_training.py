@@ -409,7 +409,7 @@ def test_killed_worker_resumes_from_checkpoint(shards: Path, tmp_path: Path, sch
 
     run_dir = tmp_path / "run"
     config = _config(shards, run_dir, **schedule)
-    epochs = 1 + schedule["joint_epochs"] + config.schedule.last_layer_epochs
+    epochs = config.schedule.warmup_epochs + config.schedule.joint_epochs + config.schedule.last_layer_epochs
     killed: list[int] = []
 
     def kill_a_worker() -> None:
