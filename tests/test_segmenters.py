@@ -234,7 +234,7 @@ def test_sam_wrong_checkpoint_names_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"tiny\.pth is not a SAM vit_b checkpoint: 305 of 314 weights differ, .*expected \(768,\)"):
         create_segmenter(SegmenterConfig(name="sam", model_type="vit_b", checkpoint=ckpt, device="cpu"))
     (tmp_path / "junk.pth").write_bytes(b"not a torch file")
-    with pytest.raises(ValueError, match=r"junk\.pth: not a readable state dict"):
+    with pytest.raises(ValueError, match=r"junk\.pth: not a readable checkpoint"):
         create_segmenter(SegmenterConfig(name="sam", checkpoint=tmp_path / "junk.pth"))
 
 

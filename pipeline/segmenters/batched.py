@@ -93,6 +93,30 @@ def generate_batch(generator: Any, images: list[np.ndarray], *, encoder_batch: i
         return [r.result() for r in results] + [generate(i) for i in range(len(results), len(images))]
 
 
+def read_checkpoint(path: Path, what: str, fix: str) -> Any:
+    """A checkpoint file's contents, memory-mapped (no weights read) and without pickled objects; a missing or
+    unreadable file is a ``ValueError`` that names it as ``what`` (e.g. "SAM 2 checkpoint") and says how to ``fix`` it."""
+    if not path.is_file():
+        raise ValueError(f"{what} {path}: no such file; {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # not a torch file, truncated, pickled objects refused
+        raise ValueError(f"{what} {path}: not a readable checkpoint ({exc}); {fix}") from None
+
+
+def check_weights(state: dict, expected: dict[str, torch.Size], problem: str, field: str) -> None:
+    """``state`` holds exactly the weights of ``expected`` (name → shape), else a ``ValueError``: ``problem`` ("<file>
+    is not a <model> checkpoint"), how many weights differ and the first of them, and the config ``field`` to check."""
+    found = {k: v.shape for k, v in state.items() if isinstance(v, torch.Tensor)}
+    names = expected.keys() | found.keys()
+    if wrong := sorted(k for k in names if found.get(k) != expected.get(k)):
+        k = wrong[0]
+        got = "missing" if k not in found else f"shape {tuple(found[k])}"
+        want = "not in the model" if k not in expected else f"expected {tuple(expected[k])}"
+        raise ValueError(f"{problem}: {len(wrong)} of {len(names)} weights differ, e.g. {k}: {got}, {want} (does "
+                         f"{field} match the file?)")
+
+
 def records_to_proposal(records: list[dict], size: tuple[int, int]) -> Proposal:
     """A generator's records (``output_mode="binary_mask"``) as a proposal; scores are the predicted IoU."""
     if not records:

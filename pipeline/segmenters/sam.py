@@ -12,7 +12,7 @@ from segment_anything import SamAutomaticMaskGenerator, SamPredictor, sam_model_
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from pipeline.segmenters.batched import EmbeddedPredictor, GeneratorSegmenter
+from pipeline.segmenters.batched import EmbeddedPredictor, GeneratorSegmenter, check_weights, read_checkpoint
 from schemas.config import SegmenterConfig
 
 CHECKPOINTS_URL = "https://github.com/facebookresearch/segment-anything#model-checkpoints"
@@ -68,27 +68,16 @@ class EmbeddedSamPredictor(EmbeddedPredictor, SamPredictor):
 
 
 def check_checkpoint(path: Path, model_type: str) -> None:
-    """A readable state dict whose every key and shape is the ``model_type`` model's, else a ``ValueError``
+    """A readable state dict with exactly the keys and shapes of the ``model_type`` model, else a ``ValueError``
     naming the file and what was expected. The file is memory-mapped and the model built on the meta device,
     so no weights are read: the driver checks a 2.5 GB file in well under a second, before any worker starts."""
     fix = (f"download the official {model_type} checkpoint from {CHECKPOINTS_URL} and set segmenter.checkpoint "
            "to its path")
-    if not path.is_file():
-        raise ValueError(f"SAM checkpoint {path}: no such file; {fix}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # not a torch file, truncated, pickled objects refused
-        raise ValueError(f"SAM checkpoint {path}: not a readable state dict ({exc}); {fix}") from None
+    state = read_checkpoint(path, "SAM checkpoint", fix)
     with torch.device("meta"):
         expected = {k: v.shape for k, v in sam_model_registry[model_type](checkpoint=None).state_dict().items()}
-    found = {k: v.shape for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
-    wrong = sorted(k for k in expected if found.get(k) != expected[k])
-    if wrong:
-        k = wrong[0]
-        got = "missing" if k not in found else f"shape {tuple(found[k])}"
-        raise ValueError(f"SAM checkpoint {path} is not a SAM {model_type} checkpoint: {len(wrong)} of {len(expected)} "
-                         f"weights differ, e.g. {k}: {got}, expected {tuple(expected[k])} (does segmenter.model_type "
-                         "match the file?)")
+    check_weights(state if isinstance(state, dict) else {}, expected,
+                  f"SAM checkpoint {path} is not a SAM {model_type} checkpoint", "segmenter.model_type")
 
 
 def build_random_sam(model_type: str) -> Sam:

@@ -18,7 +18,7 @@ from sam2.modeling.sam2_base import SAM2Base
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 from torch.overrides import TorchFunctionMode
 
-from pipeline.segmenters.batched import EmbeddedPredictor, GeneratorSegmenter
+from pipeline.segmenters.batched import EmbeddedPredictor, GeneratorSegmenter, check_weights, read_checkpoint
 from schemas.config import SegmenterConfig
 
 CHECKPOINTS_URL = "https://github.com/facebookresearch/sam2#model-description"
@@ -109,27 +109,14 @@ def check_checkpoint(path: Path, sam2_model: str) -> None:
     before any worker starts."""
     fix = (f"download the official checkpoint of {sam2_model} from {CHECKPOINTS_URL} and set segmenter.checkpoint "
            "to its path")
-    if not path.is_file():
-        raise ValueError(f"SAM 2 checkpoint {path}: no such file; {fix}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # not a torch file, truncated, pickled objects refused
-        raise ValueError(f"SAM 2 checkpoint {path}: not a readable checkpoint ({exc}); {fix}") from None
+    state = read_checkpoint(path, "SAM 2 checkpoint", fix)
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise ValueError(f"SAM 2 checkpoint {path}: no state dict under 'model', where SAM 2 checkpoints hold "
                          f"their weights; {fix}")
     with _AllocateOnMeta():
         model = build_sam2(config_file(sam2_model), device="meta", apply_postprocessing=False)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    found = {k: v.shape for k, v in state["model"].items() if isinstance(v, torch.Tensor)}
-    wrong = sorted(k for k in expected.keys() | found.keys() if found.get(k) != expected.get(k))
-    if wrong:
-        k = wrong[0]
-        got = "missing" if k not in found else f"shape {tuple(found[k])}"
-        want = "not in the model" if k not in expected else f"expected {tuple(expected[k])}"
-        raise ValueError(f"SAM 2 checkpoint {path} is not a {sam2_model} checkpoint: {len(wrong)} of "
-                         f"{len(expected.keys() | found.keys())} weights differ, e.g. {k}: {got}, {want} (does "
-                         "segmenter.sam2_model match the file?)")
+    check_weights(state["model"], {k: v.shape for k, v in model.state_dict().items()},
+                  f"SAM 2 checkpoint {path} is not a {sam2_model} checkpoint", "segmenter.sam2_model")
 
 
 def config_file(sam2_model: str) -> str:
