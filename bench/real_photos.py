@@ -60,9 +60,11 @@ def segment(root: Path, out: Path, workers: int, masks_per_image: int, merge_lev
     return time.perf_counter() - start
 
 
-def model_config(model: dict, config_path: Path, shards: Path, run_dir: Path, workers: int) -> TrainConfig:
+def model_config(model: dict, config_path: Path, shards: Path, run_dir: Path, workers: int, *,
+                 overrides: dict | None = None) -> TrainConfig:
+    """One row's training config: the file, then ``overrides`` (dotted names), then the row's model fields."""
     return load_config(TrainConfig, config_path, {
-        **{f"model.{k}": v for k, v in model.items()}, "shards": shards, "run_dir": run_dir,
+        **(overrides or {}), **{f"model.{k}": v for k, v in model.items()}, "shards": shards, "run_dir": run_dir,
         "num_workers": workers, "cpus_per_worker": 2 / workers})
 
 

@@ -1,0 +1,43 @@
+"""bench/seeds.py: the statistics over seeds, and a wrong --set named before anything runs."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.seeds import summarise
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_summary_pairs_protomask_with_each_model_on_shared_seeds() -> None:
+    rows = summarise({"ProtoMask": {1: 0.68, 2: 0.70, 3: 0.66, 4: 0.71},
+                      "patch baseline": {1: 0.69, 2: 0.69, 3: 0.68},  # seed 4 not run: left out of the pairs
+                      "black-box, crops": {1: 0.60}})
+    by_row = {r["row"]: r for r in rows}
+    assert by_row["ProtoMask"]["seeds"] == 4 and by_row["ProtoMask"]["mean"] == pytest.approx(68.75)
+    assert by_row["ProtoMask"]["sd"] == pytest.approx(2.2174, abs=1e-4)
+    paired = by_row["ProtoMask − patch baseline"]
+    assert paired["seeds"] == 3 and paired["mean"] == pytest.approx(-2 / 3)  # -1, +1, -2 points
+    assert paired["sd"] == pytest.approx(1.5275, abs=1e-4)
+    assert paired["se"] == pytest.approx(1.5275 / math.sqrt(3), abs=1e-4)
+    assert paired["not_lower"] == 1
+    one = by_row["ProtoMask − black-box, crops"]
+    assert one["seeds"] == 1 and one["mean"] == pytest.approx(8.0) and math.isnan(one["se"])
+    assert math.isnan(by_row["black-box, crops"]["sd"])
+
+
+def test_unknown_setting_is_refused_before_segmenting(tmp_path: Path) -> None:
+    root = tmp_path / "cub"
+    root.mkdir()
+    (root / "images.txt").write_text("")
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "seeds.py"), "--seeds", "1", "--root", str(root),
+                           "--work", str(tmp_path / "work"), "--set", "model.widht=8"], capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "model.widht: Extra inputs are not permitted" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "work" / "shards").exists()
