@@ -238,6 +238,20 @@ def test_sam_wrong_checkpoint_names_file(tmp_path: Path) -> None:
         create_segmenter(SegmenterConfig(name="sam", checkpoint=tmp_path / "junk.pth"))
 
 
+def test_checkpoint_weights_compared_both_ways() -> None:
+    from pipeline.segmenters.batched import check_weights
+
+    expected = {"a": torch.Size([2]), "b": torch.Size([3])}
+    check_weights({"a": torch.zeros(2), "b": torch.zeros(3), "step": 5}, expected, "x.pt is not a M checkpoint",
+                  "segmenter.f")  # entries that are not tensors are not weights
+    with pytest.raises(ValueError, match=r"^x\.pt is not a M checkpoint: 1 of 3 weights differ, e\.g\. c: shape \(1,\), "
+                                         r"not in the model \(does segmenter\.f match the file\?\)$"):
+        check_weights({"a": torch.zeros(2), "b": torch.zeros(3), "c": torch.zeros(1)}, expected,
+                      "x.pt is not a M checkpoint", "segmenter.f")
+    with pytest.raises(ValueError, match=r": 2 of 2 weights differ, e\.g\. a: missing, expected \(2,\)"):
+        check_weights({"b": torch.zeros(4)}, expected, "x.pt is not a M checkpoint", "segmenter.f")
+
+
 def test_sam_missing_checkpoint_names_path(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere" / "sam_vit_h.pth"
     with pytest.raises(ValueError, match="segment-anything") as err:

@@ -95,7 +95,8 @@ def generate_batch(generator: Any, images: list[np.ndarray], *, encoder_batch: i
 
 def read_checkpoint(path: Path, what: str, fix: str) -> Any:
     """A checkpoint file's contents, memory-mapped (no weights read) and without pickled objects; a missing or
-    unreadable file is a ``ValueError`` that names it as ``what`` (e.g. "SAM 2 checkpoint") and says how to ``fix`` it."""
+    unreadable file is a ``ValueError`` that names it as ``what`` (e.g. "SAM 2 checkpoint") and says how to
+    ``fix`` it."""
     if not path.is_file():
         raise ValueError(f"{what} {path}: no such file; {fix}")
     try:
