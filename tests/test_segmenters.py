@@ -244,8 +244,9 @@ def test_checkpoint_weights_compared_both_ways() -> None:
     expected = {"a": torch.Size([2]), "b": torch.Size([3])}
     check_weights({"a": torch.zeros(2), "b": torch.zeros(3), "step": 5}, expected, "x.pt is not a M checkpoint",
                   "segmenter.f")  # entries that are not tensors are not weights
-    with pytest.raises(ValueError, match=r"^x\.pt is not a M checkpoint: 1 of 3 weights differ, e\.g\. c: shape \(1,\), "
-                                         r"not in the model \(does segmenter\.f match the file\?\)$"):
+    with pytest.raises(ValueError, match=r"^x\.pt is not a M checkpoint: 1 of 3 weights differ, e\.g\. "
+                                         r"c: shape \(1,\), not in the model "
+                                         r"\(does segmenter\.f match the file\?\)$"):
         check_weights({"a": torch.zeros(2), "b": torch.zeros(3), "c": torch.zeros(1)}, expected,
                       "x.pt is not a M checkpoint", "segmenter.f")
     with pytest.raises(ValueError, match=r": 2 of 2 weights differ, e\.g\. a: missing, expected \(2,\)"):
