@@ -62,7 +62,8 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
                    help="a config field by its dotted name for every run, e.g. model.input_size=96 (repeatable)")
     p.add_argument("--root", type=Path, default=CUB_DEV, help="a CUB-200-2011 layout folder (default: cub_dev)")
-    p.add_argument("--work", type=Path, default=Path("/tmp/protomask-bench-seeds"), help="shards and runs")
+    p.add_argument("--work", type=Path, default=Path("/tmp/protomask-bench-seeds"),
+                   help="shards and runs; one folder per change (a run of another config replaces the one there)")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--masks-per-image", type=int, default=8, metavar="K",
                    help="segmentation: the K largest masks per image (a --work folder holds one K)")
@@ -90,11 +91,9 @@ def main() -> None:
                 shutil.rmtree(config.run_dir.local)  # a fresh run, not a resumed one
             done[name, seed] = {**measure(name, config), "seed": seed}
             saved.write_text(json.dumps({"rows": list(done.values())}, indent=1))
-    wanted = [done[name, seed] for seed in args.seeds for name in args.models]
+    accuracy = {name: {seed: done[name, seed]["balanced_accuracy"] for seed in args.seeds} for name in args.models}
     print_table("test balanced accuracy by seed", [
-        {"seed": seed, **{name: f"{done[name, seed]['balanced_accuracy']:.1%}" for name in args.models}}
-        for seed in args.seeds])
-    accuracy = {name: {r["seed"]: r["balanced_accuracy"] for r in wanted if r["model"] == name} for name in args.models}
+        {"seed": seed, **{name: f"{accuracy[name][seed]:.1%}" for name in args.models}} for seed in args.seeds])
     print_table("over the seeds (points)", [{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in r.items()}
                                             for r in summarise(accuracy)])
     print(f"\n{shlex.join(['python', 'bench/seeds.py', *sys.argv[1:]])}; runs in {args.work / 'runs'}")
