@@ -48,6 +48,12 @@ MODELS = {  # row name -> model fields
 }
 
 
+def check_root(root: Path) -> None:
+    """Exit with one line unless ``root`` is a CUB-200-2011 layout folder (the data these benchmarks read)."""
+    if not (root / "images.txt").is_file() and not (root / "CUB_200_2011" / "images.txt").is_file():
+        sys.exit(f"{root}: not a CUB-200-2011 layout folder (set --root or PROTOMASK_CUB_DEV)")
+
+
 def segment(root: Path, out: Path, workers: int, masks_per_image: int, merge_levels: list[float],
             max_box_fraction: float) -> float:
     """Superpixel masks, the K largest per image, shards of 128; rerunning skips finished shards. Returns the
@@ -169,8 +175,7 @@ def main() -> None:
                         "is unchanged (a linear-head row ignores the prototype settings)")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results.md")
     args = p.parse_args()
-    if not (args.root / "images.txt").is_file() and not (args.root / "CUB_200_2011" / "images.txt").is_file():
-        sys.exit(f"{args.root}: not a CUB-200-2011 layout folder (set --root or PROTOMASK_CUB_DEV)")
+    check_root(args.root)
     config_path = config_file(args.config)
     start = time.perf_counter()
     shards = args.work / "shards"

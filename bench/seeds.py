@@ -28,9 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as bench/see
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from bench.common import print_table
-from bench.real_photos import CUB_DEV, MODELS, identity, measure, model_config, segment
+from bench.real_photos import CUB_DEV, MODELS, check_root, identity, measure, model_config, segment
 from protomask.cli import config_file, settings
 from schemas.config import ConfigError
+from schemas.files import atomic_write
 
 
 def summarise(accuracy: dict[str, dict[int, float]]) -> list[dict]:
@@ -68,8 +69,7 @@ def main() -> None:
     p.add_argument("--masks-per-image", type=int, default=8, metavar="K",
                    help="segmentation: the K largest masks per image (a --work folder holds one K)")
     args = p.parse_args()
-    if not (args.root / "images.txt").is_file() and not (args.root / "CUB_200_2011" / "images.txt").is_file():
-        sys.exit(f"{args.root}: not a CUB-200-2011 layout folder (set --root or PROTOMASK_CUB_DEV)")
+    check_root(args.root)
     shards = args.work / "shards"
     try:  # every config is checked before anything runs
         config_path, overrides = config_file(args.config), settings(args.settings)
@@ -90,7 +90,7 @@ def main() -> None:
             if config.run_dir.local.exists():
                 shutil.rmtree(config.run_dir.local)  # a fresh run, not a resumed one
             done[name, seed] = {**measure(name, config), "seed": seed}
-            saved.write_text(json.dumps({"rows": list(done.values())}, indent=1))
+            atomic_write(saved, json.dumps({"rows": list(done.values())}, indent=1))  # the sweep's resume state
     accuracy = {name: {seed: done[name, seed]["balanced_accuracy"] for seed in args.seeds} for name in args.models}
     print_table("test balanced accuracy by seed", [
         {"seed": seed, **{name: f"{accuracy[name][seed]:.1%}" for name in args.models}} for seed in args.seeds])
