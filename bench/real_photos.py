@@ -34,7 +34,7 @@ from bench.crop_coverage import boxes_by_key, covered_shares, pushed, pushed_cro
 from pipeline.job import run_segment
 from pipeline.masks import WHOLE_IMAGE
 from protomask.cli import config_file
-from schemas.config import SegmentConfig, SegmenterConfig, TrainConfig, load_config
+from schemas.config import SegmentConfig, TrainConfig, load_config
 from schemas.storage import Location
 from training.train import run_train
 
@@ -54,13 +54,16 @@ def check_root(root: Path) -> None:
         sys.exit(f"{root}: not a CUB-200-2011 layout folder (set --root or PROTOMASK_CUB_DEV)")
 
 
-def segment(root: Path, out: Path, workers: int, masks_per_image: int, merge_levels: list[float],
-            max_box_fraction: float) -> float:
-    """Superpixel masks, the K largest per image, shards of 128; rerunning skips finished shards. Returns the
-    wall seconds."""
-    config = SegmentConfig(source="cub", root=root, out=out, masks_per_image=masks_per_image, shard_size=128,
-                           num_workers=workers, cpus_per_worker=2 / workers, max_box_fraction=max_box_fraction,
-                           segmenter=SegmenterConfig(merge_levels=merge_levels))
+def segment_config(root: Path, out: Path, workers: int, *, overrides: dict | None = None) -> SegmentConfig:
+    """The benchmarks' segmentation: superpixel masks, the 8 largest per image, shards of 128, then ``overrides``
+    (dotted SegmentConfig fields, e.g. ``segmenter.n_segments``)."""
+    return load_config(SegmentConfig, None, {
+        "source": "cub", "root": root, "out": out, "masks_per_image": 8, "shard_size": 128, "num_workers": workers,
+        "cpus_per_worker": 2 / workers, **(overrides or {})})
+
+
+def segment(config: SegmentConfig) -> float:
+    """Run the segmentation job; rerunning skips finished shards. Returns the wall seconds."""
     start = time.perf_counter()
     run_segment(config, progress=False)
     return time.perf_counter() - start
@@ -183,8 +186,9 @@ def main() -> None:
     for name, model in MODELS.items():  # every row's config is checked before anything runs
         run_dir = args.work / "runs" / name.replace(", ", "-").replace(" ", "-")
         configs[name] = model_config(model, config_path, shards, run_dir, args.num_workers)
-    seg_s = segment(args.root, shards, args.num_workers, args.masks_per_image, args.merge_levels,
-                    args.max_box_fraction)
+    seg_s = segment(segment_config(args.root, shards, args.num_workers, overrides={
+        "masks_per_image": args.masks_per_image, "segmenter.merge_levels": args.merge_levels,
+        "max_box_fraction": args.max_box_fraction}))
     saved = args.work / "results.json"
     earlier = {r["model"]: r for r in json.loads(saved.read_text())["rows"]} if saved.is_file() else {}
     rows = []

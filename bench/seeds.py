@@ -6,9 +6,10 @@ figures behind docs/results.md's ten-seed comparison.
 
     python bench/seeds.py --seeds 4861 1 2 3 4 5 6 7 8 9 --models ProtoMask 'patch baseline'   # ~65 min, 2 cores
     python bench/seeds.py --seeds 4861 1 --set model.input_size=96                           # a change, two seeds
+    python bench/seeds.py --seeds 4861 1 --models ProtoMask --segment-set segmenter.n_segments=24 --work W2  # masks
 
-Runs land in --work/runs/<model>-seed<N>; a finished run whose config is unchanged is reused from
---work/seeds.json, so an interrupted sweep goes on where it stopped.
+Runs land in --work/runs/<model>-seed<N>; a finished run whose config and shards are unchanged is reused from
+--work/seeds.json, so an interrupted sweep goes on where it stopped. A --work folder holds one segmentation.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as bench/see
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from bench.common import print_table
-from bench.real_photos import CUB_DEV, MODELS, check_root, identity, measure, model_config, segment
+from bench.real_photos import (CUB_DEV, MODELS, check_root, identity, measure, model_config, segment,
+                               segment_config)
 from protomask.cli import config_file, settings
+from pipeline.job import JobError
 from schemas.config import ConfigError
 from schemas.files import atomic_write
 
@@ -67,11 +70,16 @@ def main() -> None:
                    help="shards and runs; one folder per change (a run of another config replaces the one there)")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--masks-per-image", type=int, default=8, metavar="K",
-                   help="segmentation: the K largest masks per image (a --work folder holds one K)")
+                   help="segmentation: the K largest masks per image (a --work folder holds one segmentation)")
+    p.add_argument("--segment-set", action="append", default=[], metavar="KEY=VALUE", dest="segment_settings",
+                   help="segmentation: a field of the segment config by its dotted name, e.g. "
+                        "segmenter.n_segments=24 (repeatable)")
     args = p.parse_args()
     check_root(args.root)
     shards = args.work / "shards"
     try:  # every config is checked before anything runs
+        segmentation = segment_config(args.root, shards, args.num_workers, overrides={
+            "masks_per_image": args.masks_per_image, **settings(args.segment_settings)})
         config_path, overrides = config_file(args.config), settings(args.settings)
         configs = {(name, seed): model_config(MODELS[name], config_path, shards,
                                               args.work / "runs" / f"{name.replace(' ', '-')}-seed{seed}",
@@ -79,17 +87,22 @@ def main() -> None:
                    for name in args.models for seed in args.seeds}
     except ConfigError as exc:
         sys.exit(f"bench/seeds.py: {exc}")
-    segment(args.root, shards, args.num_workers, args.masks_per_image, [], 1.0)
+    try:
+        segment(segmentation)
+    except JobError as exc:
+        sys.exit(f"bench/seeds.py: {exc} (the shards are --work/shards)")
+    shards_id = segmentation.output_hash()
     saved = args.work / "seeds.json"
     done = {(r["model"], r["seed"]): r for r in json.loads(saved.read_text())["rows"]} if saved.is_file() else {}
     for seed in args.seeds:  # seed by seed, so that a stopped sweep leaves whole pairs
         for name in args.models:
             config = configs[name, seed]
-            if done.get((name, seed), {}).get("config") == identity(config):
+            earlier = done.get((name, seed), {})
+            if earlier.get("config") == identity(config) and earlier.get("segmentation") == shards_id:
                 continue
             if config.run_dir.local.exists():
                 shutil.rmtree(config.run_dir.local)  # a fresh run, not a resumed one
-            done[name, seed] = {**measure(name, config), "seed": seed}
+            done[name, seed] = {**measure(name, config), "seed": seed, "segmentation": shards_id}
             atomic_write(saved, json.dumps({"rows": list(done.values())}, indent=1))  # the sweep's resume state
     accuracy = {name: {seed: done[name, seed]["balanced_accuracy"] for seed in args.seeds} for name in args.models}
     print_table("test balanced accuracy by seed", [

@@ -1,4 +1,5 @@
-"""bench/seeds.py: the statistics over seeds, and a wrong --set named before anything runs."""
+"""bench/seeds.py: the statistics over seeds, a wrong --set or --segment-set named before anything runs, and
+segment settings that make other shards."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.real_photos import segment_config
 from bench.seeds import summarise
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,13 +33,26 @@ def test_summary_pairs_protomask_with_each_model_on_shared_seeds() -> None:
     assert math.isnan(by_row["black-box, crops"]["sd"])
 
 
-def test_unknown_setting_is_refused_before_segmenting(tmp_path: Path) -> None:
+@pytest.mark.parametrize("flag, setting, message", [
+    ("--set", "model.widht=8", "model.widht: Extra inputs are not permitted"),
+    ("--segment-set", "segmenter.n_segmnts=24", "segmenter.n_segmnts: Extra inputs are not permitted"),
+    ("--segment-set", "masks_per_image=0", "masks_per_image: Input should be greater than or equal to 1"),
+])
+def test_wrong_setting_is_refused_before_segmenting(tmp_path: Path, flag: str, setting: str, message: str) -> None:
     root = tmp_path / "cub"
     root.mkdir()
     (root / "images.txt").write_text("")
     done = subprocess.run([sys.executable, str(REPO / "bench" / "seeds.py"), "--seeds", "1", "--root", str(root),
-                           "--work", str(tmp_path / "work"), "--set", "model.widht=8"], capture_output=True, text=True)
+                           "--work", str(tmp_path / "work"), flag, setting], capture_output=True, text=True)
     assert done.returncode != 0
-    assert "model.widht: Extra inputs are not permitted" in done.stderr
+    assert message in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "work" / "shards").exists()
+
+
+def test_segment_settings_change_the_shards_identity(tmp_path: Path) -> None:
+    default = segment_config(tmp_path, tmp_path / "shards", 2)
+    coarser = segment_config(tmp_path, tmp_path / "shards", 2, overrides={"segmenter.n_segments": 24})
+    assert (default.masks_per_image, default.shard_size, default.cpus_per_worker) == (8, 128, 1.0)
+    assert coarser.segmenter.n_segments == 24 and default.segmenter.n_segments != 24
+    assert coarser.output_hash() != default.output_hash()  # a sweep's finished runs on other masks are not reused
