@@ -10,7 +10,7 @@ embeddings (the backbone is frozen there): the config's rate, batch size, class-
 term, flipped crops embedded once more when the config flips, and the weight average (``schedule.ema_half_life``).
 The product's phase draws other batches and flips: without the average the last step's weights differ by a point or
 two from the product's (39.9 % where a full run ended at 41.8 %); with it, the imitation repeated two seeds' full
-runs within 0.1 points (docs/results.md, stop 41).
+runs within 0.1 points (docs/real-photo-investigation.md, stop 41).
 """
 
 from __future__ import annotations
