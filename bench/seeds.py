@@ -31,8 +31,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from bench.common import print_table
 from bench.real_photos import (CUB_DEV, MODELS, check_root, identity, measure, model_config, segment,
                                segment_config)
-from protomask.cli import config_file, settings
 from pipeline.job import JobError
+from protomask.cli import config_file, settings
 from schemas.config import ConfigError
 from schemas.files import atomic_write
 
