@@ -78,8 +78,9 @@ def main() -> None:
     check_root(args.root)
     shards = args.work / "shards"
     try:  # every config is checked before anything runs
-        segmentation = segment_config(args.root, shards, args.num_workers, overrides={
-            "masks_per_image": args.masks_per_image, **settings(args.segment_settings)})
+        segment_overrides = settings(args.segment_settings, flag="--segment-set", example="segmenter.n_segments=24")
+        segmentation = segment_config(args.root, shards, args.num_workers,
+                                      overrides={"masks_per_image": args.masks_per_image, **segment_overrides})
         config_path, overrides = config_file(args.config), settings(args.settings)
         configs = {(name, seed): model_config(MODELS[name], config_path, shards,
                                               args.work / "runs" / f"{name.replace(' ', '-')}-seed{seed}",

@@ -36,15 +36,16 @@ def config_file(value: str | None) -> Path | None:
     raise ConfigError(f"--config {value}: no such file, nor a named config ({names})")
 
 
-def settings(pairs: list[str]) -> dict[str, object]:
-    """``--set KEY=VALUE`` flags as dotted overrides, each value parsed as YAML (``3e-4``, ``true``, ``[1, 2]``)."""
+def settings(pairs: list[str], *, flag: str = "--set", example: str = "model.head=linear") -> dict[str, object]:
+    """``--set KEY=VALUE`` flags (or another ``flag`` of that form) as dotted overrides, each value parsed as YAML
+    (``3e-4``, ``true``, ``[1, 2]``)."""
     import yaml
 
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--set {pair}: expected KEY=VALUE, e.g. model.head=linear")
+            raise ConfigError(f"{flag} {pair}: expected KEY=VALUE, e.g. {example}")
         out[key.strip()] = yaml.safe_load(value)
     return out
 

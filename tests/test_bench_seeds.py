@@ -37,6 +37,8 @@ def test_summary_pairs_protomask_with_each_model_on_shared_seeds() -> None:
     ("--set", "model.widht=8", "model.widht: Extra inputs are not permitted"),
     ("--segment-set", "segmenter.n_segmnts=24", "segmenter.n_segmnts: Extra inputs are not permitted"),
     ("--segment-set", "masks_per_image=0", "masks_per_image: Input should be greater than or equal to 1"),
+    ("--segment-set", "segmenter.n_segments", "--segment-set segmenter.n_segments: expected KEY=VALUE, e.g. "
+                                              "segmenter.n_segments=24"),
 ])
 def test_wrong_setting_is_refused_before_segmenting(tmp_path: Path, flag: str, setting: str, message: str) -> None:
     root = tmp_path / "cub"
