@@ -31,10 +31,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from bench.common import REPO, machine, print_table
 from bench.crop_coverage import boxes_by_key, covered_shares, pushed, pushed_crops
-from pipeline.job import run_segment
+from pipeline.job import JobError, run_segment
 from pipeline.masks import WHOLE_IMAGE
+from pipeline.sources import SourceError
 from protomask.cli import config_file
-from schemas.config import SegmentConfig, TrainConfig, load_config
+from schemas.config import ConfigError, SegmentConfig, TrainConfig, load_config
 from schemas.storage import Location
 from training.train import run_train
 
@@ -179,16 +180,22 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results.md")
     args = p.parse_args()
     check_root(args.root)
-    config_path = config_file(args.config)
     start = time.perf_counter()
     shards = args.work / "shards"
-    configs = {}
-    for name, model in MODELS.items():  # every row's config is checked before anything runs
-        run_dir = args.work / "runs" / name.replace(", ", "-").replace(" ", "-")
-        configs[name] = model_config(model, config_path, shards, run_dir, args.num_workers)
-    seg_s = segment(segment_config(args.root, shards, args.num_workers, overrides={
-        "masks_per_image": args.masks_per_image, "segmenter.merge_levels": args.merge_levels,
-        "max_box_fraction": args.max_box_fraction}))
+    try:  # every config is checked before anything runs
+        segmentation = segment_config(args.root, shards, args.num_workers, overrides={
+            "masks_per_image": args.masks_per_image, "segmenter.merge_levels": args.merge_levels,
+            "max_box_fraction": args.max_box_fraction})
+        config_path = config_file(args.config)
+        configs = {name: model_config(model, config_path, shards,
+                                      args.work / "runs" / name.replace(", ", "-").replace(" ", "-"), args.num_workers)
+                   for name, model in MODELS.items()}
+    except ConfigError as exc:
+        sys.exit(f"bench/real_photos.py: {exc}")
+    try:
+        seg_s = segment(segmentation)
+    except (JobError, SourceError) as exc:
+        sys.exit(f"bench/real_photos.py: segmenting {args.root} into {shards}: {exc}")
     saved = args.work / "results.json"
     earlier = {r["model"]: r for r in json.loads(saved.read_text())["rows"]} if saved.is_file() else {}
     rows = []
