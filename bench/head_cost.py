@@ -1,5 +1,7 @@
 """What the prototype head costs on its own backbone: the test balanced accuracy of a trained prototype model
-beside that of loss.auxiliary's linear head (global pool per crop, max over crops, linear) on the same backbone.
+beside that of loss.auxiliary's linear head (global pool per crop, max over crops, linear) on the same backbone,
+and where the prototype head takes its evidence: per test image, from how many distinct regions (crops or patch
+cells) the prototypes of the image's class take their nearest, and the largest share of them on one region.
 
     python bench/head_cost.py --run-dir R [R ...]     # runs trained with loss.auxiliary > 0 (configs/small-cpu.yaml)
 
@@ -26,6 +28,18 @@ from training.metrics import classification_metrics
 from training.model import LinearHead, ProtoMask, build_model
 
 
+def evidence_spread(nearest: torch.Tensor, prototype_class: torch.Tensor, labels: torch.Tensor
+                    ) -> tuple[list[int], list[float]]:
+    """Per image: the distinct regions among its own class's prototypes' nearest ones, and the largest share of
+    those prototypes on one region (``nearest`` [B, P], as ``ModelOutput.nearest_mask``)."""
+    regions, shares = [], []
+    for near, label in zip(nearest, labels):
+        own = near[prototype_class == label]
+        regions.append(len(own.unique()))
+        shares.append(torch.bincount(own).max().item() / len(own))
+    return regions, shares
+
+
 def head_accuracies(run_dir: Path) -> dict:
     """Epoch and test balanced accuracy of the prototype head and of the auxiliary linear head, from ``run_dir``'s
     newest checkpoint."""
@@ -47,15 +61,21 @@ def head_accuracies(run_dir: Path) -> dict:
     keys = split_keys(dataset, config.data.val_fraction, config.seed)["test"]
     stream = ShardStream.for_model(dataset, keys, config.data, config.model, batch_size=32, train=False)
     logits: dict[str, list[torch.Tensor]] = {"prototypes": [], "linear": []}
-    labels = []
+    labels, regions, shares = [], [], []
     with torch.no_grad():
         for batch in stream:
-            logits["prototypes"].append(model(batch["crops"], batch["valid"]).logits)
+            out = model(batch["crops"], batch["valid"])
+            logits["prototypes"].append(out.logits)
             logits["linear"].append(linear(batch["crops"], batch["valid"]).logits)
             labels.append(batch["label"])
+            spread = evidence_spread(out.nearest_mask, model.prototype_class, batch["label"])
+            regions += spread[0]
+            shares += spread[1]
     y = torch.cat(labels)
     return {"epoch": state["epoch"], "seed": config.seed, "n_test": len(y),
-            **{head: classification_metrics(torch.cat(v), y)["balanced_accuracy"] for head, v in logits.items()}}
+            **{head: classification_metrics(torch.cat(v), y)["balanced_accuracy"] for head, v in logits.items()},
+            "own_regions": sum(regions) / len(regions), "own_top_share": sum(shares) / len(shares),
+            "prototypes_per_class": config.model.prototypes_per_class}
 
 
 def main() -> None:
@@ -64,14 +84,17 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     results = [{"run": str(run), **head_accuracies(run)} for run in args.run_dir]
-    rows = [{"run": r["run"], "seed": r["seed"], "epoch": r["epoch"], "prototype head": f"{r['prototypes']:.1%}",
-             "linear head, same backbone": f"{r['linear']:.1%}",
-             "difference": f"{100 * (r['prototypes'] - r['linear']):+.1f} points"} for r in results]
+    def row(run: str, seed: object, epoch: object, r: dict) -> dict:
+        return {"run": run, "seed": seed, "epoch": epoch, "prototype head": f"{r['prototypes']:.1%}",
+                "linear head, same backbone": f"{r['linear']:.1%}",
+                "difference": f"{100 * (r['prototypes'] - r['linear']):+.1f} points",
+                "own class's regions per image": f"{r['own_regions']:.2f}",
+                "most on one region": f"{r['own_top_share']:.0%}"}
+
+    rows = [row(r["run"], r["seed"], r["epoch"], r) for r in results]
     if len(results) > 1:
-        mean = {h: sum(r[h] for r in results) / len(results) for h in ("prototypes", "linear")}
-        rows.append({"run": "mean", "seed": "", "epoch": "", "prototype head": f"{mean['prototypes']:.1%}",
-                     "linear head, same backbone": f"{mean['linear']:.1%}",
-                     "difference": f"{100 * (mean['prototypes'] - mean['linear']):+.1f} points"})
+        keys = ("prototypes", "linear", "own_regions", "own_top_share")
+        rows.append(row("mean", "", "", {k: sum(r[k] for r in results) / len(results) for k in keys}))
     print_table(f"test balanced accuracy ({fmt(results[0]['n_test'])} test images)", rows)
     if args.json:
         write_json(args.json, {"rows": results})

@@ -83,7 +83,7 @@ def identity(config: TrainConfig) -> str:
     when the head has no prototypes (a linear-head row stays valid when only those change)."""
     data = config.model_dump(mode="json", exclude={"shards", "run_dir"})
     if config.model.head == "linear":
-        for key in ("prototypes_per_class", "prototype_dim", "patch_grid", "off_class_weight"):
+        for key in ("prototypes_per_class", "prototype_dim", "patch_grid", "off_class_weight", "match_dropout"):
             data["model"].pop(key)
         data.pop("loss"), data.pop("parity")
         s = config.schedule  # all the linear head reads: its epochs (all joint), 2 rates, the StepLR, the average

@@ -288,6 +288,11 @@ class ModelConfig(Strict):
         "1) (the paper); normalized: the embedding scaled to unit length and the prototypes kept on the unit sphere, "
         "so that a squared distance is 2 − 2 · cosine (Deformable ProtoPNet's cosine similarity; on cub_dev from "
         "scratch no better than sigmoid, docs/results.md)"))
+    match_dropout: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "kinds protomask and protopnet, training only: each of an image's regions (mask crops or patch cells) is "
+        "left out of the prototypes' minimum with this probability (all are kept when none would be), so that a "
+        "class's prototypes cannot all lean on one region; the backbone and loss.auxiliary's head still read every "
+        "region, and push and evaluation match all. 0: every region, as the paper"))
     similarity_epsilon: float = Field(1e-4, gt=0, description=(
         "ε of the log similarity log((d + 1) / (d + ε)); the reference's is 1e-14 (its similarity at d = 0 is 32.2 "
         "against 9.2 here, so crops near a pushed prototype dominate its logits)"))
@@ -310,6 +315,9 @@ class ModelConfig(Strict):
         if self.embedding != "sigmoid" and self.kind not in ("protomask", "protopnet"):
             raise ValueError(f"model.embedding: kind {self.kind} has its own add-on; embedding applies to kinds "
                              "protomask and protopnet")
+        if self.match_dropout and self.kind not in ("protomask", "protopnet"):
+            raise ValueError(f"model.match_dropout: kind {self.kind} matches its prototypes its own way; "
+                             "match_dropout applies to kinds protomask and protopnet")
         return self
 
 

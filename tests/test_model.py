@@ -10,7 +10,8 @@ import torch
 from schemas.config import LossConfig, ModelConfig, TrainConfig
 from training.losses import (alignment_loss, class_weights, cluster_loss, diversity_loss, l1_off_class,
                              orthogonality_loss, pool_cluster_separation, separation_loss, tanh_loss, total_loss)
-from training.model import PIPNet, ProtoMask, ProtoPNet, ProtoPool, build_model, create_backbone, gumbel_scale
+from training.model import (PIPNet, ProtoMask, ProtoPNet, ProtoPool, build_model, create_backbone, gumbel_scale,
+                            hide_regions)
 
 TINY = ModelConfig(backbone="convnet", width=4, prototype_dim=8, input_size=16, prototypes_per_class=2)
 
@@ -113,6 +114,44 @@ def test_padding_never_wins_the_min() -> None:
     assert (out.nearest_mask != 2).all() and (out.min_distances > 0).all()
     out_all = model(crops, torch.ones(1, 3, dtype=torch.bool))
     assert (out_all.nearest_mask == 2).all()
+
+
+def test_match_dropout_leaves_regions_out_of_the_minimum() -> None:
+    """``model.match_dropout``: about that share of the shown regions is left out, never a padded one is shown, and
+    an image that would keep none (one with a single region, say) keeps all of its own."""
+    torch.manual_seed(0)
+    shown = torch.rand(2000, 8) < 0.9
+    shown[:, 0] = True
+    kept = hide_regions(shown, 0.5)
+    assert not (kept & ~shown).any() and kept.any(1).all()
+    assert 0.45 < 1 - kept.sum() / shown.sum() < 0.5  # 0.5, less the few images that keep all
+    single = torch.zeros(500, 8, dtype=torch.bool)
+    single[:, 3] = True
+    assert torch.equal(hide_regions(single, 0.9), single)
+
+
+def test_match_dropout_in_training_only() -> None:
+    """In training each prototype's minimum runs over the regions left in (so it can only grow); in evaluation,
+    as in push, over all of them, as with match_dropout 0."""
+    torch.manual_seed(0)
+    model = ProtoMask(TINY.model_copy(update={"match_dropout": 0.5}), num_classes=2)
+    crops, valid = torch.rand(4, 6, 3, 16, 16), torch.ones(4, 6, dtype=torch.bool)
+    paper = model.config.model_copy(update={"match_dropout": 0.0})
+    for mode in (True, False):
+        model.train(mode)
+        out = model(crops, valid)
+        model.config, dropout = paper, model.config
+        full = model(crops, valid)  # the same embeddings: BatchNorm reads the same batch
+        model.config = dropout
+        if mode:
+            assert (out.min_distances >= full.min_distances).all()
+            assert (out.min_distances > full.min_distances).any()
+        else:
+            assert torch.equal(out.min_distances, full.min_distances)
+    with pytest.raises(ValueError, match="model.match_dropout: kind protopool matches its prototypes its own way"):
+        ModelConfig(kind="protopool", match_dropout=0.5)
+    with pytest.raises(ValueError, match="match_dropout"):
+        ModelConfig(match_dropout=1.0)
 
 
 def test_cluster_and_separation_by_hand() -> None:

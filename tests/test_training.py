@@ -264,6 +264,12 @@ def test_auxiliary_head_trains_in_the_joint_phase_only_and_is_not_exported(shard
     heads = head_accuracies(tmp_path / "aux")  # bench/head_cost.py: both heads from the newest checkpoint
     assert heads["epoch"] == 5 and heads["n_test"] == first["test"]["n"]
     assert heads["prototypes"] == pytest.approx(first["test"]["balanced_accuracy"]) and 0 <= heads["linear"] <= 1
+    assert 1 <= heads["own_regions"] <= config.model.prototypes_per_class and 0 < heads["own_top_share"] <= 1
+    from bench.head_cost import evidence_spread
+
+    nearest = torch.tensor([[0, 0, 1, 2], [3, 1, 3, 3]])  # two images, two classes of two prototypes
+    assert evidence_spread(nearest, torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1])) == ([1, 1], [1.0, 1.0])
+    assert evidence_spread(nearest, torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1])) == ([2, 2], [0.5, 0.5])
     from bench.crop_evidence import evidence_table
 
     rows = evidence_table(tmp_path / "aux", seeds=[0], epochs=1, crop_dropout=0.5)  # bench/crop_evidence.py

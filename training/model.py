@@ -112,6 +112,13 @@ def own_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.startswith("auxiliary.")}
 
 
+def hide_regions(shown: torch.Tensor, p: float) -> torch.Tensor:
+    """``model.match_dropout``: [B, N] shown regions, each left out with probability ``p``; an image keeps all of
+    its regions when none would be left."""
+    keep = shown & (torch.rand(shown.shape, device=shown.device) >= p)
+    return torch.where(keep.any(1, keepdim=True), keep, shown)
+
+
 class UnitLength(nn.Module):
     """Scales every embedding [N, D, ...] to unit L2 norm over D."""
 
@@ -226,7 +233,10 @@ class ProtoMask(nn.Module):
         else:
             z = self.embed(crops, valid)
         d = self.distances(z)
-        d = d.masked_fill(~self.region_valid(valid)[..., None], float("inf"))
+        shown = self.region_valid(valid)
+        if self.training and self.config.match_dropout:
+            shown = hide_regions(shown, self.config.match_dropout)
+        d = d.masked_fill(~shown[..., None], float("inf"))
         min_d, nearest = d.min(dim=1)
         sim = self.similarity(min_d)
         return ModelOutput(self.last_layer(sim), min_d, nearest, sim, auxiliary_logits=auxiliary_logits)
