@@ -228,7 +228,10 @@ def main() -> None:
                           + (f", mask boxes grown by {m.crop_margin:g} of their size on every side" if m.crop_margin
                              else "")
                           + f", {m.prototypes_per_class} prototypes "
-                          f"per class of dimension {m.prototype_dim}, epochs: {s.pretrain_epochs} pre-training"
+                          f"per class of dimension {m.prototype_dim}"
+                          + (f" matched in training over a random {1 - m.match_dropout:.0%} of the regions"
+                             if m.match_dropout else "")
+                          + f", epochs: {s.pretrain_epochs} pre-training"
                           + (" on whole images" if s.pretrain_on == "image" else "") + " + "
                           f"{s.warmup_epochs} warm-up + {s.joint_epochs} joint + {s.last_layer_epochs} last layer "
                           f"(the black-boxes train all {s.pretrain_epochs + s.warmup_epochs + s.joint_epochs + s.last_layer_epochs} "

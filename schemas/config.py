@@ -454,8 +454,8 @@ class DataConfig(Strict):
         "reference/none"))
     crop_dropout: float = Field(0.0, ge=0.0, lt=1.0, description=(
         "training only, regions: masks: each of an image's mask crops is hidden with this probability (at least one "
-        "is kept), so that no decision can lean on one crop always being there; hidden crops skip the backbone. "
-        "0: every crop, as the paper"))
+        "is kept), so that no decision can lean on one crop always being there; hidden crops skip the backbone "
+        "(model.match_dropout hides them from the prototypes only). 0: every crop, as the paper"))
     loader_threads: int = Field(2, ge=0, description="decoding threads per worker")
 
     @field_validator("augment", mode="before")
