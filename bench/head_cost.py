@@ -74,8 +74,7 @@ def head_accuracies(run_dir: Path) -> dict:
     y = torch.cat(labels)
     return {"epoch": state["epoch"], "seed": config.seed, "n_test": len(y),
             **{head: classification_metrics(torch.cat(v), y)["balanced_accuracy"] for head, v in logits.items()},
-            "own_regions": sum(regions) / len(regions), "own_top_share": sum(shares) / len(shares),
-            "prototypes_per_class": config.model.prototypes_per_class}
+            "own_regions": sum(regions) / len(regions), "own_top_share": sum(shares) / len(shares)}
 
 
 def main() -> None:
@@ -84,6 +83,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     results = [{"run": str(run), **head_accuracies(run)} for run in args.run_dir]
+
     def row(run: str, seed: object, epoch: object, r: dict) -> dict:
         return {"run": run, "seed": seed, "epoch": epoch, "prototype head": f"{r['prototypes']:.1%}",
                 "linear head, same backbone": f"{r['linear']:.1%}",
