@@ -84,17 +84,18 @@ def main() -> None:
     args = parser.parse_args()
     results = [{"run": str(run), **head_accuracies(run)} for run in args.run_dir]
 
-    def row(run: str, seed: object, epoch: object, r: dict) -> dict:
-        return {"run": run, "seed": seed, "epoch": epoch, "prototype head": f"{r['prototypes']:.1%}",
+    def row(r: dict) -> dict:
+        return {"run": r["run"], "seed": r["seed"], "epoch": r["epoch"], "prototype head": f"{r['prototypes']:.1%}",
                 "linear head, same backbone": f"{r['linear']:.1%}",
                 "difference": f"{100 * (r['prototypes'] - r['linear']):+.1f} points",
                 "own class's regions per image": f"{r['own_regions']:.2f}",
                 "most on one region": f"{r['own_top_share']:.0%}"}
 
-    rows = [row(r["run"], r["seed"], r["epoch"], r) for r in results]
+    rows = [row(r) for r in results]
     if len(results) > 1:
         keys = ("prototypes", "linear", "own_regions", "own_top_share")
-        rows.append(row("mean", "", "", {k: sum(r[k] for r in results) / len(results) for k in keys}))
+        rows.append(row({"run": "mean", "seed": "", "epoch": "",
+                         **{k: sum(r[k] for r in results) / len(results) for k in keys}}))
     print_table(f"test balanced accuracy ({fmt(results[0]['n_test'])} test images)", rows)
     if args.json:
         write_json(args.json, {"rows": results})

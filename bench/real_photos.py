@@ -64,9 +64,13 @@ def segment_config(root: Path, out: Path, workers: int, *, overrides: dict | Non
 
 
 def segment(config: SegmentConfig) -> float:
-    """Run the segmentation job; rerunning skips finished shards. Returns the wall seconds."""
+    """Run the segmentation job; rerunning skips finished shards. Returns the wall seconds; exits with one line
+    when the job refuses (a source it cannot read, an output folder it cannot use)."""
     start = time.perf_counter()
-    run_segment(config, progress=False)
+    try:
+        run_segment(config, progress=False)
+    except (JobError, SourceError) as exc:
+        sys.exit(f"segmenting {config.root} into {config.out}: {exc}")
     return time.perf_counter() - start
 
 
@@ -192,10 +196,7 @@ def main() -> None:
                    for name, model in MODELS.items()}
     except ConfigError as exc:
         sys.exit(f"bench/real_photos.py: {exc}")
-    try:
-        seg_s = segment(segmentation)
-    except (JobError, SourceError) as exc:
-        sys.exit(f"bench/real_photos.py: segmenting {args.root} into {shards}: {exc}")
+    seg_s = segment(segmentation)
     saved = args.work / "results.json"
     earlier = {r["model"]: r for r in json.loads(saved.read_text())["rows"]} if saved.is_file() else {}
     rows = []

@@ -31,8 +31,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from bench.common import print_table
 from bench.real_photos import (CUB_DEV, MODELS, check_root, identity, measure, model_config, segment,
                                segment_config)
-from pipeline.job import JobError
-from pipeline.sources import SourceError
 from protomask.cli import config_file, settings
 from schemas.config import ConfigError
 from schemas.files import atomic_write
@@ -89,10 +87,7 @@ def main() -> None:
                    for name in args.models for seed in args.seeds}
     except ConfigError as exc:
         sys.exit(f"bench/seeds.py: {exc}")
-    try:
-        segment(segmentation)
-    except (JobError, SourceError) as exc:
-        sys.exit(f"bench/seeds.py: segmenting {args.root} into {shards}: {exc}")
+    segment(segmentation)
     shards_id = segmentation.output_hash()
     saved = args.work / "seeds.json"
     done = {(r["model"], r["seed"]): r for r in json.loads(saved.read_text())["rows"]} if saved.is_file() else {}
