@@ -2,7 +2,7 @@
 
 Prints each seed's test balanced accuracy per model, each model's mean and standard deviation over the seeds, and
 ProtoMask's paired difference to every other model (mean, standard error, seeds where ProtoMask is not lower): the
-figures behind docs/results.md's ten-seed comparison.
+figures behind docs/results.md's comparison over seeds.
 
     python bench/seeds.py --seeds 4861 1 2 3 4 5 6 7 8 9 --models ProtoMask 'patch baseline'   # ~65 min, 2 cores
     python bench/seeds.py --seeds 4861 1 --set model.input_size=96                           # a change, two seeds
