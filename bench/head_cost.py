@@ -68,9 +68,9 @@ def head_accuracies(run_dir: Path) -> dict:
             logits["prototypes"].append(out.logits)
             logits["linear"].append(linear(batch["crops"], batch["valid"]).logits)
             labels.append(batch["label"])
-            spread = evidence_spread(out.nearest_mask, model.prototype_class, batch["label"])
-            regions += spread[0]
-            shares += spread[1]
+            own_regions, top_shares = evidence_spread(out.nearest_mask, model.prototype_class, batch["label"])
+            regions += own_regions
+            shares += top_shares
     y = torch.cat(labels)
     return {"epoch": state["epoch"], "seed": config.seed, "n_test": len(y),
             **{head: classification_metrics(torch.cat(v), y)["balanced_accuracy"] for head, v in logits.items()},
